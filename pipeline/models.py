@@ -1,0 +1,69 @@
+"""Model references: local folders or hub ids, turned into absolute local folders mergekit can read offline."""
+
+import hashlib
+import re
+from pathlib import Path
+
+from pipeline import UserError
+
+# What a merge needs from a hub repo: config, safetensors weights, tokenizer files and the chat template
+# (mergekit's own download filter skips `chat_template.jinja`).
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "merges.txt", "vocab.txt", "*.tiktoken"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def is_hub_id(ref: str) -> bool:
+    """`org/name` or `org/name@revision` that is not an existing local path."""
+    return bool(_HUB_ID.match(ref)) and not Path(ref.split("@")[0]).expanduser().exists()
+
+
+def resolve(ref: str) -> str:
+    """The absolute local folder for a model reference; hub ids are downloaded (safetensors only)."""
+    if is_hub_id(ref):
+        return download(ref)
+    path = Path(ref).expanduser()
+    if not path.is_dir():
+        raise UserError(
+            f"Model folder not found: {ref}. Fix: pass an existing local folder (absolute, or relative to "
+            f"{Path.cwd()}) or a hub id of the form org/name[@revision] in models.parents / models.base."
+        )
+    check_checkpoint(path)
+    return str(path.resolve())
+
+
+def check_checkpoint(path: Path) -> None:
+    """A Hugging Face model folder with safetensors weights; pickled .bin weights are refused."""
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is not a Hugging Face model folder (no config.json). Fix: point at the folder "
+                        "that holds config.json and the *.safetensors weights.")
+    if not any(path.glob("*.safetensors")):
+        hint = (" It holds pickled .bin weights, which merge-anneal does not load: convert them to safetensors "
+                "first (e.g. load with transformers and save_pretrained).") if any(path.glob("*.bin")) else ""
+        raise UserError(f"{path} has no *.safetensors weights.{hint} Fix: use a checkpoint saved as safetensors.")
+
+
+def download(ref: str) -> str:
+    """Fetch a hub model (weights as safetensors, tokenizer, chat template) into the Hugging Face cache."""
+    from huggingface_hub import snapshot_download
+
+    repo_id, _, revision = ref.partition("@")
+    try:
+        folder = snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS)
+    except Exception as err:  # offline, unknown repo, gated repo, missing token: all user-fixable
+        raise UserError(
+            f"Could not fetch {ref} from the Hugging Face hub ({type(err).__name__}: {err}). Fix: check the id "
+            "and revision, the network, and HF_TOKEN for gated or private repos, or pass a local folder."
+        ) from None
+    check_checkpoint(Path(folder))
+    return folder
+
+
+def fingerprint(folder: str | Path) -> str:
+    """sha256 over the names and contents of a model folder's files (what a cache key needs)."""
+    digest = hashlib.sha256()
+    root = Path(folder)
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(str(file.relative_to(root)).encode() + b"\0")
+        with file.open("rb") as handle:
+            digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()

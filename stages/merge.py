@@ -1,0 +1,304 @@
+"""Stage 1, merge: mergekit merges the parents into `<run_dir>/merge/model/`.
+
+The `merge` config group *is* a mergekit configuration (or `config_file:` naming one). It is validated
+by mergekit's own `MergeConfiguration` and method registry, run in-process with `run_merge`, and kept in
+a content-addressed cache: the same resolved config over the same parent files with the same mergekit
+version is merged once.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline import UserError, models
+
+# MergeOptions fields merge-anneal fixes: safetensors only; it writes the resolved YAML itself because
+# mergekit's card writer reaches for the network; the tokenizer always comes from the donor.
+FIXED_OPTIONS = {"safe_serialization": True, "write_model_card": False, "copy_tokenizer": True}
+# Options that change how a merge runs but not what it writes: left out of the cache key.
+RUNTIME_ONLY_OPTIONS = {"quiet", "verbosity", "num_threads", "lazy_unpickle", "transformers_cache",
+                        "lora_merge_cache", "low_cpu_memory", "read_to_gpu", "multi_gpu", "async_write",
+                        "write_threads"}
+CONFIG_NAME = "mergekit_config.yml"
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Merge the parents; returns the manifest entry (inputs, outputs, config, cache)."""
+    import mergekit
+    from mergekit.merge import MergeOptions
+
+    raw = load_merge_config(cfg)
+    merge_config = validate(localize(raw))
+    options = build_options(cfg.merge_options)
+    parents = [str(m.model.path) for m in merge_config.referenced_models()]
+    check_compatible(merge_config, allow_crimes=options.allow_crimes)
+
+    out_dir = Path(run_dir) / "merge" / "model"
+    cache_state = "off"
+    if cfg.pipeline.cache:
+        key = cache_key(merge_config, options, mergekit_version())
+        cached_dir = Path(cfg.pipeline.cache_dir).expanduser() / "merges" / key
+        cache_state = "hit" if cached_dir.is_dir() else "miss"
+        if cache_state == "miss":
+            merge_into(merge_config, options, cached_dir)
+        replace_dir(out_dir, lambda tmp: link_tree(cached_dir, tmp))
+        print(f"merge: {'reused cached merge' if cache_state == 'hit' else 'merged'} {cached_dir}")
+    else:
+        merge_into(merge_config, options, out_dir)
+
+    return {
+        "inputs": {"models": sorted(set(parents)), "base_model": _base_path(merge_config),
+                   "config_file": str(Path(cfg.merge.config_file).resolve()) if "config_file" in cfg.merge else None},
+        "outputs": {"model": str(out_dir), "config": str(out_dir / CONFIG_NAME)},
+        "config": {"merge": merge_config.model_dump(mode="json", exclude_defaults=True),
+                   "merge_options": options.model_dump(mode="json"),
+                   "models": OmegaConf.to_container(cfg.models, resolve=True)},
+        "merge_method": merge_config.merge_method,
+        "cache": {"merge": cache_state},
+        "mergekit_version": mergekit_version(),
+    }
+
+
+def load_merge_config(cfg: DictConfig) -> dict:
+    """The mergekit configuration as a plain dict: the `merge` group itself, or the file it names."""
+    try:
+        if "config_file" not in cfg.merge:
+            return OmegaConf.to_container(cfg.merge, resolve=True)
+        path = Path(cfg.merge.config_file).expanduser()
+    except OmegaConfBaseException as err:
+        raise UserError(f"The merge config cannot be resolved: {err.msg if hasattr(err, 'msg') else err}. Fix: "
+                        "with models=local, set models.parents=[...] (and models.base=... for methods with a "
+                        "base model); with +merge=custom, set merge.config_file=PATH.") from None
+    if not path.is_file():
+        raise UserError(f"merge.config_file {path} does not exist. Fix: pass the path of your mergekit YAML, "
+                        "e.g. +merge=custom merge.config_file=examples/my-merge.yml.")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML ({err}). Fix: correct the file.") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path} does not hold a mergekit configuration (a YAML mapping with merge_method). "
+                        "Fix: point merge.config_file at a mergekit YAML.")
+    return loaded
+
+
+def localize(raw: dict) -> dict:
+    """Replace every model reference by an absolute local folder (hub ids are downloaded first)."""
+    merge_config = validate(raw)
+    mapping = {}
+    for ref in merge_config.referenced_models():
+        for path in (ref.model, ref.lora):
+            if path is None:
+                continue
+            if path.revision and not models.is_hub_id(str(path)):
+                raise UserError(f"{path} has a revision but is not a hub id. Fix: use org/name@revision or a "
+                                "local folder without '@'.")
+            mapping[str(path)] = models.resolve(str(path))
+    return _replace_strings(raw, mapping)
+
+
+def _replace_strings(node, mapping: dict):
+    if isinstance(node, dict):
+        return {k: _replace_strings(v, mapping) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_replace_strings(v, mapping) for v in node]
+    if isinstance(node, str):
+        if "+" in node and all(part in mapping for part in node.split("+")):  # model+lora
+            return "+".join(mapping[part] for part in node.split("+"))
+        return mapping.get(node, node)
+    return node
+
+
+def validate(raw: dict):
+    """Validate with mergekit's own types: `MergeConfiguration`, the method registry and its input contract."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge_methods import registry
+    from pydantic import ValidationError
+
+    try:
+        merge_config = MergeConfiguration.model_validate(raw)
+    except (ValidationError, RuntimeError, ValueError) as err:
+        raise UserError(f"mergekit rejected the merge config: {_short(err)}. Fix: correct the merge group "
+                        "(see conf/merge/ and mergekit's docs) or your merge.config_file.") from None
+    known = sorted(m.spec.name for m in registry.registered_methods())
+    if merge_config.merge_method not in known:
+        raise UserError(f"Unknown merge method '{merge_config.merge_method}'. Fix: use one of mergekit's methods: "
+                        f"{', '.join(known)} (e.g. +merge=slerp).")
+    spec = registry.get(merge_config.merge_method).spec
+    _check_parameters(merge_config, spec)
+    _check_inputs(merge_config, spec)
+    return merge_config
+
+
+def _check_parameters(merge_config, spec) -> None:
+    known = {p.name for p in spec.parameters}
+    given = set(merge_config.parameters or {})
+    for model in merge_config.models or []:
+        given |= set(model.parameters or {})
+    for out_slice in merge_config.slices or []:
+        given |= set(out_slice.parameters or {})
+        for source in out_slice.sources:
+            given |= set(source.parameters or {})
+    unknown = sorted(given - known)
+    if unknown:
+        raise UserError(f"Merge method '{spec.name}' has no parameter(s) {unknown}. Fix: use its parameters: "
+                        f"{sorted(known) or 'none'}.")
+    if merge_config.models:
+        for p in spec.parameters:
+            top = p.name in (merge_config.parameters or {})
+            if p.required and not top and p.scope.value == "shared":
+                raise UserError(f"Merge method '{spec.name}' needs parameter '{p.name}'. Fix: set "
+                                f"merge.parameters.{p.name}=<value>.")
+
+
+def _check_inputs(merge_config, spec) -> None:
+    if not merge_config.models:
+        return  # slices and modules are checked by mergekit while planning
+    ids = [str(m.model) for m in merge_config.models]
+    base = str(merge_config.base_model) if merge_config.base_model else None
+    if spec.contract.base.value == "required" and base is None:
+        raise UserError(f"Merge method '{spec.name}' needs a base model and none is set. Fix: set "
+                        "models.base=<folder or hub id> (with models=local) or base_model in your mergekit YAML.")
+    if base is not None and base not in ids and spec.contract.base.value != "ignored":
+        ids.append(base)  # mergekit adds the base model to the inputs the same way
+    try:
+        spec.contract.validate_ids(ids, base)
+    except ValueError as err:
+        raise UserError(f"Merge method '{spec.name}' cannot merge these models: {err}. Fix: adjust models.parents "
+                        f"/ models.base or the models list ({len(ids)} inputs given).") from None
+
+
+def check_compatible(merge_config, allow_crimes: bool) -> None:
+    """Parents must share the architecture and, for every tensor they share, its shape."""
+    from safetensors import safe_open
+
+    vocab_rebuilt = merge_config.tokenizer_source is not None or merge_config.tokenizer is not None
+    archs, shapes = {}, {}
+    for ref in merge_config.referenced_models():
+        folder = Path(ref.model.path)
+        archs[folder] = tuple(json.loads((folder / "config.json").read_text()).get("architectures") or [])
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(file, framework="pt") as handle:
+                for name in handle.keys():
+                    shapes.setdefault(name, {})[folder] = tuple(handle.get_slice(name).get_shape())
+    if len(set(archs.values())) > 1 and not allow_crimes:
+        listing = "; ".join(f"{f.name}: {'/'.join(a) or '?'}" for f, a in archs.items())
+        raise UserError(f"The models have different architectures ({listing}). Fix: merge checkpoints of one "
+                        "architecture (fine-tunes of the same base), or set merge_options.allow_crimes=true "
+                        "if you really mean to mix them.")
+    for name, by_model in shapes.items():
+        if len(set(by_model.values())) > 1:
+            if vocab_rebuilt and ("embed" in name or "lm_head" in name):
+                continue  # mergekit re-maps vocabularies when a tokenizer source is set
+            listing = "; ".join(f"{f.name}: {list(s)}" for f, s in by_model.items())
+            raise UserError(f"Tensor shapes differ between the models for '{name}' ({listing}). Fix: merge "
+                            "fine-tunes of the same base model (same hidden size, heads and vocabulary).")
+
+
+def build_options(section: DictConfig):
+    from mergekit.merge import MergeOptions
+    from pydantic import ValidationError
+
+    given = OmegaConf.to_container(section, resolve=True)
+    clash = sorted(set(given) & set(FIXED_OPTIONS))
+    if clash:
+        raise UserError(f"merge_options.{clash[0]} is fixed by merge-anneal ({FIXED_OPTIONS}). Fix: drop it.")
+    try:
+        return MergeOptions(**given, **FIXED_OPTIONS)
+    except ValidationError as err:
+        raise UserError(f"Invalid merge_options: {_short(err)}. Fix: use mergekit's MergeOptions fields "
+                        "(see conf/merge_options/default.yaml).") from None
+
+
+def cache_key(merge_config, options, version: str) -> str:
+    """Content address of a merge: the resolved config with each model path replaced by its file
+    fingerprint, the options that change the output, and the mergekit version."""
+    import hashlib
+
+    fingerprints = {str(ref.model.path): "sha256:" + models.fingerprint(ref.model.path)
+                    for ref in merge_config.referenced_models()}
+    for ref in merge_config.referenced_models():
+        if ref.lora is not None:
+            fingerprints[str(ref.lora.path)] = "sha256:" + models.fingerprint(ref.lora.path)
+    content = {
+        "config": _replace_strings(merge_config.model_dump(mode="json"), fingerprints),
+        "options": {k: v for k, v in options.model_dump(mode="json").items() if k not in RUNTIME_ONLY_OPTIONS},
+        "mergekit": version,
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def merge_into(merge_config, options, out_dir: Path) -> None:
+    """Run mergekit into a temporary sibling folder and move it into place only once it is complete."""
+    def work(tmp: Path) -> None:
+        from mergekit.merge import run_merge
+
+        options.apply_global_options()  # run_merge alone ignores num_threads
+        try:
+            run_merge(merge_config.model_copy(deep=True), str(tmp), options=options)  # run_merge mutates it
+        except (RuntimeError, ValueError, KeyError, AssertionError) as err:
+            raise UserError(f"mergekit could not merge these models ({type(err).__name__}: {err}). Fix: check "
+                            "that the merge config fits the models (layer ranges, parameters, base model).") from None
+        (tmp / CONFIG_NAME).write_text(merge_config.to_yaml() + "\n")
+        check_output(tmp)
+
+    replace_dir(out_dir, work)
+
+
+def check_output(model_dir: Path) -> None:
+    """Every merged tensor is finite, and the folder has a config and a tokenizer."""
+    import torch
+    from safetensors import safe_open
+
+    for required in ("config.json", "tokenizer_config.json"):
+        if not (model_dir / required).is_file():
+            raise RuntimeError(f"mergekit wrote no {required} into {model_dir}")
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():
+                if not torch.isfinite(handle.get_tensor(name)).all():
+                    raise UserError(f"The merge produced non-finite values in '{name}'. Fix: check the merge "
+                                    "parameters (weights, t, density, lambda) for extreme values.")
+
+
+def replace_dir(target: Path, fill) -> None:
+    """`fill(tmp)` writes a folder; it replaces `target` only if `fill` finishes."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        fill(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Hard-link a cached folder's files (no extra disk), copying where links are impossible."""
+    def link_or_copy(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    shutil.copytree(src, dst, copy_function=link_or_copy)
+
+
+def mergekit_version() -> str:
+    from importlib.metadata import version
+
+    return version("mergekit")
+
+
+def _base_path(merge_config):
+    return str(merge_config.base_model.model.path) if merge_config.base_model else None
+
+
+def _short(err: Exception) -> str:
+    return " ".join(str(err).split())[:600]

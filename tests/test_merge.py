@@ -1,0 +1,281 @@
+"""The merge stage: every mergekit method on the demo parents, custom YAML, cache, determinism, bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from pipeline import UserError, manifest, models
+from pipeline.app import merge_options, run_pipeline
+from stages import merge
+
+ALL_METHODS = sorted(p for p in merge_options() if p != "custom")
+
+
+def mergekit_methods() -> list[str]:
+    from mergekit.merge_methods import registry
+
+    return sorted(m.spec.name for m in registry.registered_methods())
+
+
+def test_one_merge_option_per_mergekit_method():
+    assert ALL_METHODS == mergekit_methods()
+    assert len(ALL_METHODS) == 20
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_option_composes_and_validates(method, make_cfg, demo_path):
+    cfg = make_cfg(f"+merge={method}")
+    config = merge.validate(merge.localize(merge.load_merge_config(cfg)))
+    assert config.merge_method == method
+    referenced = {Path(m.model.path) for m in config.referenced_models()}
+    assert referenced <= {demo_path / "base", demo_path / "add", demo_path / "reverse"}
+    assert merge.build_options(cfg.merge_options).write_model_card is False
+
+
+def test_model_stock_uses_base_and_both_children(make_cfg, demo_path):
+    config = merge.validate(merge.load_merge_config(make_cfg("+merge=model_stock")))
+    assert {Path(m.model.path).name for m in config.referenced_models()} == {"base", "add", "reverse"}
+
+
+def test_override_speaks_mergekit(make_cfg, demo_path):
+    cfg = make_cfg("+merge=slerp", "merge.parameters.t=0.3")
+    assert merge.validate(merge.load_merge_config(cfg)).parameters["t"] == 0.3
+
+
+def load_merged(model_dir: Path):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_method_merges_the_demo(method, make_cfg, tmp_path, demo_path):
+    before = {name: models.fingerprint(demo_path / name) for name in ("base", "add", "reverse")}
+    run_dir = tmp_path / "run"
+    result = run_pipeline(make_cfg(f"+merge={method}"), run_dir)
+
+    entry = result["stages"]["merge"]
+    assert entry["status"] == "done"
+    model_dir = Path(entry["outputs"]["model"])
+    assert model_dir == run_dir.resolve() / "merge" / "model"
+    assert all(Path(p).is_absolute() for p in entry["inputs"]["models"])
+    assert set(entry["inputs"]["models"]) <= {str(demo_path / n) for n in before}
+    assert entry["config"]["merge"]["merge_method"] == method
+    assert entry["versions"]["mergekit"] and entry["seconds"] >= 0
+
+    model, tokenizer = load_merged(model_dir)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    donor = AutoTokenizer.from_pretrained(demo_path / "add")
+    assert tokenizer.get_vocab() == donor.get_vocab()
+    assert tokenizer.chat_template and tokenizer.chat_template == donor.chat_template
+    written = yaml.safe_load((model_dir / "mergekit_config.yml").read_text())
+    assert written["merge_method"] == method and "modules" not in written  # as configured, not mergekit's internals
+    assert not list(model_dir.glob("*.bin"))
+    # the parents are never modified
+    assert before == {name: models.fingerprint(demo_path / name) for name in before}
+
+
+def test_slerp_interpolates_between_the_parents(make_cfg, tmp_path, demo_path):
+    """t=0 gives the base_model endpoint, t=0.5 something strictly between: the parameter reaches mergekit."""
+    def merged(t):
+        run = run_pipeline(make_cfg("+merge=slerp", f"merge.parameters.t={t}"), tmp_path / f"t{t}")
+        return load_file(Path(run["stages"]["merge"]["outputs"]["model"]) / "model.safetensors")
+
+    parent = load_file(demo_path / "add" / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(merged(0.0)[name], parent[name])
+    assert not torch.equal(merged(0.5)[name], parent[name])
+
+
+def weight_files(model_dir: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(model_dir.iterdir()) if p.suffix in (".safetensors", ".json",
+                                                                                         ".jinja", ".yml")}
+
+
+def test_cache_hit_reuses_the_identical_merge(make_cfg, tmp_path, demo_path):
+    first = run_pipeline(make_cfg("+merge=ties"), tmp_path / "a")["stages"]["merge"]
+    second = run_pipeline(make_cfg("+merge=ties"), tmp_path / "b")["stages"]["merge"]
+    changed = run_pipeline(make_cfg("+merge=ties", "+merge.parameters.lambda=0.8"),
+                           tmp_path / "c")["stages"]["merge"]
+    uncached = run_pipeline(make_cfg("+merge=ties", "pipeline.cache=false"), tmp_path / "d")["stages"]["merge"]
+    assert (first["cache"]["merge"], second["cache"]["merge"]) == ("miss", "hit")
+    assert changed["cache"]["merge"] == "miss"
+    assert uncached["cache"]["merge"] == "off"
+    out = {k: Path(e["outputs"]["model"]) for k, e in zip("abd", (first, second, uncached))}
+    assert weight_files(out["a"]) == weight_files(out["b"]) == weight_files(out["d"])
+    assert weight_files(out["a"]) != weight_files(Path(changed["outputs"]["model"]))
+
+
+def test_cache_key_follows_parent_contents(make_cfg, tmp_path, demo_path):
+    """Same config over changed parent files is a different merge."""
+    parents = tmp_path / "parents"
+    for name in ("base", "add", "reverse"):
+        shutil.copytree(demo_path / name, parents / name)
+    local = ["models=local", f"models.base={parents / 'base'}",
+             f"models.parents=[{parents / 'add'},{parents / 'reverse'}]", "+merge=task_arithmetic"]
+    assert run_pipeline(make_cfg(*local), tmp_path / "a")["stages"]["merge"]["cache"]["merge"] == "miss"
+    assert run_pipeline(make_cfg(*local), tmp_path / "b")["stages"]["merge"]["cache"]["merge"] == "hit"
+    cfg_path = parents / "add" / "generation_config.json"
+    cfg_path.write_text(cfg_path.read_text().replace("{", '{\n  "temperature": 0.5,', 1))
+    assert run_pipeline(make_cfg(*local), tmp_path / "c")["stages"]["merge"]["cache"]["merge"] == "miss"
+
+
+def test_local_folders_as_parents(make_cfg, tmp_path, demo_path):
+    """models=local takes user folders (relative paths too) exactly like the demo."""
+    user = tmp_path / "checkpoints"
+    for name in ("base", "add", "reverse"):
+        shutil.copytree(demo_path / name, user / f"my-{name}")
+    cfg = make_cfg("models=local", f"models.base={user / 'my-base'}",
+                   f"models.parents=[{user / 'my-add'},{user / 'my-reverse'}]", "+merge=model_stock")
+    entry = run_pipeline(cfg, tmp_path / "run")["stages"]["merge"]
+    assert sorted(Path(p).name for p in entry["inputs"]["models"]) == ["my-add", "my-base", "my-reverse"]
+    assert entry["inputs"]["base_model"] == str(user / "my-base")
+    load_merged(Path(entry["outputs"]["model"]))
+
+
+def test_custom_mergekit_yaml_runs_verbatim(cli, tmp_path, demo_path):
+    config_path = tmp_path / "my-merge.yml"
+    config_path.write_text(
+        "merge_method: task_arithmetic\n"
+        f"base_model: {demo_path / 'base'}\n"
+        "models:\n"
+        f"  - model: {demo_path / 'add'}\n    parameters: {{weight: 0.7}}\n"
+        f"  - model: {demo_path / 'reverse'}\n    parameters: {{weight: 0.3}}\n"
+        "dtype: float32\n"
+    )
+    result, run_dir = cli("+merge=custom", f"merge.config_file={config_path}")
+    assert result.returncode == 0, result.stderr
+    entry = manifest.load(run_dir)["stages"]["merge"]
+    assert entry["status"] == "done"
+    assert entry["inputs"]["config_file"] == str(config_path)
+    assert [m["parameters"]["weight"] for m in entry["config"]["merge"]["models"]] == [0.7, 0.3]
+    load_merged(Path(entry["outputs"]["model"]))
+
+
+def test_same_config_is_byte_identical_across_hash_seeds(tmp_path, cache_dir, demo_path):
+    """Methods without a base model and random ones (DARE, DELLA) give the same bytes whatever PYTHONHASHSEED."""
+    from conftest import base_overrides, run_cli
+
+    methods = "linear,karcher,multislerp,passthrough,dare_ties,della"
+    outputs = {}
+    for seed in ("1", "2"):
+        sweep_dir = tmp_path / f"seed{seed}"
+        result = run_cli("-m", f"+merge={methods}", "pipeline.cache=false", *base_overrides(cache_dir),
+                         f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, env={"PYTHONHASHSEED": seed})
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[seed] = {job.name: weight_files(job / "merge" / "model") for job in sorted(sweep_dir.iterdir())
+                         if job.is_dir() and (job / "merge").is_dir()}
+    assert len(outputs["1"]) == len(methods.split(","))
+    assert outputs["1"] == outputs["2"]
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+def make_variant(src: Path, dst: Path, architecture: str | None = None, **changes) -> Path:
+    """A randomly initialised model folder like `src` but with another architecture or shape."""
+    config = AutoConfig.from_pretrained(src)
+    if architecture:
+        config = AutoConfig.for_model("mistral", **{k: v for k, v in config.to_dict().items()
+                                                    if k not in ("model_type", "architectures")})
+        config.architectures = [architecture]
+    for key, value in changes.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return dst
+
+
+def assert_clean_failure(result, run_dir: Path, *phrases: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    message = " ".join(result.stderr.split())
+    for phrase in phrases:
+        assert phrase in message, message
+    state = manifest.load(run_dir)["stages"].get("merge", {}) if run_dir.exists() else {}
+    assert state.get("status") != "done"
+    assert not (run_dir / "merge" / "model").exists()
+
+
+def test_missing_merge_lists_the_options_before_creating_a_run_folder(cli):
+    result, run_dir = cli()
+    assert result.returncode == 2
+    assert "+merge=<option>" in result.stderr and "slerp" in result.stderr and "model_stock" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not run_dir.exists()
+
+
+def test_unknown_method_group_option(cli):
+    result, run_dir = cli("+merge=slurp")
+    assert_clean_failure(result, run_dir, "Could not find 'merge/slurp'", "slerp")
+
+
+def test_unknown_merge_method_name(cli):
+    result, run_dir = cli("+merge=linear", "merge.merge_method=frobnicate")
+    assert_clean_failure(result, run_dir, "Unknown merge method 'frobnicate'", "slerp")
+    assert manifest.load(run_dir)["stages"]["merge"]["status"] == "failed"
+
+
+def test_missing_parent_folder(cli, tmp_path):
+    missing = tmp_path / "no-such-model"
+    result, run_dir = cli("+merge=slerp", "models=local", f"models.parents=[{missing},{missing}-2]")
+    assert_clean_failure(result, run_dir, "Model folder not found", str(missing), "models.parents")
+
+
+def test_local_without_parents_names_the_fix(make_cfg):
+    with pytest.raises(UserError, match="models.parents"):
+        merge.load_merge_config(make_cfg("+merge=slerp", "models=local"))
+
+
+def test_method_needing_a_base_without_one(make_cfg, demo_path):
+    cfg = make_cfg("+merge=ties", "models=local", f"models.parents=[{demo_path / 'add'},{demo_path / 'reverse'}]")
+    with pytest.raises(UserError, match="needs a base model"):
+        merge.validate(merge.load_merge_config(cfg))
+
+
+def test_hub_id_without_network_fails_cleanly(cli):
+    result, run_dir = cli("+merge=slerp", "models=local", "models.parents=[no-such-org/no-such-model,x/y]",
+                          env={"HF_HUB_OFFLINE": "1"})
+    assert_clean_failure(result, run_dir, "Could not fetch no-such-org/no-such-model", "HF_TOKEN")
+
+
+def test_different_architectures(cli, tmp_path, demo_path):
+    other = make_variant(demo_path / "reverse", tmp_path / "mistral", architecture="MistralForCausalLM")
+    result, run_dir = cli("+merge=slerp", "models=local", f"models.parents=[{demo_path / 'add'},{other}]")
+    assert_clean_failure(result, run_dir, "different architectures", "MistralForCausalLM", "allow_crimes")
+
+
+def test_different_tensor_shapes(cli, tmp_path, demo_path):
+    other = make_variant(demo_path / "reverse", tmp_path / "wide", intermediate_size=256)
+    result, run_dir = cli("+merge=linear", "models=local", f"models.parents=[{demo_path / 'add'},{other}]")
+    assert_clean_failure(result, run_dir, "Tensor shapes differ", "mlp", "same base model")
+
+
+def test_config_mergekit_rejects(cli):
+    result, run_dir = cli("+merge=slerp", "~merge.parameters")
+    assert_clean_failure(result, run_dir, "needs parameter 't'", "merge.parameters.t")
+    result, run_dir = cli("+merge=slerp", "+merge.parameters.density=0.5")
+    assert_clean_failure(result, run_dir, "has no parameter(s) ['density']")
+    result, run_dir = cli("+merge=slerp", "~merge.models")
+    assert_clean_failure(result, run_dir, "mergekit rejected the merge config", "Exactly one of")
+
+
+def test_missing_config_file(cli, tmp_path):
+    result, run_dir = cli("+merge=custom", f"merge.config_file={tmp_path / 'nope.yml'}")
+    assert_clean_failure(result, run_dir, "does not exist", "merge.config_file")
+    result, run_dir = cli("+merge=custom")
+    assert_clean_failure(result, run_dir, "merge.config_file")
+
+
+def test_help_works_from_any_directory(tmp_path):
+    from conftest import run_cli
+
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "merge: " in result.stdout and "slerp" in result.stdout and "+merge=<method>" in result.stdout
