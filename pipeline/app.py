@@ -12,9 +12,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import CONF_DIR, UserError, manifest
+from pipeline import CONF_DIR, UserError, demo, manifest
 
-STAGES = ("merge",)  # every stage that exists, in pipeline order
+STAGES = ("merge", "anneal")  # every stage that exists, in pipeline order
 
 
 def merge_options() -> list[str]:
@@ -61,7 +61,13 @@ def check_stages(names) -> list[str]:
 def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict:
     """Run the configured stages in `run_dir`; returns the manifest. Raises UserError on bad input."""
     run_dir = Path(run_dir).resolve()
-    for name in check_stages(cfg.pipeline.stages):
+    stages = check_stages(cfg.pipeline.stages)
+    if "demo" in (cfg.models.source, cfg.data.source):
+        demo.ensure_demo(cfg.models.cache_dir)  # built on first use, never rebuilt while present
+    for name in stages:
+        if cfg.pipeline.resume and manifest.load(run_dir)["stages"].get(name, {}).get("status") == "done":
+            print(f"{name}: done in an earlier attempt, skipped (pipeline.resume=true)")
+            continue
         stage = importlib.import_module(f"stages.{name}")
         manifest.set_stage(run_dir, name, {"status": "running"})
         started = time.perf_counter()

@@ -67,3 +67,16 @@ def fingerprint(folder: str | Path) -> str:
         with file.open("rb") as handle:
             digest.update(hashlib.file_digest(handle, "sha256").digest())
     return digest.hexdigest()
+
+
+def count_parameters(folder: str | Path) -> int:
+    """Parameters in a model folder, read from the safetensors headers (no weights loaded)."""
+    from math import prod
+
+    from safetensors import safe_open
+
+    total = 0
+    for file in Path(folder).glob("*.safetensors"):
+        with safe_open(file, framework="pt") as handle:
+            total += sum(prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    return total

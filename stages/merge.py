@@ -35,7 +35,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     raw = load_merge_config(cfg)
     merge_config = validate(localize(raw))
     options = build_options(cfg.merge_options)
-    parents = [str(m.model.path) for m in merge_config.referenced_models()]
     check_compatible(merge_config, allow_crimes=options.allow_crimes)
 
     out_dir = Path(run_dir) / "merge" / "model"
@@ -52,7 +51,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         merge_into(merge_config, options, out_dir)
 
     return {
-        "inputs": {"models": sorted(set(parents)), "base_model": _base_path(merge_config),
+        "inputs": {"models": sorted(str(m.model.path) for m in merge_config.referenced_models()),
+                   "parents": parents_in_order(merge_config), "base_model": _base_path(merge_config),
                    "config_file": str(Path(cfg.merge.config_file).resolve()) if "config_file" in cfg.merge else None},
         "outputs": {"model": str(out_dir), "config": str(out_dir / CONFIG_NAME)},
         "config": {"merge": merge_config.model_dump(mode="json", exclude_defaults=True),
@@ -294,6 +294,14 @@ def mergekit_version() -> str:
     from importlib.metadata import version
 
     return version("mergekit")
+
+
+def parents_in_order(merge_config) -> list[str]:
+    """The merged models in the order the config lists them (the base model only where listed)."""
+    listed = [m.model for m in merge_config.models or []]
+    for out_slice in merge_config.slices or []:
+        listed += [source.model for source in out_slice.sources]
+    return list(dict.fromkeys(str(ref.model.path) for ref in listed))
 
 
 def _base_path(merge_config):

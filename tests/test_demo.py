@@ -225,10 +225,18 @@ def test_failed_build_leaves_nothing_complete(tmp_path, monkeypatch):
     assert not list((tmp_path / "demo").glob(".*.tmp-*"))
 
 
-def test_build_is_deterministic(demo_path, tmp_path):
-    """Expensive (a second full build): byte-identical weights and data from the fixed seeds."""
-    other = demo.ensure_demo(tmp_path)
+def test_first_run_builds_the_demo_deterministically(demo_path, tmp_path):
+    """Expensive (a second full build): the README's command on a fresh cache builds the demo on first use
+    (progress shown), and the build is byte-identical to the fixture's from the fixed seeds."""
+    from conftest import run_cli
+
+    fresh = tmp_path / "fresh-cache"
+    result = run_cli("+merge=slerp", f"pipeline.cache_dir={fresh}", f"hydra.run.dir={tmp_path / 'run'}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    other = demo.demo_dir(fresh)
     assert other != demo_path and other.name == demo_path.name
+    assert "base" in result.stderr and "add" in result.stderr  # the build's progress bars and table
     files = [f"{m}/model.safetensors" for m in MODELS] + [
         "data/train.jsonl", "data/heldout.jsonl", "data/heldout_text.jsonl", "accuracy.json"]
     for f in files:

@@ -15,6 +15,13 @@ from pipeline.app import merge_options, run_pipeline
 from stages import merge
 
 ALL_METHODS = sorted(p for p in merge_options() if p != "custom")
+MERGE_ONLY = "pipeline.stages=[merge]"
+
+
+@pytest.fixture
+def make_cfg(make_cfg):
+    """These tests exercise the merge stage alone."""
+    return lambda *overrides: make_cfg(MERGE_ONLY, *overrides)
 
 
 def mergekit_methods() -> list[str]:
@@ -149,7 +156,7 @@ def test_custom_mergekit_yaml_runs_verbatim(cli, tmp_path, demo_path):
         f"  - model: {demo_path / 'reverse'}\n    parameters: {{weight: 0.3}}\n"
         "dtype: float32\n"
     )
-    result, run_dir = cli("+merge=custom", f"merge.config_file={config_path}")
+    result, run_dir = cli("+merge=custom", f"merge.config_file={config_path}", MERGE_ONLY)
     assert result.returncode == 0, result.stderr
     entry = manifest.load(run_dir)["stages"]["merge"]
     assert entry["status"] == "done"
@@ -166,7 +173,7 @@ def test_same_config_is_byte_identical_across_hash_seeds(tmp_path, cache_dir, de
     outputs = {}
     for seed in ("1", "2"):
         sweep_dir = tmp_path / f"seed{seed}"
-        result = run_cli("-m", f"+merge={methods}", "pipeline.cache=false", *base_overrides(cache_dir),
+        result = run_cli("-m", f"+merge={methods}", "pipeline.cache=false", MERGE_ONLY, *base_overrides(cache_dir),
                          f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, env={"PYTHONHASHSEED": seed})
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[seed] = {job.name: weight_files(job / "merge" / "model") for job in sorted(sweep_dir.iterdir())

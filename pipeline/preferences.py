@@ -1,0 +1,158 @@
+"""Preference data for the anneal stage: load, map columns, split off held-out pairs, drop bad rows (counted).
+
+Rows keep TRL's formats (standard strings, conversational message lists, or implicit prompt) and are
+handed to TRL unchanged; the reference log-prob store adds `ref_chosen_logps` / `ref_rejected_logps`.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import UserError
+from pipeline.models import is_hub_id
+
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def load_preferences(data: DictConfig):
+    """`DatasetDict(train=..., heldout=...)` in TRL's column names, and the counts of dropped rows."""
+    from datasets import DatasetDict
+
+    train = _load(data.path, data.split, "data.path")
+    if data.heldout.path:
+        heldout = _load(data.heldout.path, data.heldout.split or "train", "data.heldout.path")
+    elif data.heldout.split:
+        heldout = _load(data.path, data.heldout.split, "data.heldout.split")
+    elif data.heldout.fraction:
+        parts = train.train_test_split(test_size=float(data.heldout.fraction), seed=data.seed)
+        train, heldout = parts["train"], parts["test"]
+    else:
+        raise UserError("No held-out preference pairs configured. Fix: set data.heldout.path, data.heldout.split "
+                        "or data.heldout.fraction (e.g. data.heldout.fraction=0.1).")
+    dropped = {}
+    splits = {}
+    for name, ds in (("train", train), ("heldout", heldout)):
+        ds = map_columns(ds, OmegaConf.to_container(data.columns, resolve=True), name)
+        ds, counts = drop_bad_rows(ds)
+        dropped[name] = counts
+        if len(ds) == 0:
+            raise UserError(f"No {name} preference pairs are left after filtering ({counts}). Fix: check the data "
+                            "(empty answers, chosen equal to rejected) and data.columns.")
+        splits[name] = ds
+    return DatasetDict(splits), dropped
+
+
+def _load(path, split: str, key: str):
+    from datasets import load_dataset
+
+    local = Path(str(path)).expanduser()
+    try:
+        if local.is_file():
+            builder = FILE_BUILDERS.get(local.suffix.lower())
+            if builder is None:
+                raise UserError(f"{key}={path}: unsupported file type '{local.suffix}'. Fix: use a .json, .jsonl, "
+                                ".parquet or .csv file, or a hub data set id.")
+            return load_dataset(builder, data_files=str(local), split="train")
+        if is_hub_id(str(path)):
+            return load_dataset(str(path), split=split)
+    except UserError:
+        raise
+    except Exception as err:  # unreadable file, unknown split, no network
+        raise UserError(f"Could not load preference data {path} (split {split}): {type(err).__name__}: {err}. "
+                        f"Fix: check {key} and the split name.") from None
+    raise UserError(f"{key}={path} is neither a file nor a hub data set id. Fix: pass a local json/jsonl/parquet/"
+                    "csv file or org/name.")
+
+
+def map_columns(ds, columns: dict, split: str):
+    """Rename the configured columns to TRL's names; fold an optional system column into the prompt."""
+    system = columns.pop("system", None)
+    wanted = {source: target for target, source in columns.items() if source}
+    implicit = columns.get("prompt") and columns["prompt"] not in ds.column_names
+    if implicit:  # implicit-prompt data: TRL extracts the shared prefix of chosen and rejected
+        wanted.pop(columns["prompt"])
+    missing = [source for source in [*wanted, *([system] if system else [])] if source not in ds.column_names]
+    if missing:
+        raise UserError(f"The {split} preference data lacks column(s) {missing} (it has {ds.column_names}). Fix: "
+                        "map your columns with data.columns.prompt=..., data.columns.chosen=..., "
+                        "data.columns.rejected=... (and data.columns.system=... if any).")
+    ds = ds.rename_columns({s: t for s, t in wanted.items() if s != t})
+    ds = _text_columns(ds)
+    if system:
+        ds = ds.map(_with_system, fn_kwargs={"column": system}, remove_columns=[system],
+                    desc=f"Adding system prompts ({split})")
+    if implicit:
+        from trl.data_utils import extract_prompt
+
+        ds = ds.map(extract_prompt, desc=f"Extracting implicit prompts ({split})")
+    keep = [c for c in COLUMNS if c in ds.column_names]
+    return ds.select_columns(keep)
+
+
+def _text_columns(ds):
+    """Answers like `46` arrive as numbers from CSV (or JSON) files: read them as text."""
+    from datasets import Value
+
+    for column in COLUMNS:
+        feature = ds.features.get(column)
+        if isinstance(feature, Value) and feature.dtype not in ("string", "large_string"):
+            ds = ds.cast_column(column, Value("string"))
+    return ds
+
+
+def _with_system(row: dict, column: str) -> dict:
+    as_messages = lambda value, role: value if isinstance(value, list) else [{"role": role, "content": value}]
+    return {"prompt": [{"role": "system", "content": row[column]}, *as_messages(row["prompt"], "user")],
+            "chosen": as_messages(row["chosen"], "assistant"),
+            "rejected": as_messages(row["rejected"], "assistant")}
+
+
+def drop_bad_rows(ds):
+    """Drop empty rows and rows whose chosen equals rejected; returns the data and the counts."""
+    def reason(row) -> str | None:
+        if any(not _text(row[c]).strip() for c in COLUMNS):
+            return "empty"
+        if _text(row["chosen"]) == _text(row["rejected"]):
+            return "chosen_equals_rejected"
+        return None
+
+    reasons = [reason(row) for row in ds]
+    counts = {r: reasons.count(r) for r in ("empty", "chosen_equals_rejected")}
+    return ds.select([i for i, r in enumerate(reasons) if r is None]), counts
+
+
+def _text(value) -> str:
+    if isinstance(value, list):
+        return json.dumps(value, sort_keys=True)
+    return "" if value is None else str(value)
+
+
+def rows_fingerprint(ds) -> str:
+    """A content hash of the rows (stable across processes, unlike in-memory fingerprints)."""
+    digest = hashlib.sha256()
+    for row in ds:
+        digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def write_store(scored, path: Path) -> None:
+    """One parquet file: the pairs, their reference log-probs and a `split` column (train / heldout)."""
+    from datasets import concatenate_datasets
+
+    parts = [ds.add_column("split", [name] * len(ds)) for name, ds in scored.items()]
+    concatenate_datasets(parts).to_parquet(str(path))
+
+
+def read_store(path: Path):
+    from datasets import DatasetDict, load_dataset
+
+    table = load_dataset("parquet", data_files=str(path), split="train")
+    return DatasetDict({name: table.filter(lambda s: s == name, input_columns="split").remove_columns("split")
+                        for name in ("train", "heldout")})
+
+
+def describe(data: DictConfig) -> dict:
+    return OmegaConf.to_container(data, resolve=True)

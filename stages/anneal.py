@@ -1,0 +1,294 @@
+"""Stage 2, anneal: TRL DPO on the merged model, with an unmerged parent as the reference policy.
+
+TRL's defaults would silently make the merged model its own reference and keep a second model resident.
+Here the reference (by default the merge's base model, else its first parent) scores every training and
+held-out pair once, in one batched no-grad pass through TRL's own tokenisation and log-prob code; the
+result is stored as parquet (`prompt, chosen, rejected, ref_chosen_logps, ref_rejected_logps`) in a cache
+shared across runs, the reference is released, and only then does the policy train, reading the stored
+log-probs. Output: `<run_dir>/anneal/model/` (merged weights for LoRA), `metrics.jsonl`, the parquet.
+"""
+
+import gc
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import UserError, manifest, models
+from pipeline import preferences
+from stages.merge import link_tree, replace_dir
+
+# TRL 1.16's DPO loss types (dpo_trainer.py, `_compute_loss`).
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+# DPOConfig fields the stage owns: where things are written, and the precomputed reference.
+OWNED_FIELDS = {"output_dir", "precompute_ref_log_probs"}
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Anneal the merged model; returns the manifest entry."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir = Path(run_dir)
+    stage_dir = run_dir / "anneal"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    merged_dir = manifest.stage_output(run_dir, "merge", "model")
+    merge_entry = manifest.load(run_dir)["stages"]["merge"]
+    reference, reference_label = choose_reference(cfg.anneal.reference, merge_entry, merged_dir)
+    reference_dir = models.resolve(reference)
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    check_same_vocabulary(tokenizer, merged_dir, reference_dir)
+    args = dpo_config(cfg.anneal, stage_dir / "checkpoints", models.count_parameters(merged_dir))
+    pairs, dropped = preferences.load_preferences(cfg.data)
+
+    store_path, cache_state = reference_logps(reference_dir, tokenizer, pairs, args, cfg, stage_dir)
+    scored = preferences.read_store(store_path)
+    for split in scored:  # TRL drops pairs whose prompt alone fills max_length: counted, never silent
+        dropped[split]["prompt_too_long"] = len(pairs[split]) - len(scored[split])
+        if len(scored[split]) == 0:
+            raise UserError(f"Every {split} prompt fills anneal.trainer.max_length={args.max_length} tokens, so "
+                            "no pair is left to train on. Fix: raise anneal.trainer.max_length.")
+    print(f"anneal: {len(scored['train'])} train / {len(scored['heldout'])} held-out pairs; dropped {dropped}; "
+          f"reference {reference_label} ({reference}); reference log-probs: cache {cache_state}")
+
+    checkpoint = last_checkpoint(args.output_dir) if cfg.pipeline.resume else None
+    if checkpoint is None:  # a fresh start: no stale checkpoints or metrics from an earlier attempt
+        shutil.rmtree(args.output_dir, ignore_errors=True)
+        (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)  # fp32 master weights
+    trainer = make_trainer(model, tokenizer, args, scored["train"], cfg.anneal, stage_dir)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    final = {k: v for k, v in trainer.state.log_history[-1].items()} if trainer.state.log_history else {}
+
+    out_dir = stage_dir / "model"
+    save_model(trainer, tokenizer, out_dir)
+    del trainer, model
+    gc.collect()
+    return {
+        "inputs": {"model": str(merged_dir), "reference": reference, "reference_path": reference_dir,
+                   "reference_label": reference_label, "data": preferences.describe(cfg.data)},
+        "outputs": {"model": str(out_dir), "reference_logps": str(store_path),
+                    "metrics": str(stage_dir / "metrics.jsonl")},
+        "reference_fingerprint": models.fingerprint(reference_dir),
+        "config": {"anneal": OmegaConf.to_container(cfg.anneal, resolve=True),
+                   "data": OmegaConf.to_container(cfg.data, resolve=True)},
+        "precision": {"master_weights": "float32", "autocast": "bfloat16" if args.bf16 else None},
+        "data": {"train_pairs": len(scored["train"]), "heldout_pairs": len(scored["heldout"]), "dropped": dropped},
+        "cache": {"reference_logps": cache_state},
+        "resumed_from": checkpoint,
+        "final_log": final,
+    }
+
+
+def choose_reference(choice, merge_entry: dict, merged_dir: Path) -> tuple[str, str]:
+    """The reference policy: `auto` (merge base model, else first parent), a parent name or index,
+    `merged` (only when asked for by name), or any folder / hub id."""
+    parents = merge_entry["inputs"]["parents"]
+    base = merge_entry["inputs"]["base_model"]
+    choice = "auto" if choice is None else str(choice)
+    if choice == "auto":
+        return (base, "base_model") if base else (parents[0], "parent:0")
+    if choice == "merged":
+        return str(merged_dir), "merged"
+    if choice.isdigit():
+        index = int(choice)
+        if index >= len(parents):
+            raise UserError(f"anneal.reference={index} but the merge has {len(parents)} parents. Fix: use an index "
+                            f"below {len(parents)}, a parent name ({', '.join(Path(p).name for p in parents)}), "
+                            "auto, merged, or a model folder.")
+        return parents[index], f"parent:{index}"
+    by_name = {Path(p).name: p for p in [*parents, *([base] if base else [])]}
+    if choice in by_name:
+        return by_name[choice], f"parent:{choice}"
+    return choice, "explicit"
+
+
+def check_same_vocabulary(tokenizer, merged_dir: Path, reference_dir: str) -> None:
+    """The reference is fed the policy tokenizer's ids: it must share the vocabulary (TRL does not check)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        ref_tokenizer = AutoTokenizer.from_pretrained(reference_dir)
+    except (OSError, ValueError) as err:
+        raise UserError(f"The reference model {reference_dir} has no loadable tokenizer ({err}). Fix: choose a "
+                        "reference that shares the merged model's tokenizer (anneal.reference=auto).") from None
+    merged_vocab = AutoConfig.from_pretrained(merged_dir).vocab_size
+    ref_vocab = AutoConfig.from_pretrained(reference_dir).vocab_size
+    if ref_tokenizer.get_vocab() != tokenizer.get_vocab() or merged_vocab != ref_vocab:
+        raise UserError(
+            f"The reference model {reference_dir} does not share the merged model's vocabulary (tokens "
+            f"{len(ref_tokenizer)} vs {len(tokenizer)}, embedding rows {ref_vocab} vs {merged_vocab}); scoring it "
+            "with the merged model's token ids would be meaningless. Fix: use a parent with the same tokenizer "
+            "(anneal.reference=auto or a parent name), or merge without changing the vocabulary.")
+
+
+def dpo_config(anneal: DictConfig, output_dir: Path, n_params: int):
+    """TRL's own DPOConfig from `anneal.trainer` (field names unchanged), plus the fields the stage owns."""
+    from trl import DPOConfig
+
+    fields = OmegaConf.to_container(anneal.trainer, resolve=True)
+    fields["bf16"] = bf16_autocast(fields.get("bf16", "auto"), n_params)
+    owned = sorted(set(fields) & OWNED_FIELDS)
+    if owned:
+        raise UserError(f"anneal.trainer.{owned[0]} is set by merge-anneal. Fix: remove it.")
+    losses = fields.get("loss_type") or ["sigmoid"]
+    losses = [losses] if isinstance(losses, str) else losses
+    unknown = [name for name in losses if name not in LOSS_TYPES]
+    if unknown:
+        raise UserError(f"Unknown DPO loss type(s) {unknown}. Fix: use TRL's loss types: {', '.join(LOSS_TYPES)}, "
+                        "e.g. anneal.trainer.loss_type=[sigmoid].")
+    if fields.get("beta", 0.1) <= 0:
+        raise UserError(f"anneal.trainer.beta must be positive (got {fields['beta']}): it scales the implicit "
+                        "reward. Fix: e.g. anneal.trainer.beta=0.1.")
+    try:
+        return DPOConfig(output_dir=str(output_dir), precompute_ref_log_probs=True, **fields)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"TRL's DPOConfig rejected anneal.trainer: {err}. Fix: use DPOConfig field names and "
+                        "values (conf/anneal/dpo.yaml lists the common ones).") from None
+
+
+def bf16_autocast(choice, n_params: int) -> bool:
+    """`auto`: bf16 autocast where it pays: a CUDA GPU with bf16, or a CPU with bf16 matrix instructions
+    (AMX / AVX512-BF16) and a model big enough to be compute-bound (measured: 2.4x per DPO step at 100M
+    parameters on this project's CPUs; tiny models are overhead-bound and gain nothing)."""
+    if choice != "auto":
+        return bool(choice)
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return n_params >= 30_000_000 and ("amx_bf16" in flags or "avx512_bf16" in flags)
+
+
+def reference_logps(reference_dir: str, tokenizer, pairs, args, cfg: DictConfig, stage_dir: Path):
+    """Score every pair with the reference once; cached by (reference weights, tokenizer, data, lengths)."""
+    key = hashlib.sha256(json.dumps({
+        "reference": models.fingerprint(reference_dir),
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "data": {split: pairs[split]._fingerprint for split in pairs},
+        "data_rows": {split: preferences.rows_fingerprint(pairs[split]) for split in pairs},
+        "max_length": args.max_length, "truncation_mode": args.truncation_mode, "ld_alpha": args.ld_alpha,
+        "autocast": bool(args.bf16), "trl": _version("trl"),
+    }, sort_keys=True).encode()).hexdigest()[:32]
+    cached = Path(cfg.pipeline.cache_dir).expanduser() / "reference_logps" / key
+    local = stage_dir / "reference_logps"
+    if cfg.pipeline.cache and cached.is_dir():
+        replace_dir(local, lambda tmp: link_tree(cached, tmp))
+        return local / "data.parquet", "hit"
+
+    def compute(tmp: Path) -> None:
+        scored = score_with_reference(reference_dir, tokenizer, pairs, args)
+        tmp.mkdir(parents=True)
+        preferences.write_store(scored, tmp / "data.parquet")
+
+    if cfg.pipeline.cache:
+        replace_dir(cached, compute)
+        replace_dir(local, lambda tmp: link_tree(cached, tmp))
+    else:
+        replace_dir(local, compute)
+    return local / "data.parquet", "miss"
+
+
+def score_with_reference(reference_dir: str, tokenizer, pairs, args):
+    """One batched no-grad pass of the reference through TRL's own precompute (tokenisation, masks,
+    log-probs), over the train and held-out pairs. The reference is freed before this returns."""
+    import torch
+    from datasets import DatasetDict
+    from transformers import AutoModelForCausalLM
+    from trl import DPOTrainer
+
+    reference = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32)
+    indexed = {split: ds.add_column("row", list(range(len(ds)))) for split, ds in pairs.items()}
+    trainer = DPOTrainer(model=reference, args=args, train_dataset=indexed["train"],
+                         eval_dataset=indexed["heldout"], processing_class=tokenizer)
+    scored = DatasetDict({
+        "train": _attach(pairs["train"], trainer.train_dataset),
+        "heldout": _attach(pairs["heldout"], trainer.eval_dataset),
+    })
+    del trainer, reference
+    gc.collect()
+    return scored
+
+
+def _attach(original, scored):
+    """Original rows (untouched text) with the reference log-probs, matched by row index; rows TRL dropped
+    (prompt alone fills max_length) are left out."""
+    kept = original.select(scored["row"])
+    return (kept.add_column("ref_chosen_logps", scored["ref_chosen_logps"])
+            .add_column("ref_rejected_logps", scored["ref_rejected_logps"]))
+
+
+def make_trainer(model, tokenizer, args, train_dataset, anneal: DictConfig, stage_dir: Path):
+    from trl import DPOTrainer
+
+    class PrecomputedReferenceDPOTrainer(DPOTrainer):
+        """DPOTrainer that reads reference log-probs from the dataset's columns instead of computing them:
+        no reference model is loaded or kept (TRL 1.16 has no option for log-probs computed elsewhere)."""
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            missing = [c for c in REF_COLUMNS if c not in dataset.column_names]
+            if missing:
+                raise RuntimeError(f"{name} dataset lacks precomputed reference columns {missing}")
+            return dataset
+
+    peft_config = None
+    if anneal.get("peft") is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(**OmegaConf.to_container(anneal.peft, resolve=True))
+    return PrecomputedReferenceDPOTrainer(model=model, ref_model=None, args=args, train_dataset=train_dataset,
+                                          processing_class=tokenizer, peft_config=peft_config,
+                                          callbacks=[JsonlLogger(stage_dir / "metrics.jsonl")])
+
+
+def JsonlLogger(path: Path):
+    """A TrainerCallback writing every log (loss, rewards/*, logps/*) as one JSON line."""
+    from transformers import TrainerCallback
+
+    class _JsonlLogger(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                with open(path, "a") as handle:
+                    handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+    return _JsonlLogger()
+
+
+def last_checkpoint(output_dir: str):
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+
+
+def save_model(trainer, tokenizer, out_dir: Path) -> None:
+    """safetensors + tokenizer + chat template; a LoRA adapter is merged into the weights first."""
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    replace_dir(out_dir, write)
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    return hashlib.sha256(json.dumps({"vocab": sorted(tokenizer.get_vocab().items()),
+                                      "template": tokenizer.chat_template, "eos": tokenizer.eos_token,
+                                      "pad": tokenizer.pad_token}, sort_keys=True).encode()).hexdigest()
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)

@@ -1,0 +1,337 @@
+"""The anneal stage: DPO on the merged demo model, an unmerged parent as the precomputed reference."""
+
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import load_dataset
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainerCallback
+
+from pipeline import UserError, manifest, models, preferences
+from pipeline.app import run_pipeline
+from stages import anneal
+
+SHORT = ["anneal.trainer.max_steps=4", "anneal.trainer.logging_steps=2", "anneal.trainer.save_steps=1000"]
+
+
+def completion_logps(model, tokenizer, prompts, completions) -> torch.Tensor:
+    """Sum of log p(completion + EOS | prompt), computed directly with transformers (no TRL)."""
+    out = []
+    for prompt, completion in zip(prompts, completions):
+        ids = tokenizer(prompt + completion + tokenizer.eos_token).input_ids
+        start = len(tokenizer(prompt).input_ids)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].float()
+        logp = torch.log_softmax(logits[:-1], dim=-1)
+        out.append(sum(logp[i - 1, ids[i]] for i in range(start, len(ids))))
+    return torch.tensor(out)
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    """One result cache for the module: merges and reference log-probs are computed once."""
+    return tmp_path_factory.mktemp("anneal-cache")
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, shared_cache, demo_path) -> Path:
+    """The README's command, `python -m pipeline +merge=slerp`, with the default anneal budget."""
+    from conftest import TEST_CACHE, run_cli
+
+    work = tmp_path_factory.mktemp("default-run")
+    run_dir = work / "run"
+    result = run_cli("+merge=slerp", "pipeline.stages=[merge,anneal]", f"pipeline.cache_dir={shared_cache}",
+                     f"models.cache_dir={TEST_CACHE}", f"hydra.run.dir={run_dir}", cwd=work)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir
+
+
+@pytest.fixture
+def make_short_cfg(shared_cache):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import TEST_CACHE
+    from pipeline import CONF_DIR
+
+    def _compose(*overrides):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("config", overrides=[f"pipeline.cache_dir={shared_cache}", f"models.cache_dir={TEST_CACHE}",
+                                                "pipeline.stages=[merge,anneal]", *SHORT, *overrides])
+    return _compose
+
+
+def test_default_run_output_loads_and_records_everything(default_run, demo_path):
+    entry = manifest.load(default_run)["stages"]["anneal"]
+    assert entry["status"] == "done"
+    model_dir = Path(entry["outputs"]["model"])
+    assert model_dir == default_run.resolve() / "anneal" / "model"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert model.dtype == torch.float32 and tokenizer.chat_template
+    assert list(model_dir.glob("*.safetensors")) and not list(model_dir.glob("*.bin"))
+    # the reference: slerp's base_model, the unmerged `add` parent; never the merged model
+    assert entry["inputs"]["reference"] == str(demo_path / "add")
+    assert entry["reference_fingerprint"] == models.fingerprint(demo_path / "add")
+    assert entry["precision"]["master_weights"] == "float32"
+    assert entry["cache"]["reference_logps"] in ("hit", "miss")
+    assert entry["data"]["train_pairs"] == 4000 and entry["data"]["heldout_pairs"] == 300
+    assert entry["data"]["dropped"]["train"] == {"empty": 0, "chosen_equals_rejected": 0, "prompt_too_long": 0}
+
+
+def test_training_log_and_it_works(default_run):
+    """On the demo with the default budget, training rewards/accuracies ends above 0.9."""
+    rows = [json.loads(line) for line in Path(manifest.load(default_run)["stages"]["anneal"]["outputs"]["metrics"])
+            .read_text().splitlines()]
+    steps = [r for r in rows if "rewards/accuracies" in r]
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert key in steps[-1]
+    assert steps[-1]["step"] == 750
+    assert steps[-1]["rewards/accuracies"] > 0.9, steps[-3:]
+    assert steps[-1]["loss"] < steps[0]["loss"]
+
+
+def test_reference_logps_are_the_parents_row_by_row(default_run, demo_path):
+    entry = manifest.load(default_run)["stages"]["anneal"]
+    store = load_dataset("parquet", data_files=entry["outputs"]["reference_logps"], split="train")
+    assert {"prompt", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps"} <= set(store.column_names)
+    rows = store.select(range(0, len(store), 97))  # train and held-out rows
+    tokenizer = AutoTokenizer.from_pretrained(demo_path / "add")
+    parent = AutoModelForCausalLM.from_pretrained(demo_path / "add", dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(Path(default_run) / "merge" / "model", dtype=torch.float32)
+    for column, completions in (("ref_chosen_logps", rows["chosen"]), ("ref_rejected_logps", rows["rejected"])):
+        stored = torch.tensor(rows[column])
+        from_parent = completion_logps(parent, tokenizer, rows["prompt"], completions)
+        from_merged = completion_logps(merged, tokenizer, rows["prompt"], completions)
+        torch.testing.assert_close(stored, from_parent, atol=1e-3, rtol=1e-4)
+        assert (stored - from_merged).abs().max() > 0.1
+
+
+def test_reference_is_released_before_the_policy_trains(make_short_cfg, tmp_path, demo_path):
+    cfg = make_short_cfg("+merge=slerp")
+    run_pipeline(make_short_cfg("+merge=slerp", "pipeline.stages=[merge]"), tmp_path)
+    merged_dir = manifest.stage_output(tmp_path, "merge", "model")
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    args = anneal.dpo_config(cfg.anneal, tmp_path / "ckpt", models.count_parameters(merged_dir))
+    pairs, _ = preferences.load_preferences(cfg.data)
+    pairs = {"train": pairs["train"].select(range(64)), "heldout": pairs["heldout"].select(range(16))}
+    scored = anneal.score_with_reference(str(demo_path / "add"), tokenizer, pairs, args)
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
+
+    resident = []
+
+    class CountModels(TrainerCallback):
+        def on_step_end(self, *args, **kwargs):
+            resident.append(sum(isinstance(o, PreTrainedModel) and hasattr(o, "lm_head") for o in gc.get_objects()))
+
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    trainer = anneal.make_trainer(model, tokenizer, args, scored["train"], cfg.anneal, tmp_path)
+    trainer.add_callback(CountModels())
+    trainer.train()
+    assert trainer.ref_model is None
+    assert resident and set(resident) == {1}  # one causal LM alive: the policy alone
+
+
+def test_reference_logps_shared_across_merges(make_short_cfg, tmp_path, default_run):
+    """A sweep over merge settings with the same reference and data computes the reference pass once."""
+    entry = run_pipeline(make_short_cfg("+merge=slerp", "merge.parameters.t=0.3"), tmp_path)["stages"]["anneal"]
+    assert entry["cache"]["reference_logps"] == "hit"
+    off = run_pipeline(make_short_cfg("+merge=slerp", "pipeline.cache=false"), tmp_path / "off")["stages"]["anneal"]
+    assert off["cache"]["reference_logps"] == "miss"
+
+
+@pytest.mark.parametrize("loss", ["[sigmoid]", "[ipo]", "[hinge]", "[robust]", "[apo_zero]", "[sigmoid,sft]"])
+def test_every_loss_type_trains(loss, make_short_cfg, tmp_path):
+    overrides = [f"anneal.trainer.loss_type={loss}"]
+    if "," in loss:
+        overrides.append("anneal.trainer.loss_weights=[1.0,0.5]")
+    entry = run_pipeline(make_short_cfg("+merge=slerp", *overrides), tmp_path)["stages"]
+    before = load_file(Path(entry["merge"]["outputs"]["model"]) / "model.safetensors")
+    after = load_file(Path(entry["anneal"]["outputs"]["model"]) / "model.safetensors")
+    assert entry["anneal"]["config"]["anneal"]["trainer"]["loss_type"] == loss.strip("[]").split(",")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.isfinite(t).all() for t in after.values())
+
+
+def test_lora_adapter_is_merged_into_the_saved_model(make_short_cfg, tmp_path, demo_path):
+    entry = run_pipeline(make_short_cfg("+merge=slerp", "anneal=lora"), tmp_path)["stages"]["anneal"]
+    model_dir = Path(entry["outputs"]["model"])
+    assert not (model_dir / "adapter_config.json").exists()
+    after = load_file(model_dir / "model.safetensors")
+    before = load_file(tmp_path / "merge" / "model" / "model.safetensors")
+    assert set(after) == set(before)  # plain weights, no lora_A / lora_B
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert entry["inputs"]["reference"] == str(demo_path / "add")
+    AutoModelForCausalLM.from_pretrained(model_dir)
+
+
+def test_bf16_merge_trains_with_fp32_master_weights(make_short_cfg, tmp_path):
+    entry = run_pipeline(make_short_cfg("+merge=linear", "merge.dtype=bfloat16"), tmp_path)["stages"]
+    assert load_file(Path(entry["merge"]["outputs"]["model"]) / "model.safetensors")[
+        "lm_head.weight"].dtype == torch.bfloat16
+    after = load_file(Path(entry["anneal"]["outputs"]["model"]) / "model.safetensors")
+    assert after["lm_head.weight"].dtype == torch.float32
+    assert entry["anneal"]["precision"] == {"master_weights": "float32", "autocast": None}  # tiny: no autocast
+
+
+def test_reference_choices(make_short_cfg, tmp_path, demo_path):
+    merge_entry = {"inputs": {"parents": ["/p/add", "/p/reverse"], "base_model": "/p/base"}}
+    merged = tmp_path / "merged"
+    assert anneal.choose_reference("auto", merge_entry, merged) == ("/p/base", "base_model")
+    no_base = {"inputs": {"parents": ["/p/add", "/p/reverse"], "base_model": None}}
+    assert anneal.choose_reference("auto", no_base, merged) == ("/p/add", "parent:0")
+    assert anneal.choose_reference("1", merge_entry, merged) == ("/p/reverse", "parent:1")
+    assert anneal.choose_reference("reverse", merge_entry, merged) == ("/p/reverse", "parent:reverse")
+    assert anneal.choose_reference("merged", merge_entry, merged) == (str(merged), "merged")
+    assert anneal.choose_reference("/elsewhere", merge_entry, merged) == ("/elsewhere", "explicit")
+    with pytest.raises(UserError, match="2 parents"):
+        anneal.choose_reference("5", merge_entry, merged)
+    entry = run_pipeline(make_short_cfg("+merge=ties", "anneal.reference=reverse"), tmp_path)["stages"]["anneal"]
+    assert entry["inputs"]["reference"] == str(demo_path / "reverse")
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def data_cfg(make_short_cfg, path: Path, *overrides):
+    return make_short_cfg("+merge=slerp", "data=custom", f"data.path={path}", *overrides).data
+
+
+PAIRS = [{"question": f"{a}+{a}=", "good": str(2 * a), "bad": str(2 * a + 1), "sys": "be exact"}
+         for a in range(10, 60)]
+
+
+def test_column_mapping_system_and_drops_are_counted(make_short_cfg, tmp_path):
+    rows = PAIRS + [{"question": "1+1=", "good": "", "bad": "3", "sys": "x"},
+                    {"question": "2+2=", "good": "4", "bad": "4", "sys": "x"}]
+    path = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    cfg = data_cfg(make_short_cfg, path, "data.columns.prompt=question", "data.columns.chosen=good",
+                   "data.columns.rejected=bad", "data.heldout.fraction=0.2")
+    pairs, dropped = preferences.load_preferences(cfg)
+    total = sum(len(pairs[s]) for s in pairs)
+    assert total == 50
+    assert sum(d["empty"] for d in dropped.values()) == 1
+    assert sum(d["chosen_equals_rejected"] for d in dropped.values()) == 1
+    assert set(pairs["train"].column_names) == {"prompt", "chosen", "rejected"}
+    cfg = data_cfg(make_short_cfg, path, "data.columns.prompt=question", "data.columns.chosen=good",
+                   "data.columns.rejected=bad", "data.columns.system=sys")
+    pairs, _ = preferences.load_preferences(cfg)
+    row = pairs["train"][0]
+    assert row["prompt"][0] == {"role": "system", "content": "be exact"} and row["chosen"][0]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("fmt", ["conversational", "implicit", "parquet", "csv"])
+def test_trl_formats_and_file_types_train(fmt, make_short_cfg, tmp_path):
+    standard = [{"prompt": r["question"], "chosen": r["good"], "rejected": r["bad"]} for r in PAIRS]
+    if fmt == "conversational":
+        rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+                 "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                 "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in standard]
+        path = write_jsonl(tmp_path / "conv.jsonl", rows)
+    elif fmt == "implicit":
+        rows = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in standard]
+        path = write_jsonl(tmp_path / "implicit.jsonl", rows)
+    else:
+        from datasets import Dataset
+
+        path = tmp_path / f"prefs.{fmt}"
+        getattr(Dataset.from_list(standard), f"to_{fmt}")(str(path))
+    cfg = make_short_cfg("+merge=slerp", "data=custom", f"data.path={path}", "data.heldout.fraction=0.2")
+    entry = run_pipeline(cfg, tmp_path / "run")["stages"]["anneal"]
+    assert entry["data"]["train_pairs"] == 40 and entry["data"]["heldout_pairs"] == 10
+
+
+def test_prompts_longer_than_the_limit_are_counted(make_short_cfg, tmp_path):
+    rows = [{"prompt": r["question"], "chosen": r["good"], "rejected": r["bad"]} for r in PAIRS]
+    rows += [{"prompt": "9" * 80 + "+1=", "chosen": "1", "rejected": "2"}] * 3
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    cfg = make_short_cfg("+merge=slerp", "data=custom", f"data.path={path}", "data.heldout.fraction=0.1",
+                         "anneal.trainer.max_length=32")
+    entry = run_pipeline(cfg, tmp_path / "run")["stages"]["anneal"]
+    dropped = entry["data"]["dropped"]
+    assert dropped["train"]["prompt_too_long"] + dropped["heldout"]["prompt_too_long"] == 3
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+def test_bad_trainer_settings_are_clear(make_short_cfg, tmp_path):
+    cfg = make_short_cfg("+merge=slerp")
+    for override, phrase in ((["anneal.trainer.beta=0"], "beta must be positive"),
+                             (["anneal.trainer.loss_type=[sigmoidd]"], "Unknown DPO loss type"),
+                             (["+anneal.trainer.max_prompt_length=10"], "DPOConfig rejected"),
+                             (["+anneal.trainer.output_dir=/tmp/x"], "set by merge-anneal")):
+        with pytest.raises(UserError, match=phrase):
+            anneal.dpo_config(make_short_cfg("+merge=slerp", *override).anneal, tmp_path, 1000)
+    assert anneal.dpo_config(cfg.anneal, tmp_path, 1000).precompute_ref_log_probs
+
+
+def test_missing_columns_and_nothing_left(cli, tmp_path):
+    path = write_jsonl(tmp_path / "q.jsonl", PAIRS)
+    result, run_dir = cli("+merge=slerp", "data=custom", f"data.path={path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "lacks column(s)" in result.stderr and "data.columns.prompt" in result.stderr
+    assert manifest.load(run_dir)["stages"]["anneal"]["status"] == "failed"
+    path = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "1+1=", "chosen": "2", "rejected": "2"}] * 5)
+    result, run_dir = cli("+merge=slerp", "data=custom", f"data.path={path}", "data.heldout.fraction=0.4",
+                          run_dir=tmp_path / "run2")
+    assert result.returncode == 2 and "No train preference pairs are left" in " ".join(result.stderr.split())
+    assert not (run_dir / "anneal" / "model").exists()
+
+
+def test_reference_with_another_vocabulary_is_refused(cli, tmp_path, demo_path):
+    other = tmp_path / "other-vocab"
+    tokenizer = AutoTokenizer.from_pretrained(demo_path / "add")
+    tokenizer.add_tokens(["<extra>"])
+    model = AutoModelForCausalLM.from_pretrained(demo_path / "add")
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    result, run_dir = cli("+merge=slerp", f"anneal.reference={other}")
+    message = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "does not share the merged model's vocabulary" in message and "anneal.reference=auto" in message
+    assert manifest.load(run_dir)["stages"]["anneal"]["status"] == "failed"
+
+
+# ----------------------------------------------------------------------------------------------- resume
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, shared_cache, demo_path):
+    from conftest import TEST_CACHE
+
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "pipeline", "+merge=slerp", "pipeline.stages=[merge,anneal]",
+            f"pipeline.cache_dir={shared_cache}", f"models.cache_dir={TEST_CACHE}", f"hydra.run.dir={run_dir}",
+            "anneal.trainer.max_steps=600", "anneal.trainer.save_steps=20", "anneal.trainer.logging_steps=20"]
+    process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = run_dir / "anneal" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(checkpoints.glob("checkpoint-*")):
+        time.sleep(0.5)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert list(checkpoints.glob("checkpoint-*")), "no checkpoint was written before the kill"
+    before = manifest.load(run_dir)["stages"]
+    assert before["merge"]["status"] == "done" and before["anneal"]["status"] == "running"
+
+    result = subprocess.run([*args, "pipeline.resume=true"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = manifest.load(run_dir)["stages"]
+    assert after["merge"] == before["merge"]  # the merge is not redone
+    assert "merge: done in an earlier attempt" in result.stdout
+    resumed = after["anneal"]["resumed_from"]
+    assert resumed and int(resumed.rsplit("-", 1)[1]) >= 20
+    logged = [json.loads(line)["step"] for line in (run_dir / "anneal" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1] == 600 and min(s for s in logged if s > int(resumed.rsplit("-", 1)[1])) > 0
