@@ -154,5 +154,7 @@ def read_store(path: Path):
                         for name in ("train", "heldout")})
 
 
-def describe(data: DictConfig) -> dict:
-    return OmegaConf.to_container(data, resolve=True)
+def sources(data: DictConfig) -> dict:
+    """Where the pairs came from: absolute paths for local files, ids for hub data sets."""
+    where = lambda ref: str(Path(ref).expanduser().resolve()) if ref and Path(ref).expanduser().exists() else ref
+    return {"path": where(data.path), "heldout": where(data.heldout.path)}

@@ -12,6 +12,7 @@ import gc
 import hashlib
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -40,13 +41,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     merge_entry = manifest.load(run_dir)["stages"]["merge"]
     reference, reference_label = choose_reference(cfg.anneal.reference, merge_entry, merged_dir)
     reference_dir = models.resolve(reference)
+    reference_fingerprint = models.fingerprint(reference_dir)
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     check_same_vocabulary(tokenizer, merged_dir, reference_dir)
     args = dpo_config(cfg.anneal, stage_dir / "checkpoints", models.count_parameters(merged_dir))
     pairs, dropped = preferences.load_preferences(cfg.data)
 
-    store_path, cache_state = reference_logps(reference_dir, tokenizer, pairs, args, cfg, stage_dir)
+    store_path, cache_state = reference_logps(reference_dir, reference_fingerprint, tokenizer, pairs, args, cfg,
+                                              stage_dir)
     scored = preferences.read_store(store_path)
     for split in scored:  # TRL drops pairs whose prompt alone fills max_length: counted, never silent
         dropped[split]["prompt_too_long"] = len(pairs[split]) - len(scored[split])
@@ -61,20 +64,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         shutil.rmtree(args.output_dir, ignore_errors=True)
         (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)  # fp32 master weights
-    trainer = make_trainer(model, tokenizer, args, scored["train"], cfg.anneal, stage_dir)
+    trainer = make_trainer(model, tokenizer, args, scored["train"], cfg.anneal, stage_dir, reference_fingerprint)
     trainer.train(resume_from_checkpoint=checkpoint)
-    final = {k: v for k, v in trainer.state.log_history[-1].items()} if trainer.state.log_history else {}
+    final = dict(trainer.state.log_history[-1]) if trainer.state.log_history else {}
 
     out_dir = stage_dir / "model"
     save_model(trainer, tokenizer, out_dir)
     del trainer, model
     gc.collect()
     return {
-        "inputs": {"model": str(merged_dir), "reference": reference, "reference_path": reference_dir,
-                   "reference_label": reference_label, "data": preferences.describe(cfg.data)},
+        "inputs": {"model": str(merged_dir), "reference": reference if models.is_hub_id(reference) else reference_dir,
+                   "reference_path": reference_dir, "reference_label": reference_label,
+                   "data": preferences.sources(cfg.data)},
         "outputs": {"model": str(out_dir), "reference_logps": str(store_path),
                     "metrics": str(stage_dir / "metrics.jsonl")},
-        "reference_fingerprint": models.fingerprint(reference_dir),
+        "reference_fingerprint": reference_fingerprint,
         "config": {"anneal": OmegaConf.to_container(cfg.anneal, resolve=True),
                    "data": OmegaConf.to_container(cfg.data, resolve=True)},
         "precision": {"master_weights": "float32", "autocast": "bfloat16" if args.bf16 else None},
@@ -133,6 +137,8 @@ def dpo_config(anneal: DictConfig, output_dir: Path, n_params: int):
 
     fields = OmegaConf.to_container(anneal.trainer, resolve=True)
     fields["bf16"] = bf16_autocast(fields.get("bf16", "auto"), n_params)
+    if fields["bf16"] and not _cuda():
+        fields.setdefault("use_cpu", True)  # transformers refuses bf16 on CPU unless told it is meant
     owned = sorted(set(fields) & OWNED_FIELDS)
     if owned:
         raise UserError(f"anneal.trainer.{owned[0]} is set by merge-anneal. Fix: remove it.")
@@ -158,9 +164,9 @@ def bf16_autocast(choice, n_params: int) -> bool:
     parameters on this project's CPUs; tiny models are overhead-bound and gain nothing)."""
     if choice != "auto":
         return bool(choice)
-    import torch
+    if _cuda():
+        import torch
 
-    if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -169,10 +175,17 @@ def bf16_autocast(choice, n_params: int) -> bool:
     return n_params >= 30_000_000 and ("amx_bf16" in flags or "avx512_bf16" in flags)
 
 
-def reference_logps(reference_dir: str, tokenizer, pairs, args, cfg: DictConfig, stage_dir: Path):
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def reference_logps(reference_dir: str, reference_fingerprint: str, tokenizer, pairs, args, cfg: DictConfig,
+                    stage_dir: Path):
     """Score every pair with the reference once; cached by (reference weights, tokenizer, data, lengths)."""
     key = hashlib.sha256(json.dumps({
-        "reference": models.fingerprint(reference_dir),
+        "reference": reference_fingerprint,
         "tokenizer": _tokenizer_fingerprint(tokenizer),
         "data": {split: pairs[split]._fingerprint for split in pairs},
         "data_rows": {split: preferences.rows_fingerprint(pairs[split]) for split in pairs},
@@ -186,7 +199,7 @@ def reference_logps(reference_dir: str, tokenizer, pairs, args, cfg: DictConfig,
         return local / "data.parquet", "hit"
 
     def compute(tmp: Path) -> None:
-        scored = score_with_reference(reference_dir, tokenizer, pairs, args)
+        scored = score_with_reference(reference_dir, tokenizer, pairs, args, reference_fingerprint)
         tmp.mkdir(parents=True)
         preferences.write_store(scored, tmp / "data.parquet")
 
@@ -198,9 +211,10 @@ def reference_logps(reference_dir: str, tokenizer, pairs, args, cfg: DictConfig,
     return local / "data.parquet", "miss"
 
 
-def score_with_reference(reference_dir: str, tokenizer, pairs, args):
+def score_with_reference(reference_dir: str, tokenizer, pairs, args, reference_fingerprint: str):
     """One batched no-grad pass of the reference through TRL's own precompute (tokenisation, masks,
     log-probs), over the train and held-out pairs. The reference is freed before this returns."""
+    import datasets
     import torch
     from datasets import DatasetDict
     from transformers import AutoModelForCausalLM
@@ -208,8 +222,15 @@ def score_with_reference(reference_dir: str, tokenizer, pairs, args):
 
     reference = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32)
     indexed = {split: ds.add_column("row", list(range(len(ds)))) for split, ds in pairs.items()}
-    trainer = DPOTrainer(model=reference, args=args, train_dataset=indexed["train"],
-                         eval_dataset=indexed["heldout"], processing_class=tokenizer)
+    caching = datasets.is_caching_enabled()
+    datasets.disable_caching()  # TRL's own precompute cache would outlive pipeline.cache=false; ours is the cache
+    try:
+        with known_model_hash(reference_fingerprint):
+            trainer = DPOTrainer(model=reference, args=args, train_dataset=indexed["train"],
+                                 eval_dataset=indexed["heldout"], processing_class=tokenizer)
+    finally:
+        if caching:
+            datasets.enable_caching()
     scored = DatasetDict({
         "train": _attach(pairs["train"], trainer.train_dataset),
         "heldout": _attach(pairs["heldout"], trainer.eval_dataset),
@@ -227,7 +248,21 @@ def _attach(original, scored):
             .add_column("ref_rejected_logps", scored["ref_rejected_logps"]))
 
 
-def make_trainer(model, tokenizer, args, train_dataset, anneal: DictConfig, stage_dir: Path):
+@contextmanager
+def known_model_hash(fingerprint: str):
+    """With precompute on, DPOTrainer.__init__ hashes the whole model (a full fp32 copy, tensor by tensor) only
+    to name its own cache; the reference's file fingerprint, computed already, names it just as well."""
+    from trl.trainer import dpo_trainer
+
+    original = dpo_trainer.hash_module
+    dpo_trainer.hash_module = lambda module: fingerprint
+    try:
+        yield
+    finally:
+        dpo_trainer.hash_module = original
+
+
+def make_trainer(model, tokenizer, args, train_dataset, anneal: DictConfig, stage_dir: Path, fingerprint: str):
     from trl import DPOTrainer
 
     class PrecomputedReferenceDPOTrainer(DPOTrainer):
@@ -245,9 +280,10 @@ def make_trainer(model, tokenizer, args, train_dataset, anneal: DictConfig, stag
         from peft import LoraConfig
 
         peft_config = LoraConfig(**OmegaConf.to_container(anneal.peft, resolve=True))
-    return PrecomputedReferenceDPOTrainer(model=model, ref_model=None, args=args, train_dataset=train_dataset,
-                                          processing_class=tokenizer, peft_config=peft_config,
-                                          callbacks=[JsonlLogger(stage_dir / "metrics.jsonl")])
+    with known_model_hash(fingerprint):  # unused here: the reference columns are read, not computed
+        return PrecomputedReferenceDPOTrainer(model=model, ref_model=None, args=args, train_dataset=train_dataset,
+                                              processing_class=tokenizer, peft_config=peft_config,
+                                              callbacks=[JsonlLogger(stage_dir / "metrics.jsonl")])
 
 
 def JsonlLogger(path: Path):

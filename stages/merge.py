@@ -91,7 +91,7 @@ def localize(raw: dict) -> dict:
     """Replace every model reference by an absolute local folder (hub ids are downloaded first)."""
     merge_config = validate(raw)
     mapping = {}
-    for ref in merge_config.referenced_models():
+    for ref in ordered_references(merge_config):
         for path in (ref.model, ref.lora):
             if path is None:
                 continue
@@ -179,7 +179,7 @@ def check_compatible(merge_config, allow_crimes: bool) -> None:
 
     vocab_rebuilt = merge_config.tokenizer_source is not None or merge_config.tokenizer is not None
     archs, shapes = {}, {}
-    for ref in merge_config.referenced_models():
+    for ref in ordered_references(merge_config):
         folder = Path(ref.model.path)
         archs[folder] = tuple(json.loads((folder / "config.json").read_text()).get("architectures") or [])
         for file in sorted(folder.glob("*.safetensors")):
@@ -296,12 +296,23 @@ def mergekit_version() -> str:
     return version("mergekit")
 
 
-def parents_in_order(merge_config) -> list[str]:
-    """The merged models in the order the config lists them (the base model only where listed)."""
+def ordered_references(merge_config, with_base: bool = True) -> list:
+    """The models in the order the config lists them (mergekit's referenced_models() is a set, whose
+    order changes with PYTHONHASHSEED); the base model last unless listed."""
     listed = [m.model for m in merge_config.models or []]
     for out_slice in merge_config.slices or []:
         listed += [source.model for source in out_slice.sources]
-    return list(dict.fromkeys(str(ref.model.path) for ref in listed))
+    for module in (merge_config.modules or {}).values():
+        listed += [m.model for m in module.models or []]
+        listed += [source.model for s in module.slices or [] for source in s.sources]
+    if with_base and merge_config.base_model:
+        listed.append(merge_config.base_model)
+    return list(dict.fromkeys(listed))
+
+
+def parents_in_order(merge_config) -> list[str]:
+    """The merged models' folders in the order the config lists them (the base model only where listed)."""
+    return list(dict.fromkeys(str(ref.model.path) for ref in ordered_references(merge_config, with_base=False)))
 
 
 def _base_path(merge_config):

@@ -122,7 +122,7 @@ def test_reference_is_released_before_the_policy_trains(make_short_cfg, tmp_path
     args = anneal.dpo_config(cfg.anneal, tmp_path / "ckpt", models.count_parameters(merged_dir))
     pairs, _ = preferences.load_preferences(cfg.data)
     pairs = {"train": pairs["train"].select(range(64)), "heldout": pairs["heldout"].select(range(16))}
-    scored = anneal.score_with_reference(str(demo_path / "add"), tokenizer, pairs, args)
+    scored = anneal.score_with_reference(str(demo_path / "add"), tokenizer, pairs, args, "fingerprint")
     gc.collect()
     assert not [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
 
@@ -133,7 +133,7 @@ def test_reference_is_released_before_the_policy_trains(make_short_cfg, tmp_path
             resident.append(sum(isinstance(o, PreTrainedModel) and hasattr(o, "lm_head") for o in gc.get_objects()))
 
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
-    trainer = anneal.make_trainer(model, tokenizer, args, scored["train"], cfg.anneal, tmp_path)
+    trainer = anneal.make_trainer(model, tokenizer, args, scored["train"], cfg.anneal, tmp_path, "fingerprint")
     trainer.add_callback(CountModels())
     trainer.train()
     assert trainer.ref_model is None

@@ -231,8 +231,8 @@ def test_first_run_builds_the_demo_deterministically(demo_path, tmp_path):
     from conftest import run_cli
 
     fresh = tmp_path / "fresh-cache"
-    result = run_cli("+merge=slerp", f"pipeline.cache_dir={fresh}", f"hydra.run.dir={tmp_path / 'run'}",
-                     cwd=tmp_path)
+    result = run_cli("+merge=slerp", "pipeline.stages=[merge]", f"pipeline.cache_dir={fresh}",
+                     f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     other = demo.demo_dir(fresh)
     assert other != demo_path and other.name == demo_path.name

@@ -1,0 +1,286 @@
+"""Benchmark: merge-anneal's anneal stage against a plain TRL DPO script, side by side in one run.
+
+Plain TRL here is what a user would write: `DPOTrainer(model=merged, ref_model=parent, ...)`, the parent
+resident next to the policy and scored online. Everything else is equal: the data (one epoch of exactly
+steps x batch pairs), batch, steps, max_length, dtype (fp32 master weights, bf16 autocast by the same
+`auto` rule) and optimizer. Each measurement is its own process; variants alternate; medians are printed.
+
+    python bench/anneal_vs_trl.py --quick              # < 10 minutes on 2 CPU cores
+    python bench/anneal_vs_trl.py --json bench.json    # writes rss_ratio / time_ratio for the ~100M case
+
+Variants: `anneal` (reference log-probs computed in the stage: a cache miss), `anneal-hit` (the reference
+pass taken from the cache, as for every job after the first in a merge sweep), `trl` (plain TRL), and the
+same three with LoRA. The 4-point merge sweep ratio is (1 miss + 3 hits) / (4 misses) from these medians.
+"""
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = {
+    # name: Llama dimensions (vocab: the demo's 99-character tokenizer), prompt / completion characters
+    "demo": None,  # the embedded demo parents and data
+    "100m": dict(hidden_size=768, num_hidden_layers=10, num_attention_heads=12, num_key_value_heads=12,
+                 intermediate_size=3072, prompt_chars=100, completion_chars=30),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and steps (< 10 min on 2 cores)")
+    parser.add_argument("--json", type=Path, help="write the ~100M results (rss_ratio, time_ratio, ...) here")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--sizes", default="demo,100m")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--case", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args.case)))
+        return
+
+    repeats = args.repeats or (2 if args.quick else 5)
+    work = Path(tempfile.mkdtemp(prefix="anneal-bench-"))
+    peaks = matmul_peaks()
+    print(f"matmul peak on this machine: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    report = {}
+    try:
+        for size in args.sizes.split(","):
+            steps, batch = (8, 4) if size == "100m" else (60 if args.quick else 250, 16)
+            case = prepare(size, work / size, steps, batch)
+            variants = ["anneal", "anneal-hit", "trl"] + (["anneal-lora", "trl-lora"] if size == "100m" else [])
+            runs = {v: [] for v in variants}
+            for r in range(repeats):
+                for v in variants[r % len(variants):] + variants[:r % len(variants)]:  # alternate the order
+                    runs[v].append(run_worker(v, case))
+                    print(f"  {size} {v:12s} rep {r}: {runs[v][-1]['wall_s']:.1f} s, "
+                          f"{runs[v][-1]['peak_rss_mb']:.0f} MB", flush=True)
+            report[size] = summarize(size, runs, peaks, case)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps(report.get("100m", report), indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+def prepare(size: str, case_dir: Path, steps: int, batch: int) -> Path:
+    """Parents, a merged model (merge stage) and one epoch of preference data for the case."""
+    sys.path.insert(0, str(REPO))
+    from hydra import compose, initialize_config_dir
+
+    from pipeline import CONF_DIR, demo
+    from pipeline.app import run_pipeline
+
+    case_dir.mkdir(parents=True)
+    cache = Path(os.environ.get("MERGE_ANNEAL_CACHE", "~/.cache/merge-anneal")).expanduser()
+    n_train, n_heldout = steps * batch, batch
+    if size == "demo":
+        root = demo.ensure_demo(cache)
+        base, parents = root / "base", [root / "add", root / "reverse"]
+        rows = [json.loads(line) for line in (root / "data" / "train.jsonl").read_text().splitlines()]
+        max_length = 64
+    else:
+        base, parents = make_parents(case_dir / "parents", SIZES[size])
+        rows = synthetic_pairs(n_train + n_heldout, SIZES[size]["prompt_chars"], SIZES[size]["completion_chars"])
+        max_length = SIZES[size]["prompt_chars"] + SIZES[size]["completion_chars"] + 4
+    rows = rows[: n_train + n_heldout]
+    (case_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:n_train]))
+    (case_dir / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[n_train:]))
+    overrides = [
+        "+merge=linear", "models=local", f"models.base={base}", f"models.parents=[{parents[0]},{parents[1]}]",
+        "data=custom", f"data.path={case_dir / 'train.jsonl'}", f"data.heldout.path={case_dir / 'heldout.jsonl'}",
+        f"pipeline.cache_dir={case_dir / 'cache'}", f"models.cache_dir={cache}", "anneal.reference=0",
+        f"anneal.trainer.max_steps={steps}", f"anneal.trainer.per_device_train_batch_size={batch}",
+        f"anneal.trainer.max_length={max_length}", "anneal.trainer.save_strategy=no",
+        f"anneal.trainer.logging_steps={max(1, steps // 4)}", "anneal.trainer.disable_tqdm=true",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, "pipeline.stages=[merge]"])
+    run_pipeline(cfg, case_dir / "merged-run")
+    (case_dir / "case.json").write_text(json.dumps({"overrides": overrides, "steps": steps, "batch": batch,
+                                                    "parent": str(parents[0])}))
+    # warm the reference log-prob cache for the `anneal-hit` variant
+    run_worker("anneal-warm", case_dir)
+    return case_dir
+
+
+def make_parents(folder: Path, dims: dict):
+    """A random ~100M-parameter Llama base and two children (base + seeded noise), demo tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline import demo
+
+    tokenizer = demo.build_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         **{k: v for k, v in dims.items() if not k.endswith("_chars")})
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    paths = []
+    for name, seed in (("base", None), ("a", 1), ("b", 2)):
+        model = base
+        if seed is not None:
+            model = LlamaForCausalLM(config)
+            model.load_state_dict(base.state_dict())
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=generator) * 0.002)
+        model.save_pretrained(folder / name)
+        tokenizer.save_pretrained(folder / name)
+        paths.append(folder / name)
+    print(f"  100m parents: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters")
+    return paths[0], paths[1:]
+
+
+def synthetic_pairs(n: int, prompt_chars: int, completion_chars: int) -> list[dict]:
+    import random
+
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz "
+    text = lambda k: "".join(rng.choice(letters) for _ in range(k))
+    return [{"prompt": text(prompt_chars), "chosen": text(completion_chars), "rejected": text(completion_chars)}
+            for _ in range(n)]
+
+
+def run_worker(variant: str, case: Path) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", variant, "--case", str(case)], capture_output=True,
+                         text=True, cwd=case)
+    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise SystemExit(f"worker {variant} failed:\n{out.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def worker(variant: str, case: Path) -> dict:
+    """One measurement in a fresh process: wall time of the anneal work, tokens, peak RSS."""
+    sys.path.insert(0, str(REPO))
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from hydra import compose, initialize_config_dir
+
+    from pipeline import CONF_DIR, manifest
+
+    spec = json.loads((case / "case.json").read_text())
+    overrides = list(spec["overrides"])
+    lora = variant.endswith("-lora")
+    if lora:
+        overrides.append("anneal=lora")
+    if variant in ("anneal", "anneal-lora"):
+        overrides.append("pipeline.cache=false")  # the reference pass is part of the measured work
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, "pipeline.stages=[anneal]"])
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{variant}-", dir=case))
+    manifest.save(run_dir, manifest.load(case / "merged-run"))
+    import torch  # imported before the clock starts, like the stage's own imports below
+    import trl  # noqa: F401
+
+    from stages import anneal
+
+    started = time.perf_counter()
+    if variant.startswith("anneal"):
+        entry = anneal.run(cfg, run_dir)
+        log = [json.loads(l) for l in Path(entry["outputs"]["metrics"]).read_text().splitlines()]
+        bf16 = entry["precision"]["autocast"] == "bfloat16"
+    else:
+        log, bf16 = plain_trl(cfg, run_dir, spec["parent"], lora)
+    wall = time.perf_counter() - started
+    final = [r for r in log if "train_runtime" in r][-1]
+    tokens = max(r.get("num_tokens", 0) for r in log)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return {"wall_s": wall, "train_s": final["train_runtime"], "tokens": tokens, "bf16": bf16,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def plain_trl(cfg, run_dir: Path, parent: str, lora: bool):
+    """What a user writes with TRL alone: the parent passed as ref_model, resident and scored online."""
+    import torch
+    from omegaconf import OmegaConf
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOTrainer
+
+    from pipeline import manifest, models, preferences
+    from stages import anneal
+
+    merged_dir = manifest.stage_output(run_dir, "merge", "model")
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    args = anneal.dpo_config(cfg.anneal, run_dir / "trl", models.count_parameters(merged_dir))
+    args.precompute_ref_log_probs = False
+    pairs, _ = preferences.load_preferences(cfg.data)
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    ref_model = AutoModelForCausalLM.from_pretrained(parent, dtype=torch.float32)
+    peft_config = LoraConfig(**OmegaConf.to_container(cfg.anneal.peft)) if lora else None
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=pairs["train"],
+                         processing_class=tokenizer, peft_config=peft_config)
+    trainer.train()
+    trainer.save_model(str(run_dir / "trl-model"))
+    return trainer.state.log_history, args.bf16
+
+
+def matmul_peaks() -> dict:
+    """GFLOP/s of a large square matmul, fp32 and bf16, best of a few tries."""
+    import torch
+
+    peaks = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(2048, 2048, dtype=dtype)
+        b = torch.randn(2048, 2048, dtype=dtype)
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+        peaks[name] = 2 * 2048 ** 3 / best / 1e9
+    return peaks
+
+
+def summarize(size: str, runs: dict, peaks: dict, case: Path) -> dict:
+    from pipeline import models, manifest
+
+    med = {v: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "train_s", "tokens", "peak_rss_mb")}
+           for v, rs in runs.items()}
+    n_params = models.count_parameters(manifest.stage_output(case / "merged-run", "merge", "model"))
+    bf16 = runs["trl"][0]["bf16"]
+    peak = peaks["bf16" if bf16 else "fp32"]
+    out = {"size": size, "params_m": round(n_params / 1e6, 1), "autocast_bf16": bf16, "medians": med,
+           "matmul_peak_gflops": round(peak)}
+    # policy training: forward + backward = 6 FLOP per parameter per token; plain TRL adds the reference
+    # forward (2 FLOP per parameter per token) inside its training loop
+    for v in ("anneal", "trl"):
+        flops = (6 + (2 if v == "trl" else 0)) * n_params * med[v]["tokens"]
+        out[f"{v}_train_gflops"] = round(flops / med[v]["train_s"] / 1e9, 1)
+        out[f"{v}_peak_fraction"] = round(flops / med[v]["train_s"] / 1e9 / peak, 3)
+        out[f"{v}_tokens_per_s"] = round(med[v]["tokens"] / med[v]["train_s"], 1)
+    out["time_ratio"] = round(med["anneal"]["wall_s"] / med["trl"]["wall_s"], 3)
+    out["rss_ratio"] = round(med["anneal"]["peak_rss_mb"] / med["trl"]["peak_rss_mb"], 3)
+    out["tokens_per_s_ratio"] = round(out["anneal_tokens_per_s"] / out["trl_tokens_per_s"], 3)
+    out["sweep4_ratio"] = round((med["anneal"]["wall_s"] + 3 * med["anneal-hit"]["wall_s"])
+                                / (4 * med["anneal"]["wall_s"]), 3)
+    if "anneal-lora" in med:
+        out["lora_rss_ratio"] = round(med["anneal-lora"]["peak_rss_mb"] / med["trl-lora"]["peak_rss_mb"], 3)
+        out["lora_time_ratio"] = round(med["anneal-lora"]["wall_s"] / med["trl-lora"]["wall_s"], 3)
+    print(f"\n== {size}: {out['params_m']}M parameters, bf16 autocast {bf16} ==")
+    print(f"{'variant':14s}{'wall s':>9s}{'train s':>9s}{'tokens/s':>10s}{'peak RSS MB':>13s}")
+    for v, m in med.items():
+        print(f"{v:14s}{m['wall_s']:9.2f}{m['train_s']:9.2f}{m['tokens'] / m['train_s']:10.0f}{m['peak_rss_mb']:13.0f}")
+    print(f"time_ratio (anneal / plain TRL, wall) {out['time_ratio']}   rss_ratio {out['rss_ratio']}   "
+          f"tokens/s ratio {out['tokens_per_s_ratio']}   4-point sweep / 4 independent {out['sweep4_ratio']}")
+    if "lora_rss_ratio" in out:
+        print(f"LoRA: rss_ratio {out['lora_rss_ratio']}   time_ratio {out['lora_time_ratio']}")
+    print(f"achieved training throughput: anneal {out['anneal_train_gflops']} GFLOP/s "
+          f"({out['anneal_peak_fraction']:.0%} of the {peak:.0f} GFLOP/s matmul peak), plain TRL "
+          f"{out['trl_train_gflops']} GFLOP/s ({out['trl_peak_fraction']:.0%})")
+    return out
+
+
+if __name__ == "__main__":
+    main()
