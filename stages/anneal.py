@@ -136,34 +136,32 @@ def dpo_config(anneal: DictConfig, output_dir: Path, n_params: int):
     from trl import DPOConfig
 
     fields = OmegaConf.to_container(anneal.trainer, resolve=True)
-    fields["bf16"] = bf16_autocast(fields.get("bf16", "auto"), n_params)
-    if fields["bf16"] and not _cuda():
+    if fields.get("bf16") == "auto":
+        fields["bf16"] = bf16_autocast(n_params)
+    if fields.get("bf16") and not _cuda():
         fields.setdefault("use_cpu", True)  # transformers refuses bf16 on CPU unless told it is meant
     owned = sorted(set(fields) & OWNED_FIELDS)
     if owned:
         raise UserError(f"anneal.trainer.{owned[0]} is set by merge-anneal. Fix: remove it.")
-    losses = fields.get("loss_type") or ["sigmoid"]
-    losses = [losses] if isinstance(losses, str) else losses
-    unknown = [name for name in losses if name not in LOSS_TYPES]
-    if unknown:
-        raise UserError(f"Unknown DPO loss type(s) {unknown}. Fix: use TRL's loss types: {', '.join(LOSS_TYPES)}, "
-                        "e.g. anneal.trainer.loss_type=[sigmoid].")
-    if fields.get("beta", 0.1) <= 0:
-        raise UserError(f"anneal.trainer.beta must be positive (got {fields['beta']}): it scales the implicit "
-                        "reward. Fix: e.g. anneal.trainer.beta=0.1.")
     try:
-        return DPOConfig(output_dir=str(output_dir), precompute_ref_log_probs=True, **fields)
+        args = DPOConfig(output_dir=str(output_dir), precompute_ref_log_probs=True, **fields)
     except (TypeError, ValueError) as err:
         raise UserError(f"TRL's DPOConfig rejected anneal.trainer: {err}. Fix: use DPOConfig field names and "
                         "values (conf/anneal/dpo.yaml lists the common ones).") from None
+    unknown = [name for name in args.loss_type if name not in LOSS_TYPES]
+    if unknown:
+        raise UserError(f"Unknown DPO loss type(s) {unknown}. Fix: use TRL's loss types: {', '.join(LOSS_TYPES)}, "
+                        "e.g. anneal.trainer.loss_type=[sigmoid].")
+    if args.beta <= 0:
+        raise UserError(f"anneal.trainer.beta must be positive (got {args.beta}): it scales the implicit "
+                        "reward. Fix: e.g. anneal.trainer.beta=0.1.")
+    return args
 
 
-def bf16_autocast(choice, n_params: int) -> bool:
-    """`auto`: bf16 autocast where it pays: a CUDA GPU with bf16, or a CPU with bf16 matrix instructions
+def bf16_autocast(n_params: int) -> bool:
+    """`bf16: auto`: bf16 autocast where it pays: a CUDA GPU with bf16, or a CPU with bf16 matrix instructions
     (AMX / AVX512-BF16) and a model big enough to be compute-bound (measured: 2.4x per DPO step at 100M
     parameters on this project's CPUs; tiny models are overhead-bound and gain nothing)."""
-    if choice != "auto":
-        return bool(choice)
     if _cuda():
         import torch
 
@@ -187,7 +185,6 @@ def reference_logps(reference_dir: str, reference_fingerprint: str, tokenizer, p
     key = hashlib.sha256(json.dumps({
         "reference": reference_fingerprint,
         "tokenizer": _tokenizer_fingerprint(tokenizer),
-        "data": {split: pairs[split]._fingerprint for split in pairs},
         "data_rows": {split: preferences.rows_fingerprint(pairs[split]) for split in pairs},
         "max_length": args.max_length, "truncation_mode": args.truncation_mode, "ld_alpha": args.ld_alpha,
         "autocast": bool(args.bf16), "trl": _version("trl"),
@@ -276,7 +273,7 @@ def make_trainer(model, tokenizer, args, train_dataset, anneal: DictConfig, stag
             return dataset
 
     peft_config = None
-    if anneal.get("peft") is not None:
+    if anneal.peft is not None:
         from peft import LoraConfig
 
         peft_config = LoraConfig(**OmegaConf.to_container(anneal.peft, resolve=True))

@@ -29,9 +29,6 @@ CONFIG_NAME = "mergekit_config.yml"
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Merge the parents; returns the manifest entry (inputs, outputs, config, cache)."""
-    import mergekit
-    from mergekit.merge import MergeOptions
-
     raw = load_merge_config(cfg)
     merge_config = validate(localize(raw))
     options = build_options(cfg.merge_options)
@@ -235,6 +232,7 @@ def cache_key(merge_config, options, version: str) -> str:
 
 def merge_into(merge_config, options, out_dir: Path) -> None:
     """Run mergekit into a temporary sibling folder and move it into place only once it is complete."""
+
     def work(tmp: Path) -> None:
         from mergekit.merge import run_merge
 
