@@ -13,13 +13,13 @@ import hashlib
 import json
 import shutil
 from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import UserError, manifest, models
-from pipeline import preferences
-from stages.merge import link_tree, replace_dir
+from pipeline import UserError, manifest, models, preferences
+from pipeline.artifacts import publish_cached, replace_dir
 
 # TRL 1.16's DPO loss types (dpo_trainer.py, `_compute_loss`).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -182,30 +182,29 @@ def _cuda() -> bool:
 def reference_logps(reference_dir: str, reference_fingerprint: str, tokenizer, pairs, args, cfg: DictConfig,
                     stage_dir: Path):
     """Score every pair with the reference once; cached by (reference weights, tokenizer, data, lengths)."""
-    key = hashlib.sha256(json.dumps({
-        "reference": reference_fingerprint,
-        "tokenizer": _tokenizer_fingerprint(tokenizer),
-        "data_rows": {split: preferences.rows_fingerprint(pairs[split]) for split in pairs},
-        "max_length": args.max_length, "truncation_mode": args.truncation_mode, "ld_alpha": args.ld_alpha,
-        "autocast": bool(args.bf16), "trl": _version("trl"),
-    }, sort_keys=True).encode()).hexdigest()[:32]
-    cached = Path(cfg.pipeline.cache_dir).expanduser() / "reference_logps" / key
     local = stage_dir / "reference_logps"
-    if cfg.pipeline.cache and cached.is_dir():
-        replace_dir(local, lambda tmp: link_tree(cached, tmp))
-        return local / "data.parquet", "hit"
 
     def compute(tmp: Path) -> None:
         scored = score_with_reference(reference_dir, tokenizer, pairs, args, reference_fingerprint)
         tmp.mkdir(parents=True)
         preferences.write_store(scored, tmp / "data.parquet")
 
-    if cfg.pipeline.cache:
-        replace_dir(cached, compute)
-        replace_dir(local, lambda tmp: link_tree(cached, tmp))
-    else:
+    if not cfg.pipeline.cache:
         replace_dir(local, compute)
-    return local / "data.parquet", "miss"
+        return local / "data.parquet", "miss"
+    key = hashlib.sha256(json.dumps({
+        "reference": reference_fingerprint,
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "data_rows": {split: preferences.rows_fingerprint(pairs[split]) for split in pairs},
+        "max_length": args.max_length, "truncation_mode": args.truncation_mode, "ld_alpha": args.ld_alpha,
+        "autocast": bool(args.bf16), "trl": version("trl"),
+    }, sort_keys=True).encode()).hexdigest()[:32]
+    cached = Path(cfg.pipeline.cache_dir).expanduser() / "reference_logps" / key
+    state = "hit" if cached.is_dir() else "miss"
+    if state == "miss":
+        replace_dir(cached, compute)
+    publish_cached(cached, local)
+    return local / "data.parquet", state
 
 
 def score_with_reference(reference_dir: str, tokenizer, pairs, args, reference_fingerprint: str):
@@ -319,9 +318,3 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps({"vocab": sorted(tokenizer.get_vocab().items()),
                                       "template": tokenizer.chat_template, "eos": tokenizer.eos_token,
                                       "pad": tokenizer.pad_token}, sort_keys=True).encode()).hexdigest()
-
-
-def _version(name: str) -> str:
-    from importlib.metadata import version
-
-    return version(name)

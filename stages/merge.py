@@ -7,8 +7,7 @@ version is merged once.
 """
 
 import json
-import os
-import shutil
+from importlib.metadata import version
 from pathlib import Path
 
 import yaml
@@ -16,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import UserError, models
+from pipeline.artifacts import publish_cached, replace_dir
 
 # MergeOptions fields merge-anneal fixes: safetensors only; it writes the resolved YAML itself because
 # mergekit's card writer reaches for the network; the tokenizer always comes from the donor.
@@ -37,12 +37,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     out_dir = Path(run_dir) / "merge" / "model"
     cache_state = "off"
     if cfg.pipeline.cache:
-        key = cache_key(merge_config, options, mergekit_version())
+        key = cache_key(merge_config, options, version("mergekit"))
         cached_dir = Path(cfg.pipeline.cache_dir).expanduser() / "merges" / key
         cache_state = "hit" if cached_dir.is_dir() else "miss"
         if cache_state == "miss":
             merge_into(merge_config, options, cached_dir)
-        replace_dir(out_dir, lambda tmp: link_tree(cached_dir, tmp))
+        publish_cached(cached_dir, out_dir)
         print(f"merge: {'reused cached merge' if cache_state == 'hit' else 'merged'} {cached_dir}")
     else:
         merge_into(merge_config, options, out_dir)
@@ -57,7 +57,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                    "models": OmegaConf.to_container(cfg.models, resolve=True)},
         "merge_method": merge_config.merge_method,
         "cache": {"merge": cache_state},
-        "mergekit_version": mergekit_version(),
+        "mergekit_version": version("mergekit"),
     }
 
 
@@ -262,36 +262,6 @@ def check_output(model_dir: Path) -> None:
                 if not torch.isfinite(handle.get_tensor(name)).all():
                     raise UserError(f"The merge produced non-finite values in '{name}'. Fix: check the merge "
                                     "parameters (weights, t, density, lambda) for extreme values.")
-
-
-def replace_dir(target: Path, fill) -> None:
-    """`fill(tmp)` writes a folder; it replaces `target` only if `fill` finishes."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        fill(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def link_tree(src: Path, dst: Path) -> None:
-    """Hard-link a cached folder's files (no extra disk), copying where links are impossible."""
-    def link_or_copy(a, b):
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-    shutil.copytree(src, dst, copy_function=link_or_copy)
-
-
-def mergekit_version() -> str:
-    from importlib.metadata import version
-
-    return version("mergekit")
 
 
 def ordered_references(merge_config, with_base: bool = True) -> list:
