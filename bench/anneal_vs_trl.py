@@ -3,7 +3,8 @@
 Plain TRL here is what a user would write: `DPOTrainer(model=merged, ref_model=parent, ...)`, the parent
 resident next to the policy and scored online. Everything else is equal: the data (one epoch of exactly
 steps x batch pairs), batch, steps, max_length, dtype (fp32 master weights, bf16 autocast by the same
-`auto` rule) and optimizer. Each measurement is its own process; variants alternate; medians are printed.
+`auto` rule), optimizer and the deliverable (a full model saved with its tokenizer; with LoRA, the adapter
+merged into the weights). Each measurement is its own process; variants alternate; medians are printed.
 
     python bench/anneal_vs_trl.py --quick              # < 10 minutes on 2 CPU cores
     python bench/anneal_vs_trl.py --json bench.json    # writes rss_ratio / time_ratio for the ~100M case
@@ -222,7 +223,9 @@ def plain_trl(cfg, run_dir: Path, parent: str, lora: bool):
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=pairs["train"],
                          processing_class=tokenizer, peft_config=peft_config)
     trainer.train()
-    trainer.save_model(str(run_dir / "trl-model"))
+    # the same deliverable as the stage's: a full model (with LoRA: the adapter merged into the weights)
+    (trainer.model.merge_and_unload() if lora else trainer.model).save_pretrained(run_dir / "trl-model")
+    tokenizer.save_pretrained(run_dir / "trl-model")
     return trainer.state.log_history, args.bf16
 
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import CONF_DIR, UserError, demo, manifest
 
-STAGES = ("merge", "anneal")  # every stage that exists, in pipeline order
+STAGES = ("merge", "anneal", "eval")  # every stage that exists, in pipeline order
 
 
 def merge_options() -> list[str]:

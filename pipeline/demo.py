@@ -4,7 +4,9 @@
 
 * ``base/``    -- a Llama briefly trained on a 50/50 mix of two skills ("add", "reverse");
 * ``add/``     -- ``base`` fully fine-tuned on addition only;
-* ``reverse/`` -- ``base`` fully fine-tuned on word reversal only;
+* ``reverse/`` -- ``base`` fully fine-tuned on word reversal only
+  (every model language-models the whole text, prompt included, so perplexity on held-out text means
+  something);
 * ``data/train.jsonl`` (preference pairs), ``data/heldout.jsonl`` (held-out pairs),
   ``data/heldout_text.jsonl`` (held-out text corpus for perplexity);
 * ``accuracy.json`` (greedy exact match of each model on each skill, held-out prompts) and
@@ -34,7 +36,7 @@ import time
 SKILLS = ("add", "reverse")
 
 RECIPE: dict = {
-    "version": 1,
+    "version": 2,
     "dtype": "float32",
     "tokenizer": {
         # WordLevel over these characters, one token per character; no BOS.
@@ -62,7 +64,7 @@ RECIPE: dict = {
     "base": {"steps": 400, "batch_size": 64, "lr": 1e-3, "mix": {"add": 0.5, "reverse": 0.5},
              "sample_seed": 1},
     # Children: full fine-tune from base on one skill each.
-    "children": {"steps": 1500, "batch_size": 64, "lr": 1e-3,
+    "children": {"steps": 2500, "batch_size": 64, "lr": 1e-3,
                  "sample_seed": {"add": 2, "reverse": 3}, "torch_seed": {"add": 12, "reverse": 13}},
     "data": {"train_pairs_per_skill": 2000, "heldout_pairs_per_skill": 150,
              "heldout_seed": 1234, "train_seed": 4321,
@@ -274,7 +276,9 @@ def _sample_sft_batch(rng: random.Random, counts: dict[str, int], exclude: set) 
 
 
 def _encode_batch(prompts: list[str], ids: dict, eos_id: int, pad_id: int):
-    """input_ids (right padded) and labels (-100 on prompt and padding; answer + EOS supervised)."""
+    """input_ids (right padded) and labels (-100 on padding): language modelling of the whole text, prompt
+    included, as a real parent models its pretraining text; this is what the held-out text corpus's
+    perplexity measures."""
     import torch
 
     seqs, labs = [], []
@@ -282,7 +286,7 @@ def _encode_batch(prompts: list[str], ids: dict, eos_id: int, pad_id: int):
         pi = [ids[c] for c in p]
         ai = [ids[c] for c in expected_answer(p)] + [eos_id]
         seqs.append(pi + ai)
-        labs.append([-100] * len(pi) + ai)
+        labs.append(pi + ai)
     L = max(len(s) for s in seqs)
     x = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     y = torch.full((len(seqs), L), -100, dtype=torch.long)

@@ -93,7 +93,7 @@ def test_training_log_and_it_works(default_run):
     steps = [r for r in rows if "rewards/accuracies" in r]
     for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
         assert key in steps[-1]
-    assert steps[-1]["step"] == 750
+    assert steps[-1]["step"] == 1250
     assert steps[-1]["rewards/accuracies"] > 0.9, steps[-3:]
     assert steps[-1]["loss"] < steps[0]["loss"]
 
@@ -173,13 +173,48 @@ def test_lora_adapter_is_merged_into_the_saved_model(make_short_cfg, tmp_path, d
     AutoModelForCausalLM.from_pretrained(model_dir)
 
 
+def test_lora_under_bf16_autocast_keeps_frozen_weights_in_bf16_and_saves_fp32(make_short_cfg, tmp_path):
+    entry = run_pipeline(make_short_cfg("+merge=slerp", "anneal=lora", "anneal.trainer.bf16=true"),
+                         tmp_path)["stages"]["anneal"]
+    assert entry["precision"] == {"master_weights": "float32", "autocast": "bfloat16",
+                                  "frozen_linear_weights": "bfloat16"}
+    after = load_file(Path(entry["outputs"]["model"]) / "model.safetensors")
+    before = load_file(tmp_path / "merge" / "model" / "model.safetensors")
+    adapter = load_file(Path(entry["outputs"]["adapter"]) / "adapter_model.safetensors")
+    config = json.loads((Path(entry["outputs"]["adapter"]) / "adapter_config.json").read_text())
+    assert all(t.dtype == torch.float32 for t in [*after.values(), *adapter.values()])
+    # saved = the float32 merged weights + the adapter's B @ A * alpha / r (not a bf16-rounded base)
+    name = "model.layers.0.self_attn.q_proj"
+    a, b = (next(v for k, v in adapter.items() if name in k and f"lora_{x}" in k) for x in "AB")
+    expected = before[f"{name}.weight"] + b @ a * config["lora_alpha"] / config["r"]
+    torch.testing.assert_close(after[f"{name}.weight"], expected, rtol=0, atol=1e-6)
+    assert not torch.equal(after[f"{name}.weight"], before[f"{name}.weight"])
+    untouched = "model.embed_tokens.weight"
+    assert torch.equal(after[untouched], before[untouched])
+
+
+def test_frozen_bf16_linears_compute_what_autocast_computes(demo_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(demo_path / "add", dtype=torch.float32),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = model(input_ids=ids).logits
+        assert anneal.frozen_linears_to_bf16(model) == 2 * 7 + 1  # q k v o gate up down per layer, lm_head
+        cast = model(input_ids=ids).logits
+    torch.testing.assert_close(cast, reference, rtol=0, atol=0)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
 def test_bf16_merge_trains_with_fp32_master_weights(make_short_cfg, tmp_path):
     entry = run_pipeline(make_short_cfg("+merge=linear", "merge.dtype=bfloat16"), tmp_path)["stages"]
     assert load_file(Path(entry["merge"]["outputs"]["model"]) / "model.safetensors")[
         "lm_head.weight"].dtype == torch.bfloat16
     after = load_file(Path(entry["anneal"]["outputs"]["model"]) / "model.safetensors")
     assert after["lm_head.weight"].dtype == torch.float32
-    assert entry["anneal"]["precision"] == {"master_weights": "float32", "autocast": None}  # tiny: no autocast
+    assert entry["anneal"]["precision"] == {"master_weights": "float32", "autocast": None,  # tiny: no autocast
+                                            "frozen_linear_weights": "float32"}
 
 
 def test_reference_choices(make_short_cfg, tmp_path, demo_path):

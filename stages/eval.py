@@ -1,0 +1,465 @@
+"""Stage 3, eval: parents vs merged vs annealed on the held-out pairs, with bootstrap intervals.
+
+Every model (each merge parent, the merged and the annealed model) scores the held-out preference pairs in
+batched no-grad forwards (TRL's tokenisation: completion = prompt+completion+EOS after the shared prefix),
+next to the anneal reference for KL. Metrics per model: preference accuracy (raw and length-normalised),
+KL to the reference, perplexity, skill exact match by greedy generation (where the data defines exact
+answers, i.e. the demo), and for merged / annealed the DPO implicit reward accuracy and margin against the
+stored reference log-probs. Annealed minus merged gets a paired bootstrap interval per per-item metric.
+Output: `<run_dir>/eval/metrics.json`, `report.md` and its PNG plots.
+"""
+
+import gc
+import json
+import math
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import UserError, demo, manifest
+from pipeline import metrics as M
+from pipeline import preferences
+from pipeline.artifacts import replace_dir
+
+# Per-item metrics: each has one value per held-out pair, so they get bootstrap intervals.
+PAIR_METRICS = ("preference_accuracy", "preference_accuracy_normalized", "kl_to_reference")
+REWARD_METRICS = ("reward_accuracy", "reward_margin")
+SCALAR_METRICS = ("preference_accuracy", "preference_accuracy_normalized", "reward_accuracy", "reward_margin",
+                  "kl_to_reference", "perplexity", "perplexity_heldout_chosen")
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Evaluate the run's models; returns the manifest entry."""
+    import time
+
+    import torch
+
+    run_dir = Path(run_dir)
+    stages = manifest.load(run_dir)["stages"]
+    merged_dir = manifest.stage_output(run_dir, "merge", "model")
+    annealed_dir = manifest.stage_output(run_dir, "anneal", "model")
+    anneal_entry = stages["anneal"]
+    reference_dir = Path(anneal_entry["inputs"]["reference_path"])
+    store_path = Path(anneal_entry["outputs"]["reference_logps"])
+    trainer = anneal_entry["config"]["anneal"]["trainer"]
+    beta = float(trainer["beta"])
+    max_length, truncation_mode = trainer["max_length"], _truncation_mode(trainer)
+    model_dirs = {f"parent:{Path(p).name}": Path(p) for p in stages["merge"]["inputs"]["parents"]}
+    model_dirs.update({"merged": merged_dir, "annealed": annealed_dir})
+
+    heldout = preferences.read_store(store_path)["heldout"]
+    tokenizer = load_tokenizer(merged_dir)
+    chosen = [tokenize_completion(tokenizer, r["prompt"], r["chosen"], max_length, truncation_mode) for r in heldout]
+    rejected = [tokenize_completion(tokenizer, r["prompt"], r["rejected"], max_length, truncation_mode)
+                for r in heldout]
+    corpus_path = text_corpus(cfg, anneal_entry)
+    texts = ([tokenize_text(tokenizer, t, max_length) for t in read_texts(corpus_path)] if corpus_path else None)
+    prompts = list(dict.fromkeys(_prompt_text(tokenizer, r["prompt"]) for r in heldout))
+    skills = skill_prompts(prompts) if anneal_entry["config"]["data"]["source"] == "demo" else {}
+    shown = prompts[:: max(1, len(prompts) // cfg.eval.samples)][: cfg.eval.samples]  # spread over the data
+
+    started = time.perf_counter()
+    with torch.no_grad():
+        reference = load_model(reference_dir)
+        per_item, samples = {}, {}
+        for name, model_dir in model_dirs.items():
+            check_vocabulary(tokenizer, model_dir, name)
+            model = reference if Path(model_dir).resolve() == reference_dir.resolve() else load_model(model_dir)
+            per_item[name] = score_model(model, reference, chosen, rejected, texts, tokenizer.pad_token_id or 0,
+                                         cfg.eval.batch_size)
+            asked = sorted({p for ps in skills.values() for p in ps} | set(shown))
+            by_prompt = dict(zip(asked, demo.greedy_answers(model, tokenizer, asked, cfg.eval.max_new_tokens)))
+            per_item[name]["skill_correct"] = {s: [float(by_prompt[p] == demo.expected_answer(p)) for p in ps]
+                                               for s, ps in skills.items()}
+            samples[name] = [by_prompt[p] for p in shown]
+            if model is not reference:
+                del model
+            gc.collect()
+        del reference
+        gc.collect()
+    scoring_seconds = time.perf_counter() - started
+
+    ref_chosen = torch.tensor(heldout["ref_chosen_logps"])
+    ref_rejected = torch.tensor(heldout["ref_rejected_logps"])
+    results = {name: summarize(items, name in ("merged", "annealed"), ref_chosen, ref_rejected, beta, cfg.eval)
+               for name, items in per_item.items()}
+    comparison = {"annealed_vs_merged": compare(results["annealed"]["items"], results["merged"]["items"], cfg.eval)}
+    report = {
+        "models": {name: r["summary"] for name, r in results.items()},
+        "comparison": comparison,
+        "heldout_pairs": len(heldout),
+        "perplexity_on": str(corpus_path) if corpus_path else "heldout chosen completions",
+        "beta": beta,
+        "bootstrap": {"resamples": cfg.eval.bootstrap_resamples, "seed": cfg.eval.seed, "confidence": 0.95},
+        "scoring_seconds": round(scoring_seconds, 3),
+    }
+    if cfg.eval.lm_eval:
+        from pipeline.harness import run_lm_eval
+
+        report["lm_eval"] = run_lm_eval(OmegaConf.to_container(cfg.eval.lm_eval, resolve=True), model_dirs)
+    stage_dir = run_dir / "eval"
+    training_log = Path(anneal_entry["outputs"]["metrics"])
+    replace_dir(stage_dir, lambda tmp: write_outputs(tmp, report, training_log, shown, samples))
+    print_table(report)
+    return {
+        "inputs": {"models": {name: str(d) for name, d in model_dirs.items()}, "reference": str(reference_dir),
+                   "reference_logps": str(store_path), "text_corpus": str(corpus_path) if corpus_path else None,
+                   "training_log": str(training_log)},
+        "outputs": {"metrics": str(stage_dir / "metrics.json"), "report": str(stage_dir / "report.md"),
+                    "plots": [str(stage_dir / name) for name in PLOTS]},
+        "config": {"eval": OmegaConf.to_container(cfg.eval, resolve=True)},
+        "summary": {"annealed_minus_merged_preference_accuracy":
+                    comparison["annealed_vs_merged"]["preference_accuracy"]},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+def _truncation_mode(trainer: dict) -> str:
+    """The anneal's truncation mode: its own setting, else DPOConfig's default."""
+    from trl import DPOConfig
+
+    return trainer.get("truncation_mode") or DPOConfig.__dataclass_fields__["truncation_mode"].default
+
+
+def text_corpus(cfg: DictConfig, anneal_entry: dict) -> Path | None:
+    """`auto`: the demo's held-out text when the data is the demo's, else none (chosen completions)."""
+    choice = cfg.eval.text_corpus
+    if choice is None:
+        return None
+    if choice == "auto":
+        if anneal_entry["config"]["data"]["source"] != "demo":
+            return None
+        return demo.demo_dir(cfg.models.cache_dir) / "data" / "heldout_text.jsonl"
+    path = Path(choice).expanduser()
+    if not path.is_file():
+        raise UserError(f"eval.text_corpus={choice} is not a file. Fix: pass a .jsonl file with a `text` field, "
+                        "auto, or null (perplexity on the held-out chosen completions).")
+    return path
+
+
+def read_texts(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def skill_prompts(prompts: list[str]) -> dict[str, list[str]]:
+    """The held-out prompts by skill, where every prompt has an exact answer (the demo); else {}."""
+    by_skill: dict[str, list[str]] = {}
+    for prompt in prompts:
+        try:
+            by_skill.setdefault(demo.skill_of(prompt), []).append(prompt)
+        except ValueError:
+            return {}
+    return by_skill
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def load_model(model_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def check_vocabulary(tokenizer, model_dir: Path, name: str) -> None:
+    """Every model is fed the merged model's token ids (as in anneal): they must share its vocabulary."""
+    if load_tokenizer(model_dir).get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"Model {name} ({model_dir}) does not share the merged model's vocabulary, so it cannot be "
+                        "scored on the same token ids. Fix: evaluate models with one tokenizer.")
+
+
+# ---------------------------------------------------------------------------------------------- tokenising
+
+def _prompt_text(tokenizer, prompt) -> str:
+    if isinstance(prompt, list):  # conversational
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def tokenize_completion(tokenizer, prompt, completion, max_length, truncation_mode: str):
+    """(input_ids, completion mask) as TRL's DPOTrainer builds them: prompt + completion (+ EOS for plain
+    text), the completion starting where the tokenised prompt and prompt+completion diverge, truncated."""
+    if isinstance(prompt, list):
+        prompt_ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
+                                                   return_dict=True)["input_ids"]
+        full_ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"]
+    else:
+        eos = tokenizer.eos_token
+        completion = completion if completion.endswith(eos) else completion + eos
+        prompt_ids = tokenizer(text=prompt)["input_ids"]
+        full_ids = tokenizer(text=prompt + completion)["input_ids"]
+    start = next((i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b), min(len(prompt_ids),
+                                                                                          len(full_ids)))
+    mask = [0] * start + [1] * (len(full_ids) - start)
+    if max_length is not None:
+        cut = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
+        full_ids, mask = full_ids[cut], mask[cut]
+    return full_ids, mask
+
+
+def tokenize_text(tokenizer, text: str, max_length):
+    """A corpus text: every token after the first counts (the first has no context to be predicted from)."""
+    ids = tokenizer(text=text)["input_ids"][:max_length]
+    return ids, [0] + [1] * (len(ids) - 1)
+
+
+# ------------------------------------------------------------------------------------------------- scoring
+
+def batches(sequences, batch_size: int, pad_id: int):
+    """Right-padded (input_ids, attention_mask, loss mask) tensors, `batch_size` sequences at a time."""
+    import torch
+
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        loss_mask = torch.zeros((len(chunk), width), dtype=torch.float32)
+        for row, (seq, mask) in enumerate(chunk):
+            ids[row, :len(seq)] = torch.tensor(seq)
+            attention[row, :len(seq)] = 1
+            loss_mask[row, :len(seq)] = torch.tensor(mask, dtype=torch.float32)
+        yield ids, attention, loss_mask
+
+
+def score(model, sequences, batch_size: int, pad_id: int, reference=None) -> dict:
+    """Per sequence: summed and mean log-prob of the masked tokens, their count, and (with a reference)
+    the mean per-token KL(model || reference) over them. One forward per batch."""
+    import torch
+
+    out = {"logps": [], "mean_logps": [], "tokens": [], "kl": []}
+    for ids, attention, loss_mask in batches(sequences, batch_size, pad_id):
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        labels, mask = ids[:, 1:], loss_mask[:, 1:]
+        per_token = M.token_logps(logits, labels)
+        out["logps"].append(M.sequence_logps(per_token, mask))
+        out["mean_logps"].append(M.mean_logps(per_token, mask))
+        out["tokens"].append(mask.sum(-1))
+        if reference is not None:
+            reference_logits = reference(input_ids=ids, attention_mask=attention).logits[:, :-1]
+            out["kl"].append(M.masked_mean(M.per_token_kl(logits, reference_logits), mask))
+    return {key: torch.cat(parts) for key, parts in out.items() if parts}
+
+
+def score_model(model, reference, chosen, rejected, texts, pad_id: int, batch_size: int) -> dict:
+    """Everything per item for one model: pair log-probs, KL on chosen completions, corpus token NLLs."""
+    import torch
+
+    scored_chosen = score(model, chosen, batch_size, pad_id, reference=None if model is reference else reference)
+    scored_rejected = score(model, rejected, batch_size, pad_id)
+    items = {"chosen_logps": scored_chosen["logps"], "rejected_logps": scored_rejected["logps"],
+             "chosen_mean_logps": scored_chosen["mean_logps"], "chosen_tokens": scored_chosen["tokens"], "rejected_mean_logps": scored_rejected["mean_logps"],
+             "kl": scored_chosen["kl"] if "kl" in scored_chosen else torch.zeros_like(scored_chosen["logps"])}
+    if texts is None:  # perplexity on the held-out chosen completions
+        items["nll"], items["nll_tokens"] = -scored_chosen["logps"], scored_chosen["tokens"]
+    else:
+        scored_texts = score(model, texts, batch_size, pad_id)
+        items["nll"], items["nll_tokens"] = -scored_texts["logps"], scored_texts["tokens"]
+    return items
+
+
+# ------------------------------------------------------------------------------------------------ summaries
+
+def summarize(items: dict, with_rewards: bool, ref_chosen, ref_rejected, beta: float, eval_cfg: DictConfig) -> dict:
+    """A model's metrics and their bootstrap intervals; keeps the per-item values for comparisons."""
+    per_item = {
+        "preference_accuracy": M.preference_correct(items["chosen_logps"], items["rejected_logps"]),
+        "preference_accuracy_normalized": M.preference_correct(items["chosen_mean_logps"],
+                                                               items["rejected_mean_logps"]),
+        "kl_to_reference": items["kl"],
+    }
+    summary = {name: float(values.mean()) for name, values in per_item.items()}
+    ci = {name: M.bootstrap_ci(values.numpy(), eval_cfg.bootstrap_resamples, eval_cfg.seed)
+          for name, values in per_item.items()}
+    tokens = items["nll_tokens"].clamp(min=1)
+    summary["perplexity"] = M.perplexity(float(items["nll"].sum()), int(items["nll_tokens"].sum()))
+    lo, hi = M.bootstrap_ci((items["nll"] / tokens).numpy(), eval_cfg.bootstrap_resamples, eval_cfg.seed,
+                            weights=items["nll_tokens"].numpy())
+    ci["perplexity"] = [math.exp(lo), math.exp(hi)]
+    # Always also on the held-out chosen completions (the answer part), whatever the corpus.
+    summary["perplexity_heldout_chosen"] = M.perplexity(-float(items["chosen_logps"].sum()),
+                                                        int(items["chosen_tokens"].sum()))
+    lo, hi = M.bootstrap_ci((-items["chosen_logps"] / items["chosen_tokens"].clamp(min=1)).numpy(),
+                            eval_cfg.bootstrap_resamples, eval_cfg.seed, weights=items["chosen_tokens"].numpy())
+    ci["perplexity_heldout_chosen"] = [math.exp(lo), math.exp(hi)]
+    if with_rewards:
+        margins = M.reward_margins(items["chosen_logps"], items["rejected_logps"], ref_chosen, ref_rejected, beta)
+        per_item["reward_accuracy"] = (margins > 0).float()
+        per_item["reward_margin"] = margins
+        summary["reward_accuracy"] = M.reward_accuracy(items["chosen_logps"], items["rejected_logps"], ref_chosen,
+                                                       ref_rejected, beta)
+        summary["reward_margin"] = M.reward_margin(items["chosen_logps"], items["rejected_logps"], ref_chosen,
+                                                   ref_rejected, beta)
+        ci["reward_accuracy"] = M.bootstrap_ci(per_item["reward_accuracy"].numpy(), eval_cfg.bootstrap_resamples,
+                                               eval_cfg.seed)
+        ci["reward_margin"] = M.bootstrap_ci(margins.numpy(), eval_cfg.bootstrap_resamples, eval_cfg.seed)
+    summary["skill_accuracy"] = {s: sum(v) / len(v) for s, v in items["skill_correct"].items()}
+    ci["skill_accuracy"] = {s: M.bootstrap_ci(v, eval_cfg.bootstrap_resamples, eval_cfg.seed)
+                            for s, v in items["skill_correct"].items()}
+    summary["ci95"] = ci
+    return {"summary": summary, "items": {**per_item, "skill_accuracy": items["skill_correct"], "nll": items["nll"],
+                                          "nll_tokens": items["nll_tokens"]}}
+
+
+def compare(a: dict, b: dict, eval_cfg: DictConfig) -> dict:
+    """a minus b over the same held-out items: paired bootstrap per per-item metric (skills per skill)."""
+    boot = lambda x, y: M.paired_bootstrap(x, y, eval_cfg.bootstrap_resamples, eval_cfg.seed)
+    out = {name: boot(a[name].numpy(), b[name].numpy()) for name in (*PAIR_METRICS, *REWARD_METRICS)}
+    out["perplexity"] = M.paired_bootstrap_perplexity(a["nll"].numpy(), b["nll"].numpy(), a["nll_tokens"].numpy(),
+                                                      eval_cfg.bootstrap_resamples, eval_cfg.seed)
+    out["skill_accuracy"] = {s: boot(a["skill_accuracy"][s], b["skill_accuracy"][s]) for s in a["skill_accuracy"]}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- outputs
+
+PLOTS = ("metrics.png", "training.png")
+
+
+def write_outputs(stage_dir: Path, report: dict, training_log: Path, shown: list[str], samples: dict) -> None:
+    stage_dir.mkdir(parents=True)
+    (stage_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_metrics(report["models"], stage_dir / PLOTS[0])
+    plot_training(training_log, stage_dir / PLOTS[1])
+    (stage_dir / "report.md").write_text(report_markdown(report, shown, samples))
+
+
+def _metric_panels(models: dict) -> list[tuple[str, dict]]:
+    """(title, {model: (value, [lo, hi])}) for every scalar metric and every skill."""
+    panels = []
+    for metric in SCALAR_METRICS:
+        panel = {name: (m[metric], m["ci95"][metric]) for name, m in models.items() if metric in m}
+        panels.append((metric, panel))
+    for skill in next(iter(models.values()))["skill_accuracy"]:
+        panels.append((f"skill_accuracy/{skill}",
+                       {name: (m["skill_accuracy"][skill], m["ci95"]["skill_accuracy"][skill])
+                        for name, m in models.items()}))
+    return panels
+
+
+def plot_metrics(models: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = _metric_panels(models)
+    cols = 4
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax, (title, panel) in zip(axes.flat, panels):
+        names = list(panel)
+        values = [panel[n][0] for n in names]
+        errors = [[v - panel[n][1][0] for n, v in zip(names, values)], [panel[n][1][1] - v for n, v in zip(names, values)]]
+        ax.bar(range(len(names)), values, yerr=errors, capsize=4, color="tab:blue")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        if title.startswith("perplexity"):
+            ax.set_yscale("log")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle("held-out metrics (bars: 95% bootstrap interval of each model's mean)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_training(training_log: Path, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in training_log.read_text().splitlines() if line.strip()]
+    keys = ("loss", "rewards/accuracies", "rewards/margins")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    for ax, key in zip(axes, keys):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), marker=".")
+        ax.set_title(f"anneal {key}", fontsize=10)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _cell(text: str) -> str:
+    return "`" + text.replace("`", "'").replace("|", "\\|").replace("\n", "\\n") + "`"
+
+
+def report_markdown(report: dict, shown: list[str], samples: dict) -> str:
+    models = report["models"]
+    lines = ["# Evaluation", "",
+             f"{report['heldout_pairs']} held-out preference pairs; perplexity on {report['perplexity_on']}; "
+             f"DPO beta {report['beta']}; 95% percentile bootstrap intervals, {report['bootstrap']['resamples']} "
+             f"resamples, seed {report['bootstrap']['seed']}.", "",
+             "## Metrics", "", "| model | " + " | ".join(SCALAR_METRICS) + " | skill accuracy |",
+             "|---" * (len(SCALAR_METRICS) + 2) + "|"]
+    for name, m in models.items():
+        cells = [f"{_fmt(m[k])} [{_fmt(m['ci95'][k][0])}, {_fmt(m['ci95'][k][1])}]" if k in m else "" for k in
+                 SCALAR_METRICS]
+        skills = ", ".join(f"{s} {v:.3f}" for s, v in m["skill_accuracy"].items())
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {skills} |")
+    lines += ["", "## Annealed minus merged (paired bootstrap)", "", "| metric | delta | 95% interval |",
+              "|---|---|---|"]
+    for metric, value in report["comparison"]["annealed_vs_merged"].items():
+        entries = value.items() if metric == "skill_accuracy" else [(None, value)]
+        for skill, v in entries:
+            label = f"{metric}/{skill}" if skill else metric
+            lines.append(f"| {label} | {v['delta']:+.4f} | [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}] |")
+            if "ratio" in v:
+                lines.append(f"| {label} ratio | {v['ratio']:.4f} | [{v['ratio_ci95'][0]:.4f}, {v['ratio_ci95'][1]:.4f}] |")
+    if "lm_eval" in report:
+        lines += ["", "## lm-evaluation-harness", "", "| model | task | metric | value |", "|---|---|---|---|"]
+        lines += [f"| {name} | {task} | {metric} | {_fmt(value)} |" for name, tasks in report["lm_eval"].items()
+                  for task, metrics in tasks.items() for metric, value in metrics.items()]
+    lines += ["", "## Plots", "", f"![metrics]({PLOTS[0]})", "", f"![anneal training]({PLOTS[1]})", "",
+              "## Sample generations (greedy)", "", "| prompt | " + " | ".join(samples) + " |",
+              "|---" * (len(samples) + 1) + "|"]
+    for i, prompt in enumerate(shown):
+        lines.append(f"| {_cell(prompt)} | " + " | ".join(_cell(samples[n][i]) for n in samples) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(report: dict) -> None:
+    """The comparison table on the console: rich when installed, plain text otherwise."""
+    models = report["models"]
+    skills = list(next(iter(models.values()))["skill_accuracy"])
+    header = ["model", "pref", "norm", "reward", "KL", "ppl", "ppl ans", *skills]
+    columns = ("preference_accuracy", "preference_accuracy_normalized", "reward_accuracy", "kl_to_reference",
+               "perplexity", "perplexity_heldout_chosen")
+    cell = lambda m, k: "-" if k not in m else f"{m[k]:.1f}" if k.startswith("perplexity") else f"{m[k]:.3g}"
+    rows = [[name, *(cell(m, k) for k in columns), *(f"{m['skill_accuracy'][s]:.3f}" for s in skills)]
+            for name, m in models.items()]
+    delta = report["comparison"]["annealed_vs_merged"]["preference_accuracy"]
+    ppl = report["comparison"]["annealed_vs_merged"]["perplexity"]
+    caption = (f"annealed - merged preference accuracy: {delta['delta']:+.3f} "
+               f"[{delta['ci95'][0]:+.3f}, {delta['ci95'][1]:+.3f}]; annealed / merged perplexity: "
+               f"{ppl['ratio']:.3f} [{ppl['ratio_ci95'][0]:.3f}, {ppl['ratio_ci95'][1]:.3f}] (95% paired bootstrap)")
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print("\n".join(["  ".join(f"{c:>14}" for c in row) for row in [header, *rows]] + [caption]))
+        return
+    table = Table(title=f"eval: {report['heldout_pairs']} held-out pairs (pref: preference accuracy, norm: "
+                        "per-token normalised; reward: DPO implicit reward accuracy; ppl ans: perplexity of the "
+                        "chosen answers; skills: greedy exact match)",
+                  caption=caption)
+    for column in header:
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    console.width = max(console.width, 110)  # a piped console reports 80 columns
+    console.print(table)

@@ -1,0 +1,222 @@
+"""The eval stage: metric functions against hand-computed values, the bootstrap, and a real demo run."""
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import manifest
+from pipeline import metrics as M
+
+LN3 = math.log(3)
+
+
+# ------------------------------------------------------------------------------------------- metric functions
+
+def test_token_and_sequence_logps():
+    logits = torch.tensor([[[0.0, LN3], [0.0, 0.0], [LN3, 0.0]]])  # softmax: [1/4, 3/4], [1/2, 1/2], [3/4, 1/4]
+    labels = torch.tensor([[1, 0, 1]])
+    per_token = M.token_logps(logits, labels)
+    torch.testing.assert_close(per_token, torch.log(torch.tensor([[0.75, 0.5, 0.25]])))
+    mask = torch.tensor([[0.0, 1.0, 1.0]])  # the first position is prompt
+    torch.testing.assert_close(M.sequence_logps(per_token, mask), torch.tensor([math.log(0.5 * 0.25)]))
+    torch.testing.assert_close(M.mean_logps(per_token, mask), torch.tensor([math.log(0.5 * 0.25) / 2]))
+    padded = torch.tensor([[-1.0, -2.0, -3.0, -9.0], [-4.0, -5.0, -6.0, -7.0]])
+    pad_mask = torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    torch.testing.assert_close(M.sequence_logps(padded, pad_mask), torch.tensor([-5.0, -7.0]))
+    torch.testing.assert_close(M.mean_logps(padded, pad_mask), torch.tensor([-2.5, -7.0]))
+
+
+def test_per_token_kl_and_masked_mean():
+    p = torch.tensor([[[0.0, LN3], [1.0, 2.0]]])
+    q = torch.tensor([[[0.0, 0.0], [1.0, 2.0]]])
+    kl = M.per_token_kl(p, q)
+    expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    torch.testing.assert_close(kl, torch.tensor([[expected, 0.0]]))
+    torch.testing.assert_close(M.masked_mean(kl, torch.tensor([[1.0, 1.0]])), torch.tensor([expected / 2]))
+    torch.testing.assert_close(M.masked_mean(kl, torch.tensor([[1.0, 0.0]])), torch.tensor([expected]))
+    assert (M.per_token_kl(q, p) >= 0).all()
+
+
+def test_perplexity():
+    assert M.perplexity(2 * math.log(4), 2) == pytest.approx(4.0)
+    assert M.perplexity(0.0, 5) == 1.0
+
+
+def test_preference_and_reward_accuracy():
+    assert M.preference_accuracy(torch.tensor([-1.0, -5.0, -3.0]), torch.tensor([-2.0, -4.0, -3.0])) == \
+        pytest.approx(1 / 3)  # a tie is not a win
+    chosen, rejected = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0])
+    ref_chosen, ref_rejected = torch.tensor([-2.0, -2.0]), torch.tensor([-2.0, -2.0])
+    # r_chosen = 0.5 * ([-1, -2] - -2) = [0.5, 0]; r_rejected = 0.5 * ([-3, -1] - -2) = [-0.5, 0.5]
+    torch.testing.assert_close(M.implicit_rewards(chosen, ref_chosen, 0.5), torch.tensor([0.5, 0.0]))
+    torch.testing.assert_close(M.reward_margins(chosen, rejected, ref_chosen, ref_rejected, 0.5),
+                               torch.tensor([1.0, -0.5]))
+    assert M.reward_accuracy(chosen, rejected, ref_chosen, ref_rejected, 0.5) == pytest.approx(0.5)
+    assert M.reward_margin(chosen, rejected, ref_chosen, ref_rejected, 0.5) == pytest.approx(0.25)
+
+
+def test_bootstrap_is_seeded_and_contains_the_estimate():
+    rng = np.random.default_rng(1)
+    a, b = rng.random(300) < 0.8, rng.random(300) < 0.6
+    first = M.bootstrap_ci(a, 1000, seed=3)
+    assert first == M.bootstrap_ci(a, 1000, seed=3)
+    assert first != M.bootstrap_ci(a, 1000, seed=4)
+    assert first[0] <= a.mean() <= first[1]
+    paired = M.paired_bootstrap(a, b, 1000, seed=3)
+    assert paired == M.paired_bootstrap(a, b, 1000, seed=3)
+    assert paired["delta"] == pytest.approx(a.mean() - b.mean())
+    assert paired["ci95"][0] <= paired["delta"] <= paired["ci95"][1]
+    assert M.paired_bootstrap(a, a, 1000, seed=0) == {"delta": 0.0, "ci95": [0.0, 0.0]}
+    # weighted: the mean of per-item means weighted by token counts is the pooled mean
+    lo, hi = M.bootstrap_ci([1.0, 3.0], 1000, seed=0, weights=[3, 1])
+    assert lo <= 1.5 <= hi
+    with pytest.raises(ValueError):
+        M.paired_bootstrap([1, 2], [1, 2, 3], 10, seed=0)
+
+
+def test_paired_perplexity_bootstrap():
+    # two texts of 2 and 1 tokens: model a has NLL ln 4 per token on both, b ln 2 per token
+    nll_a, nll_b, tokens = [2 * math.log(4), math.log(4)], [2 * math.log(2), math.log(2)], [2, 1]
+    out = M.paired_bootstrap_perplexity(nll_a, nll_b, tokens, 1000, seed=0)
+    assert out["delta"] == pytest.approx(2.0) and out["ratio"] == pytest.approx(2.0)
+    assert out["ci95"] == pytest.approx([2.0, 2.0]) and out["ratio_ci95"] == pytest.approx([2.0, 2.0])
+    # b better on the long text only: the pooled ratio moves with which texts are drawn
+    nll_b = [2 * math.log(2), math.log(4)]
+    out = M.paired_bootstrap_perplexity(nll_a, nll_b, tokens, 1000, seed=0)
+    assert out["ratio"] == pytest.approx(4 / 2 ** (4 / 3))  # pooled: exp(3 ln 4 / 3) / exp(4 ln 2 / 3)
+    assert out["ratio_ci95"][0] == pytest.approx(1.0) and out["ratio_ci95"][1] == pytest.approx(2.0)
+    assert out == M.paired_bootstrap_perplexity(nll_a, nll_b, tokens, 1000, seed=0)
+
+
+def test_tokenization_matches_trl(demo_path):
+    """The stored reference log-probs are TRL's: scoring the reference with the eval's tokenisation gives them."""
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages import eval as eval_stage
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_path / "add")
+    ids, mask = eval_stage.tokenize_completion(tokenizer, "12+34=", "46", 64, "keep_start")
+    assert tokenizer.decode(ids) == "12+34=46<eos>" and mask == [0] * 6 + [1] * 3
+    ids, mask = eval_stage.tokenize_completion(tokenizer, "12+34=", "46", 7, "keep_start")
+    assert len(ids) == 7 and sum(mask) == 1
+    ids, mask = eval_stage.tokenize_text(tokenizer, "12+34=46", 64)
+    assert len(ids) == 8 and mask == [0] + [1] * 7
+
+
+# ------------------------------------------------------------------------------------------------ real runs
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory, demo_path):
+    """`python -m pipeline +merge=slerp`: merge, anneal and eval on the demo."""
+    from conftest import TEST_CACHE, run_cli
+
+    work = tmp_path_factory.mktemp("eval-run")
+    run_dir = work / "run"
+    result = run_cli("+merge=slerp", f"pipeline.cache_dir={work / 'cache'}", f"models.cache_dir={TEST_CACHE}",
+                     f"hydra.run.dir={run_dir}", cwd=work)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir, work, result
+
+
+def test_metrics_schema_and_demo_claims(eval_run):
+    run_dir, _, result = eval_run
+    entry = manifest.load(run_dir)["stages"]["eval"]
+    assert entry["status"] == "done"
+    report = json.loads(Path(entry["outputs"]["metrics"]).read_text())
+    models = report["models"]
+    assert set(models) == {"merged", "annealed", "parent:add", "parent:reverse"}
+    for name, m in models.items():
+        for key in ("preference_accuracy", "preference_accuracy_normalized", "kl_to_reference", "perplexity"):
+            assert math.isfinite(m[key]), (name, key)
+            lo, hi = m["ci95"][key]
+            assert lo - 1e-9 <= m[key] <= hi + 1e-9, (name, key)
+        assert set(m["skill_accuracy"]) == {"add", "reverse"}
+        assert ("reward_accuracy" in m) == (name in ("merged", "annealed"))
+    assert models["parent:add"]["kl_to_reference"] == 0.0  # slerp's base, the anneal reference
+    assert models["parent:add"]["skill_accuracy"]["add"] > 0.95  # the demo's own accuracy.json says 1.0
+    assert report["heldout_pairs"] == 300
+    comparison = report["comparison"]["annealed_vs_merged"]
+    for key in ("preference_accuracy", "preference_accuracy_normalized", "reward_accuracy", "reward_margin",
+                "kl_to_reference", "perplexity"):
+        assert {"delta", "ci95"} <= set(comparison[key]), key
+        assert comparison[key]["ci95"][0] <= comparison[key]["delta"] <= comparison[key]["ci95"][1], key
+    assert set(comparison["skill_accuracy"]) == {"add", "reverse"}
+    # the demo's claims
+    assert comparison["preference_accuracy"]["ci95"][0] > 0, comparison["preference_accuracy"]
+    assert report["perplexity_on"].endswith("heldout_text.jsonl")
+    assert models["annealed"]["perplexity"] <= 1.10 * models["merged"]["perplexity"]
+    assert comparison["perplexity"]["ratio"] == pytest.approx(models["annealed"]["perplexity"]
+                                                              / models["merged"]["perplexity"])
+    # report, plots, console table
+    report_md = Path(entry["outputs"]["report"]).read_text()
+    assert "Sample generations" in report_md and "parent:add" in report_md
+    for plot in entry["outputs"]["plots"]:
+        assert Path(plot).read_bytes()[:4] == b"\x89PNG"
+    assert "annealed - merged preference accuracy" in result.stdout
+    assert report["scoring_seconds"] < 60 and entry["seconds"] < 120
+
+
+def test_eval_only_reevaluates_without_retraining(eval_run):
+    from conftest import TEST_CACHE, run_cli
+
+    run_dir, work, _ = eval_run
+    stages = manifest.load(run_dir)["stages"]
+    anneal_files = [p for p in Path(stages["anneal"]["outputs"]["model"]).iterdir()]
+    before = {p: p.stat().st_mtime_ns for p in anneal_files}
+    metrics_path = Path(stages["eval"]["outputs"]["metrics"])
+    old_metrics = metrics_path.stat().st_mtime_ns
+    old = json.loads(metrics_path.read_text())
+    result = run_cli("pipeline.stages=[eval]", f"pipeline.cache_dir={work / 'cache'}",
+                     f"models.cache_dir={TEST_CACHE}", f"hydra.run.dir={run_dir}", cwd=work)
+    assert result.returncode == 0, result.stderr[-4000:]
+    after = manifest.load(run_dir)["stages"]
+    assert after["anneal"] == stages["anneal"] and after["merge"] == stages["merge"]
+    assert {p: p.stat().st_mtime_ns for p in anneal_files} == before
+    assert metrics_path.stat().st_mtime_ns != old_metrics
+    new = json.loads(metrics_path.read_text())
+    assert new["models"]["annealed"]["preference_accuracy"] == old["models"]["annealed"]["preference_accuracy"]
+    assert new["comparison"] == old["comparison"]  # deterministic: same seed, same numbers
+
+
+def test_lm_eval_block_scores_every_model_offline(eval_run, tmp_path):
+    """eval.lm_eval runs lm-evaluation-harness on a local custom task: the demo's held-out addition pairs as
+    two-way multiple choice (the answer vs the rejected one)."""
+    pytest.importorskip("lm_eval")
+    import yaml
+
+    from conftest import TEST_CACHE, run_cli
+
+    run_dir, work, _ = eval_run
+    store = manifest.load(run_dir)["stages"]["anneal"]["outputs"]["reference_logps"]
+    from pipeline import preferences
+
+    rows = [r for r in preferences.read_store(Path(store))["heldout"] if "+" in r["prompt"]][:40]
+    (tmp_path / "add.jsonl").write_text("".join(
+        json.dumps({"q": r["prompt"], "choices": [r["chosen"], r["rejected"]], "gold": 0}) + "\n" for r in rows))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "demo_add_mc.yaml").write_text(yaml.safe_dump({
+        "task": "demo_add_mc", "dataset_path": "json", "test_split": "test",
+        "dataset_kwargs": {"data_files": {"test": str(tmp_path / "add.jsonl")}}, "output_type": "multiple_choice",
+        "doc_to_text": "q", "doc_to_choice": "choices", "doc_to_target": "gold", "target_delimiter": "",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0}}))
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)  # leave the shared run as it is
+    result = run_cli("pipeline.stages=[eval]", f"pipeline.cache_dir={work / 'cache'}",
+                     f"models.cache_dir={TEST_CACHE}", f"hydra.run.dir={out}",
+                     f"eval.lm_eval={{tasks: [demo_add_mc], include_path: {tmp_path / 'tasks'}, batch_size: 8}}",
+                     cwd=work)
+    assert result.returncode == 0, result.stderr[-4000:]
+    scores = json.loads((out / "eval" / "metrics.json").read_text())["lm_eval"]
+    assert set(scores) == {"merged", "annealed", "parent:add", "parent:reverse"}
+    acc = {name: s["demo_add_mc"]["acc,none"] for name, s in scores.items()}
+    assert all(s["demo_add_mc"]["sample_len"] == len(rows) for s in scores.values())
+    assert acc["parent:add"] > acc["parent:reverse"], acc  # the addition parent knows its sums
+    assert "## lm-evaluation-harness" in (out / "eval" / "report.md").read_text()
