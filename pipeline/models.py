@@ -1,5 +1,7 @@
 """Model references: local folders or hub ids, turned into absolute local folders mergekit can read offline."""
 
+import ctypes
+import gc
 import hashlib
 import re
 from pathlib import Path
@@ -80,3 +82,13 @@ def count_parameters(folder: str | Path) -> int:
         with safe_open(file, framework="pt") as handle:
             total += sum(prod(handle.get_slice(name).get_shape()) for name in handle.keys())
     return total
+
+
+def release_memory() -> None:
+    """Collect garbage, then hand freed heap pages back to the OS: glibc keeps them otherwise (torch allocates
+    tensors under its dynamic mmap threshold from the heap), and they would count in a later peak."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass

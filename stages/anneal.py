@@ -65,8 +65,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)  # fp32 master weights
     trainer = make_trainer(model, tokenizer, args, scored["train"], cfg.anneal, stage_dir, reference_fingerprint)
-    frozen_bf16 = bool(args.bf16) and cfg.anneal.peft is not None and frozen_linears_to_bf16(trainer.model) > 0
-    trainer.train(resume_from_checkpoint=checkpoint)
+    with frozen_base_in_bf16(trainer.model, bool(args.bf16) and cfg.anneal.peft is not None) as frozen_bf16:
+        trainer.train(resume_from_checkpoint=checkpoint)
     final = dict(trainer.state.log_history[-1]) if trainer.state.log_history else {}
 
     out_dir, adapter_dir = stage_dir / "model", stage_dir / "adapter"
@@ -75,7 +75,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     else:  # the adapter on its own, then merged into the float32 merged weights read back from disk
         replace_dir(adapter_dir, lambda tmp: trainer.model.save_pretrained(tmp, safe_serialization=True))
     del trainer, model
-    gc.collect()
+    models.release_memory()
     if cfg.anneal.peft is not None:
         save_model(merge_adapter(merged_dir, adapter_dir), tokenizer, out_dir)
     return {
@@ -240,7 +240,7 @@ def score_with_reference(reference_dir: str, tokenizer, pairs, args, reference_f
         "heldout": _attach(pairs["heldout"], trainer.eval_dataset),
     })
     del trainer, reference
-    gc.collect()
+    models.release_memory()  # the reference is gone before the policy is loaded
     return scored
 
 
@@ -309,6 +309,22 @@ def last_checkpoint(output_dir: str):
     return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
 
 
+@contextmanager
+def frozen_base_in_bf16(model, enabled: bool):
+    """LoRA under bf16 autocast: the frozen Linear weights stored in bf16 (`frozen_linears_to_bf16`), and PEFT's
+    float32 round trip of a bf16 input before the adapter switched off (autocast casts it straight back: the
+    same numbers, one copy fewer per layer). Yields whether it applied."""
+    if not enabled:
+        yield False
+        return
+    from peft.helpers import disable_input_dtype_casting
+
+    frozen_linears_to_bf16(model)
+    models.release_memory()  # the float32 copies just dropped, and the reference pass's leftovers
+    with disable_input_dtype_casting(model):
+        yield True
+
+
 def frozen_linears_to_bf16(model) -> int:
     """Under bf16 autocast a frozen Linear's float32 weight is only ever used through its bf16 cast, so store
     it in bf16: the same numbers, half the bytes, no cast at every step. Trainable weights (the LoRA adapter)
@@ -319,6 +335,11 @@ def frozen_linears_to_bf16(model) -> int:
               and not any(p.requires_grad for p in m.parameters(recurse=False))]
     for module in frozen:
         module.to(torch.bfloat16)
+    # What stays float32 may be a view of the checkpoint's memory map, which would keep the whole file (the
+    # float32 weights just cast included) mapped and resident: give it memory of its own.
+    for param in model.parameters():
+        if param.dtype == torch.float32:
+            param.data = param.data.clone()
     return len(frozen)
 
 

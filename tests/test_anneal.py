@@ -195,6 +195,7 @@ def test_lora_under_bf16_autocast_keeps_frozen_weights_in_bf16_and_saves_fp32(ma
 
 def test_frozen_bf16_linears_compute_what_autocast_computes(demo_path):
     from peft import LoraConfig, get_peft_model
+    from peft.helpers import disable_input_dtype_casting
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(demo_path / "add", dtype=torch.float32),
                            LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
@@ -203,7 +204,12 @@ def test_frozen_bf16_linears_compute_what_autocast_computes(demo_path):
         reference = model(input_ids=ids).logits
         assert anneal.frozen_linears_to_bf16(model) == 2 * 7 + 1  # q k v o gate up down per layer, lm_head
         cast = model(input_ids=ids).logits
+        with anneal.frozen_base_in_bf16(model, False) as applied:
+            assert not applied
+        with disable_input_dtype_casting(model):  # what frozen_base_in_bf16 adds
+            uncast = model(input_ids=ids).logits
     torch.testing.assert_close(cast, reference, rtol=0, atol=0)
+    torch.testing.assert_close(uncast, reference, rtol=0, atol=0)
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
 
