@@ -198,7 +198,19 @@ def worker(variant: str, case: Path) -> dict:
     tokens = max(r.get("num_tokens", 0) for r in log)
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"wall_s": wall, "train_s": final["train_runtime"], "tokens": tokens, "bf16": bf16,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS. Linux's VmHWM belongs to the process image; ru_maxrss would not do: it
+    keeps the high-water mark of the image that exec replaced, i.e. of the (big) parent that spawned it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def plain_trl(cfg, run_dir: Path, parent: str, lora: bool):

@@ -10,11 +10,12 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from hydra.types import RunMode
+from omegaconf import DictConfig
 
-from pipeline import CONF_DIR, UserError, demo, manifest
+from pipeline import CONF_DIR, UserError, demo, manifest, models, sweep
 
-STAGES = ("merge", "anneal", "eval")  # every stage that exists, in pipeline order
+STAGES = ("merge", "anneal", "eval", "release")  # every stage that exists, in pipeline order
 
 
 def merge_options() -> list[str]:
@@ -88,13 +89,36 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict:
     return manifest.load(run_dir)
 
 
+def free_job_memory(err: BaseException | None = None) -> None:
+    """Free a finished run's models before the next job of a sweep runs in this process (a failed run's
+    traceback would otherwise keep its stage's frames, and their models, alive)."""
+    if err is not None:
+        traceback.clear_frames(err.__traceback__)
+    models.release_memory()
+    torch = sys.modules.get("torch")  # only when a stage imported it
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """One run. In a sweep (-m) it returns the run's `pipeline.objective` (what an optimising sweeper such as
+    +sweep=search reads), a failed run fails only its own job, and memory is freed before the next job."""
     if needs_merge_config(cfg):  # multirun jobs do not pass through RequireMerge.on_run_start
         fail(missing_merge_message())
+    sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    # The command line, for the release's model card: stages themselves never read HydraConfig.
+    manifest.record_command(run_dir, HydraConfig.get().overrides.task, cfg.pipeline.stages)
     try:
-        run_pipeline(cfg, run_dir)
-    except UserError as err:
-        fail(str(err))
+        sweep.check_settings(cfg.pipeline)
+        outcome = run_pipeline(cfg, run_dir)
+        objective = sweep.run_objective(outcome, cfg.pipeline.objective.metric) if sweeping else None
+    except Exception as err:
+        free_job_memory(err)
+        if isinstance(err, UserError) and not sweeping:
+            fail(str(err))
+        raise  # in a sweep, Hydra records the job as failed and runs the next; the sweep summary lists it
+    free_job_memory()
     print(f"merge-anneal: done; manifest: {manifest.manifest_path(run_dir)}")
+    return objective

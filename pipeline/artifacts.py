@@ -2,6 +2,7 @@
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -32,3 +33,15 @@ def link_tree(src: Path, dst: Path) -> None:
 def publish_cached(cached_dir: Path, target: Path) -> None:
     """Put a cached folder's files at `target` (hard links), replacing what was there."""
     replace_dir(target, lambda tmp: link_tree(cached_dir, tmp))
+
+
+@contextmanager
+def locked(entry: Path):
+    """Hold a file lock beside a cache entry: parallel jobs (e.g. +launcher=submitit_local) wait for the one
+    computing it, then find it, instead of computing it twice."""
+    from filelock import FileLock
+
+    entry = Path(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(entry.with_name(f".{entry.name}.lock"))):
+        yield

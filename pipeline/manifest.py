@@ -42,6 +42,15 @@ def set_stage(run_dir: Path, name: str, entry: dict) -> dict:
     return manifest
 
 
+def record_command(run_dir: Path, overrides, stages) -> dict:
+    """Append one `python -m pipeline` invocation (its Hydra task overrides and the stages it ran) to
+    `commands`: the release's model card shows the commands that made the released model."""
+    manifest = load(run_dir)
+    manifest.setdefault("commands", []).append({"overrides": list(overrides), "stages": list(stages)})
+    save(run_dir, manifest)
+    return manifest
+
+
 def stage_output(run_dir: Path, stage: str, key: str) -> Path:
     """An output of an earlier stage, which must be `done` in this run folder."""
     from pipeline import UserError

@@ -8,7 +8,6 @@ shared across runs, the reference is released, and only then does the policy tra
 log-probs. Output: `<run_dir>/anneal/model/` (merged weights for LoRA), `metrics.jsonl`, the parquet.
 """
 
-import gc
 import hashlib
 import json
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import UserError, manifest, models, preferences
-from pipeline.artifacts import publish_cached, replace_dir
+from pipeline.artifacts import locked, publish_cached, replace_dir
 
 # TRL 1.16's DPO loss types (dpo_trainer.py, `_compute_loss`).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -73,7 +72,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.anneal.peft is None:
         save_model(trainer.model, tokenizer, out_dir)
     else:  # the adapter on its own, then merged into the float32 merged weights read back from disk
-        replace_dir(adapter_dir, lambda tmp: trainer.model.save_pretrained(tmp, safe_serialization=True))
+        replace_dir(adapter_dir, trainer.model.save_pretrained)  # PEFT format, safetensors
     del trainer, model
     models.release_memory()
     if cfg.anneal.peft is not None:
@@ -208,9 +207,10 @@ def reference_logps(reference_dir: str, reference_fingerprint: str, tokenizer, p
         "autocast": bool(args.bf16), "trl": version("trl"),
     }, sort_keys=True).encode()).hexdigest()[:32]
     cached = Path(cfg.pipeline.cache_dir).expanduser() / "reference_logps" / key
-    state = "hit" if cached.is_dir() else "miss"
-    if state == "miss":
-        replace_dir(cached, compute)
+    with locked(cached):
+        state = "hit" if cached.is_dir() else "miss"
+        if state == "miss":
+            replace_dir(cached, compute)
     publish_cached(cached, local)
     return local / "data.parquet", state
 

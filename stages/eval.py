@@ -6,10 +6,12 @@ next to the anneal reference for KL. Metrics per model: preference accuracy (raw
 KL to the reference, perplexity, skill exact match by greedy generation (where the data defines exact
 answers, i.e. the demo), and for merged / annealed the DPO implicit reward accuracy and margin against the
 stored reference log-probs. Annealed minus merged gets a paired bootstrap interval per per-item metric.
-Output: `<run_dir>/eval/metrics.json`, `report.md` and its PNG plots.
+Output: `<run_dir>/eval/metrics.json`, `report.md` and its PNG plots, and `items.json` (per-item values, for
+paired comparisons between runs).
 """
 
 import gc
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -99,14 +101,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         report["lm_eval"] = run_lm_eval(OmegaConf.to_container(cfg.eval.lm_eval, resolve=True), model_dirs)
     stage_dir = run_dir / "eval"
     training_log = Path(anneal_entry["outputs"]["metrics"])
-    replace_dir(stage_dir, lambda tmp: write_outputs(tmp, report, training_log, shown, samples))
+    items = item_values(results, heldout, texts)
+    replace_dir(stage_dir, lambda tmp: write_outputs(tmp, report, training_log, shown, samples, items))
     print_table(report)
     return {
         "inputs": {"models": {name: str(d) for name, d in model_dirs.items()}, "reference": str(reference_dir),
                    "reference_logps": str(store_path), "text_corpus": str(corpus_path) if corpus_path else None,
                    "training_log": str(training_log)},
         "outputs": {"metrics": str(stage_dir / "metrics.json"), "report": str(stage_dir / "report.md"),
-                    "plots": [str(stage_dir / name) for name in PLOTS]},
+                    "plots": [str(stage_dir / name) for name in PLOTS], "items": str(stage_dir / "items.json")},
         "config": {"eval": OmegaConf.to_container(cfg.eval, resolve=True)},
         "summary": {"annealed_minus_merged_preference_accuracy":
                     comparison["annealed_vs_merged"]["preference_accuracy"]},
@@ -316,14 +319,27 @@ def compare(a: dict, b: dict, eval_cfg: DictConfig) -> dict:
     return out
 
 
+def item_values(results: dict, heldout, texts) -> dict:
+    """Every model's per-item values (one per held-out pair, per skill prompt, per corpus text), so runs that
+    share `key` (the same held-out pairs and texts) can be compared pair by pair (pipeline/sweep.py)."""
+    key = hashlib.sha256(json.dumps([preferences.rows_fingerprint(heldout.select_columns(["prompt", "chosen",
+                                                                                          "rejected"])),
+                                     texts]).encode()).hexdigest()[:32]
+    as_list = lambda v: {s: list(x) for s, x in v.items()} if isinstance(v, dict) else v.tolist()
+    return {"key": key, "models": {name: {metric: as_list(values) for metric, values in r["items"].items()}
+                                   for name, r in results.items()}}
+
+
 # ------------------------------------------------------------------------------------------------- outputs
 
 PLOTS = ("metrics.png", "training.png")
 
 
-def write_outputs(stage_dir: Path, report: dict, training_log: Path, shown: list[str], samples: dict) -> None:
+def write_outputs(stage_dir: Path, report: dict, training_log: Path, shown: list[str], samples: dict,
+                  items: dict) -> None:
     stage_dir.mkdir(parents=True)
     (stage_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    (stage_dir / "items.json").write_text(json.dumps(items) + "\n")
     plot_metrics(report["models"], stage_dir / PLOTS[0])
     plot_training(training_log, stage_dir / PLOTS[1])
     (stage_dir / "report.md").write_text(report_markdown(report, shown, samples))

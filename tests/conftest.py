@@ -53,3 +53,14 @@ def cli(tmp_path, cache_dir, demo_path):
         result = run_cli(*args, *base_overrides(cache_dir), f"hydra.run.dir={run_dir}", cwd=tmp_path, env=env)
         return result, run_dir
     return _run
+
+
+@pytest.fixture(scope="session")
+def readme_run(tmp_path_factory, demo_path):
+    """The README's command, `python -m pipeline +merge=slerp`: every stage with the default budget, run once
+    for the whole session. Returns (run_dir, work_dir, cache_dir, completed process); tests only read it."""
+    work = tmp_path_factory.mktemp("readme-run")
+    result = run_cli("+merge=slerp", f"pipeline.cache_dir={work / 'cache'}", f"models.cache_dir={TEST_CACHE}",
+                     f"hydra.run.dir={work / 'run'}", cwd=work)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return work / "run", work, work / "cache", result

@@ -2,7 +2,6 @@
 
 import gc
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -42,16 +41,9 @@ def shared_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory, shared_cache, demo_path) -> Path:
+def default_run(readme_run) -> Path:
     """The README's command, `python -m pipeline +merge=slerp`, with the default anneal budget."""
-    from conftest import TEST_CACHE, run_cli
-
-    work = tmp_path_factory.mktemp("default-run")
-    run_dir = work / "run"
-    result = run_cli("+merge=slerp", "pipeline.stages=[merge,anneal]", f"pipeline.cache_dir={shared_cache}",
-                     f"models.cache_dir={TEST_CACHE}", f"hydra.run.dir={run_dir}", cwd=work)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return run_dir
+    return readme_run[0]
 
 
 @pytest.fixture

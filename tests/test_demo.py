@@ -7,7 +7,6 @@ $MERGE_ANNEAL_TEST_CACHE or <repo>/outputs/.test-cache, and reused across local 
 import hashlib
 import json
 import logging
-import os
 import pathlib
 import random
 import re

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -96,8 +95,7 @@ def test_paired_perplexity_bootstrap():
 
 def test_tokenization_matches_trl(demo_path):
     """The stored reference log-probs are TRL's: scoring the reference with the eval's tokenisation gives them."""
-    from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from stages import eval as eval_stage
 
@@ -113,20 +111,14 @@ def test_tokenization_matches_trl(demo_path):
 # ------------------------------------------------------------------------------------------------ real runs
 
 @pytest.fixture(scope="module")
-def eval_run(tmp_path_factory, demo_path):
-    """`python -m pipeline +merge=slerp`: merge, anneal and eval on the demo."""
-    from conftest import TEST_CACHE, run_cli
-
-    work = tmp_path_factory.mktemp("eval-run")
-    run_dir = work / "run"
-    result = run_cli("+merge=slerp", f"pipeline.cache_dir={work / 'cache'}", f"models.cache_dir={TEST_CACHE}",
-                     f"hydra.run.dir={run_dir}", cwd=work)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return run_dir, work, result
+def eval_run(readme_run):
+    """`python -m pipeline +merge=slerp`: merge, anneal and eval on the demo (shared with the other tests)."""
+    run_dir, work, cache, result = readme_run
+    return run_dir, work, cache, result
 
 
 def test_metrics_schema_and_demo_claims(eval_run):
-    run_dir, _, result = eval_run
+    run_dir, _, _, result = eval_run
     entry = manifest.load(run_dir)["stages"]["eval"]
     assert entry["status"] == "done"
     report = json.loads(Path(entry["outputs"]["metrics"]).read_text())
@@ -166,14 +158,14 @@ def test_metrics_schema_and_demo_claims(eval_run):
 def test_eval_only_reevaluates_without_retraining(eval_run):
     from conftest import TEST_CACHE, run_cli
 
-    run_dir, work, _ = eval_run
+    run_dir, work, cache, _ = eval_run
     stages = manifest.load(run_dir)["stages"]
     anneal_files = [p for p in Path(stages["anneal"]["outputs"]["model"]).iterdir()]
     before = {p: p.stat().st_mtime_ns for p in anneal_files}
     metrics_path = Path(stages["eval"]["outputs"]["metrics"])
     old_metrics = metrics_path.stat().st_mtime_ns
     old = json.loads(metrics_path.read_text())
-    result = run_cli("pipeline.stages=[eval]", f"pipeline.cache_dir={work / 'cache'}",
+    result = run_cli("pipeline.stages=[eval]", f"pipeline.cache_dir={cache}",
                      f"models.cache_dir={TEST_CACHE}", f"hydra.run.dir={run_dir}", cwd=work)
     assert result.returncode == 0, result.stderr[-4000:]
     after = manifest.load(run_dir)["stages"]
@@ -193,7 +185,7 @@ def test_lm_eval_block_scores_every_model_offline(eval_run, tmp_path):
 
     from conftest import TEST_CACHE, run_cli
 
-    run_dir, work, _ = eval_run
+    run_dir, work, cache, _ = eval_run
     store = manifest.load(run_dir)["stages"]["anneal"]["outputs"]["reference_logps"]
     from pipeline import preferences
 
@@ -209,7 +201,7 @@ def test_lm_eval_block_scores_every_model_offline(eval_run, tmp_path):
         "metadata": {"version": 1.0}}))
     out = tmp_path / "run"
     shutil.copytree(run_dir, out)  # leave the shared run as it is
-    result = run_cli("pipeline.stages=[eval]", f"pipeline.cache_dir={work / 'cache'}",
+    result = run_cli("pipeline.stages=[eval]", f"pipeline.cache_dir={cache}",
                      f"models.cache_dir={TEST_CACHE}", f"hydra.run.dir={out}",
                      f"eval.lm_eval={{tasks: [demo_add_mc], include_path: {tmp_path / 'tasks'}, batch_size: 8}}",
                      cwd=work)

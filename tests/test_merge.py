@@ -1,6 +1,5 @@
 """The merge stage: every mergekit method on the demo parents, custom YAML, cache, determinism, bad input."""
 
-import json
 import shutil
 from pathlib import Path
 

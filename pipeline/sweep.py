@@ -1,0 +1,424 @@
+"""Sweep summaries: rank a multirun's jobs by `pipeline.objective`, merged against annealed side by side, with
+paired comparisons between the jobs' annealed models.
+
+`<sweep_dir>/summary.json` (a `runs` list, one entry per job: overrides, status, metrics, cache use),
+`summary.md` and `summary.png` are rebuilt from the jobs' own folders (`.hydra/hydra.yaml` for the job number
+and overrides, `manifest.json` for everything else) after every job, so a sweep that stops early still has
+one, and once more when the sweep ends (`complete: true`). `SweepSummary` is the Hydra callback that does it
+(registered in conf/config.yaml); the rest are plain functions over manifests and eval reports.
+"""
+
+import itertools
+import json
+import os
+import socket
+from pathlib import Path
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from pipeline import UserError, manifest
+
+SUMMARY_JSON, SUMMARY_MD, SUMMARY_PNG = "summary.json", "summary.md", "summary.png"
+DIRECTIONS = ("maximize", "minimize")
+COMPARE_MODES = ("best", "all", "none")
+# Per-item metrics compared between jobs' annealed models, besides perplexity and each skill's exact match.
+# (KL and reward metrics are left out: they depend on each job's own reference.)
+COMPARED = ("preference_accuracy", "preference_accuracy_normalized")
+
+
+# ------------------------------------------------------------------------------------------------ objective
+
+def check_settings(pipeline: DictConfig) -> None:
+    """Cheap checks of `pipeline.objective` and `pipeline.compare_jobs` before any work; the objective's metric
+    path itself is checked against the eval report."""
+    objective = pipeline.objective
+    if pipeline.compare_jobs not in COMPARE_MODES:
+        raise UserError(f"pipeline.compare_jobs={pipeline.compare_jobs} is not one of {', '.join(COMPARE_MODES)}. "
+                        "Fix: e.g. pipeline.compare_jobs=all.")
+    if objective.direction not in DIRECTIONS:
+        raise UserError(f"pipeline.objective.direction={objective.direction} is neither maximize nor minimize. "
+                        "Fix: pipeline.objective.direction=maximize (or minimize).")
+    head = str(objective.metric).split(".")[0]
+    if "." not in str(objective.metric) or not (head in ("merged", "annealed", "comparison", "lm_eval")
+                                                or head.startswith("parent:")):
+        raise UserError(f"pipeline.objective.metric={objective.metric} does not name a metric of eval/metrics.json. "
+                        "Fix: <model>.<metric> with model merged, annealed or parent:<name> (e.g. "
+                        "annealed.preference_accuracy, annealed.skill_accuracy.add), or a path such as "
+                        "comparison.annealed_vs_merged.preference_accuracy.delta or lm_eval.annealed.<task>.<metric>.")
+
+
+def objective_value(report: dict, metric: str) -> float:
+    """The number `metric` names in an eval report (eval/metrics.json): `<model>.<metric>[.<skill>]` with model
+    merged, annealed or parent:<name>, or a path from the report's root (comparison.annealed_vs_merged.*.delta)."""
+    node = _lookup(report, metric)
+    if isinstance(node, bool) or not isinstance(node, (int, float)):
+        raise UserError(f"pipeline.objective.metric={metric} does not name a number in the eval report. Fix: e.g. "
+                        "annealed.preference_accuracy, annealed.skill_accuracy.<skill>, annealed.perplexity "
+                        "(direction=minimize), comparison.annealed_vs_merged.preference_accuracy.delta.")
+    return float(node)
+
+
+def _lookup(report: dict, metric: str):
+    model = next((m for m in report.get("models", {}) if metric.startswith(f"{m}.")), None)
+    node, path = (report["models"][model], metric[len(model) + 1:]) if model else (report, metric)
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def run_objective(run_manifest: dict, metric: str) -> float | None:
+    """A finished run's objective (from its manifest's eval report); None when it ran no eval."""
+    entry = run_manifest["stages"].get("eval")
+    if not entry or entry.get("status") != "done":
+        return None
+    return objective_value(json.loads(Path(entry["outputs"]["metrics"]).read_text()), metric)
+
+
+# -------------------------------------------------------------------------------------------------- reading
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """The job folders of a sweep: wherever Hydra saved a job's `.hydra/hydra.yaml`."""
+    return sorted({p.parent.parent for p in Path(sweep_dir).glob("**/.hydra/hydra.yaml")
+                   if ".submitit" not in p.parts})
+
+
+def read_job(job_dir: Path, metric: str) -> dict:
+    """One job as the summary shows it: number, overrides, status, metrics, cache use, timings."""
+    hydra_cfg = yaml.safe_load((job_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
+    record = manifest.load(job_dir)
+    stages, job = record["stages"], record.get("job", {})
+    failed = [f"{name}: {e.get('error')}" for name, e in stages.items() if e.get("status") == "failed"]
+    if failed or job.get("status") == "failed":
+        status = "failed"
+    elif job.get("status") == "done" or (stages and all(e.get("status") == "done" for e in stages.values())):
+        status = "done"
+    else:  # running now, or stopped before it finished (see its log)
+        status = "incomplete"
+    run = {"job": hydra_cfg["job"]["num"], "run_dir": str(job_dir.resolve()),
+           "overrides": list(hydra_cfg["overrides"]["task"]), "status": status,
+           "error": (failed or [job.get("error")])[0] if status == "failed" else None,
+           "objective": None, "rank": None,
+           "cache": {"merge": stages.get("merge", {}).get("cache", {}).get("merge"),
+                     "reference_logps": stages.get("anneal", {}).get("cache", {}).get("reference_logps")},
+           "seconds": {name: e["seconds"] for name, e in stages.items() if "seconds" in e}}
+    if stages.get("merge", {}).get("status") == "done":
+        run["merge_method"] = stages["merge"]["merge_method"]
+    if stages.get("anneal", {}).get("status") == "done":
+        run["anneal"] = {"reference": stages["anneal"]["inputs"]["reference_label"],
+                         "loss_type": stages["anneal"]["config"]["anneal"]["trainer"]["loss_type"]}
+    eval_entry = stages.get("eval", {})
+    if eval_entry.get("status") == "done":
+        report = json.loads(Path(eval_entry["outputs"]["metrics"]).read_text())
+        run["metrics"] = report["models"]
+        run["annealed_vs_merged"] = report["comparison"]["annealed_vs_merged"]
+        run["items"] = eval_entry["outputs"].get("items")
+        try:
+            run["objective"] = objective_value(report, metric)
+        except UserError as err:
+            run["objective_error"] = str(err)
+    return run
+
+
+# -------------------------------------------------------------------------------------------------- summary
+
+def rank(runs: list[dict], direction: str) -> list[dict]:
+    """Runs with an objective first, best first (ties: lower job number), `rank` 1..n; then the others."""
+    ranked = sorted((r for r in runs if r["objective"] is not None),
+                    key=lambda r: (-r["objective"] if direction == "maximize" else r["objective"], r["job"]))
+    for position, run in enumerate(ranked, 1):
+        run["rank"] = position
+    return ranked + sorted((r for r in runs if r["objective"] is None), key=lambda r: r["job"])
+
+
+def label_runs(runs: list[dict]) -> None:
+    """`label`: the overrides that set a job apart from the others (all of them when it is alone)."""
+    shared = set.intersection(*(set(r["overrides"]) for r in runs)) if len(runs) > 1 else set()
+    for run in runs:
+        run["label"] = " ".join(o for o in run["overrides"] if o not in shared) or f"job {run['job']}"
+
+
+def cache_counts(runs: list[dict]) -> dict:
+    """How often each cache was hit or missed (a miss computed the merge / the reference log-probs)."""
+    counts = {"merge": {}, "reference_logps": {}}
+    for run in runs:
+        for kind, state in run["cache"].items():
+            if state is not None:
+                counts[kind][state] = counts[kind].get(state, 0) + 1
+    return counts
+
+
+def compare_runs(runs: list[dict], mode: str, resamples: int, seed: int) -> list[dict]:
+    """Paired bootstrap of the annealed models' per-item metrics between jobs (the same held-out items): each
+    job against the best (`best`), or every pair (`all`). `differs`: the 95% interval excludes 0."""
+    from pipeline import metrics as M
+
+    done = [r for r in runs if r["status"] == "done" and r.get("items") and Path(r["items"]).is_file()]
+    if mode == "best":
+        best = next((r for r in done if r["rank"] == 1), None)
+        pairs = [(best, r) for r in sorted(done, key=lambda r: r["job"]) if best and r is not best]
+    elif mode == "all":
+        pairs = list(itertools.combinations(sorted(done, key=lambda r: r["job"]), 2))
+    else:
+        pairs = []
+    loaded = {}
+
+    def items(run: dict) -> dict:
+        if run["job"] not in loaded:
+            loaded[run["job"]] = json.loads(Path(run["items"]).read_text())
+        return loaded[run["job"]]
+
+    out = []
+    for a, b in pairs:
+        entry = {"a": a["job"], "b": b["job"], "a_label": a["label"], "b_label": b["label"]}
+        if items(a)["key"] != items(b)["key"]:
+            out.append({**entry, "comparable": False, "reason": "different held-out items"})
+            continue
+        x, y = items(a)["models"]["annealed"], items(b)["models"]["annealed"]
+        compared = {name: M.paired_bootstrap(x[name], y[name], resamples, seed) for name in COMPARED}
+        compared["perplexity"] = M.paired_bootstrap_perplexity(x["nll"], y["nll"], x["nll_tokens"], resamples, seed)
+        for skill in x["skill_accuracy"]:
+            compared[f"skill_accuracy.{skill}"] = M.paired_bootstrap(x["skill_accuracy"][skill],
+                                                                     y["skill_accuracy"][skill], resamples, seed)
+        for value in compared.values():
+            value["differs"] = value["ci95"][0] > 0 or value["ci95"][1] < 0
+        out.append({**entry, "comparable": True, "metrics": compared})
+    return out
+
+
+def differing(pairs: list[dict]) -> dict:
+    """Per compared metric, the [a, b] job pairs whose interval excludes 0."""
+    found = {}
+    for pair in (p for p in pairs if p["comparable"]):
+        for metric, value in pair["metrics"].items():
+            found.setdefault(metric, [])
+            if value["differs"]:
+                found[metric].append([pair["a"], pair["b"]])
+    return found
+
+
+def summarize(sweep_dir: Path, runs: list[dict], objective: dict, compare: str, bootstrap: dict,
+              complete: bool) -> dict:
+    """summary.json's content from the jobs (`read_job`)."""
+    runs = rank(runs, objective["direction"])
+    if runs:
+        label_runs(runs)
+    statuses = [r["status"] for r in runs]
+    pairs = compare_runs(runs, compare, bootstrap["resamples"], bootstrap["seed"])
+    return {
+        "sweep_dir": str(Path(sweep_dir).resolve()),
+        "complete": complete,
+        "objective": objective,
+        "best": next((r["job"] for r in runs if r["rank"] == 1), None),
+        "jobs": {"total": len(runs), **{s: statuses.count(s) for s in ("done", "failed", "incomplete")}},
+        "cache": cache_counts(runs),
+        "comparisons": {"mode": compare, "model": "annealed", "bootstrap": bootstrap, "pairs": pairs,
+                        "differ": differing(pairs)},
+        "runs": runs,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- markdown
+
+def shown_metric(objective_metric: str) -> str:
+    """The metric shown merged against annealed: the objective's own when it is a model metric."""
+    head, _, rest = objective_metric.partition(".")
+    return rest if head in ("merged", "annealed") and rest else "preference_accuracy"
+
+
+def _value(run: dict, model: str, metric: str):
+    """(value, [lo, hi]) of a model's metric (`skill_accuracy.add` reaches into skills), or (None, None)."""
+    models = run.get("metrics", {})
+    if model not in models:
+        return None, None
+    value = _lookup({"m": models[model]}, f"m.{metric}")
+    ci = _lookup({"m": models[model]["ci95"]}, f"m.{metric}")
+    return (value, ci) if isinstance(value, (int, float)) else (None, None)
+
+
+def _num(value) -> str:
+    return "–" if value is None else f"{value:.4g}"
+
+
+def _delta(comparison: dict | None) -> str:
+    if not comparison:
+        return "–"
+    lo, hi = comparison["ci95"]
+    return f"{comparison['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def _code(text: str) -> str:
+    return "`" + text.replace("`", "'").replace("|", "\\|") + "`"
+
+
+def summary_markdown(summary: dict) -> str:
+    runs, objective = summary["runs"], summary["objective"]
+    shown = shown_metric(objective["metric"])
+    skills = sorted({s for r in runs for s in r.get("metrics", {}).get("annealed", {}).get("skill_accuracy", {})})
+    columns = list(dict.fromkeys([shown, "preference_accuracy", "perplexity",
+                                  *(f"skill_accuracy.{s}" for s in skills)]))
+    jobs, cache = summary["jobs"], summary["cache"]
+    reuse = lambda kind: (f"computed {cache[kind].get('miss', 0)}, reused {cache[kind].get('hit', 0)}"
+                          + (f", uncached {cache[kind]['off']}" if cache[kind].get("off") else ""))
+    lines = ["# Sweep summary", "",
+             f"{jobs['total']} jobs: {jobs['done']} done, {jobs['failed']} failed"
+             + (f", {jobs['incomplete']} incomplete" if jobs["incomplete"] else "")
+             + ("" if summary["complete"] else " (the sweep is still running or stopped early)")
+             + f". Ranked by `{objective['metric']}` ({objective['direction']}). "
+             f"Merges: {reuse('merge')}; reference log-probs: {reuse('reference_logps')}.", "",
+             "| rank | job | overrides | objective | " + " | ".join(f"{c} merged → annealed" for c in columns)
+             + f" | Δ {shown} annealed − merged [95%] | cache merge / ref. | status |",
+             "|---" * (len(columns) + 7) + "|"]
+    for run in runs:
+        cells = []
+        for column in columns:
+            merged, annealed = _value(run, "merged", column)[0], _value(run, "annealed", column)[0]
+            cells.append(f"{_num(merged)} → {_num(annealed)}")
+        comparison = _lookup(run.get("annealed_vs_merged", {}), shown)
+        lines.append(f"| {run['rank'] or '–'} | {run['job']} | {_code(run['label'])} | {_num(run['objective'])} | "
+                     + " | ".join(cells) + f" | {_delta(comparison)} | "
+                     f"{run['cache']['merge'] or '–'} / {run['cache']['reference_logps'] or '–'} | {run['status']} |")
+    lines += _comparison_lines(summary, shown)
+    failed = [r for r in runs if r["status"] != "done" or r.get("objective_error")]
+    if failed:
+        lines += ["", "## Jobs without a result", ""]
+        lines += [f"- job {r['job']} ({_code(r['label'])}, {r['run_dir']}): {r['status']}; "
+                  f"{r.get('error') or r.get('objective_error') or 'see its log'}" for r in failed]
+    lines += ["", f"![ranking]({SUMMARY_PNG})", ""]
+    return "\n".join(lines)
+
+
+def _comparison_lines(summary: dict, shown: str) -> list[str]:
+    comparisons = summary["comparisons"]
+    pairs = [p for p in comparisons["pairs"] if p["comparable"]]
+    if not comparisons["pairs"]:
+        return []
+    what = "each job against the best" if comparisons["mode"] == "best" else "every pair of jobs"
+    lines = ["", "## Jobs compared", "",
+             f"Annealed models, {what}: A − B over the same held-out items, 95% paired bootstrap interval "
+             f"({comparisons['bootstrap']['resamples']} resamples); **differs** when the interval excludes 0.", ""]
+    headline = shown if shown in COMPARED or shown.startswith("skill_accuracy.") else "preference_accuracy"
+    if pairs:
+        differ = [p for p in pairs if p["metrics"][headline]["differs"]]
+        same = [p for p in pairs if not p["metrics"][headline]["differs"]]
+        name = lambda p: f"{_code(p['a_label'])} vs {_code(p['b_label'])}"
+        differing = "; ".join(f"{name(p)} ({_delta(p['metrics'][headline])})" for p in differ)
+        lines.append(f"On {headline}: " + (f"**differ**: {differing}. " if differ else "no pair differs measurably. ")
+                     + (f"No measurable difference: {'; '.join(name(p) for p in same)}." if same and differ else ""))
+        others = [f"{metric} {len(found)} of {len(pairs)}" for metric, found in comparisons["differ"].items()
+                  if metric != headline]
+        lines += ["", f"Pairs that differ on the other metrics: {'; '.join(others)}."]
+    lines += ["", "| A | B | metric | A − B [95%] | |", "|---|---|---|---|---|"]
+    for pair in comparisons["pairs"]:
+        if not pair["comparable"]:
+            lines.append(f"| {_code(pair['a_label'])} | {_code(pair['b_label'])} | – | not compared: "
+                         f"{pair['reason']} | |")
+            continue
+        for metric, value in pair["metrics"].items():
+            lines.append(f"| {_code(pair['a_label'])} | {_code(pair['b_label'])} | {metric} | {_delta(value)} | "
+                         f"{'**differs**' if value['differs'] else ''} |")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------------ plot
+
+def plot_summary(summary: dict, path: Path) -> None:
+    """Left: the shown metric, merged and annealed, per job in rank order (95% intervals); right: its paired
+    annealed − merged delta per job."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = shown_metric(summary["objective"]["metric"])
+    runs = [r for r in summary["runs"] if r["status"] == "done" and "metrics" in r][:40]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 1.2 + 0.45 * max(len(runs), 2)))
+    labels = [f"#{r['rank'] or '–'} job {r['job']}: {r['label']}"[:60] for r in runs]
+    rows = range(len(runs))
+    for offset, model, color in ((-0.2, "merged", "tab:gray"), (0.2, "annealed", "tab:blue")):
+        values, errors = [], [[], []]
+        for run in runs:
+            value, ci = _value(run, model, shown)
+            values.append(value if value is not None else float("nan"))
+            errors[0].append(value - ci[0] if ci else 0)
+            errors[1].append(ci[1] - value if ci else 0)
+        left.barh([y + offset for y in rows], values, height=0.4, xerr=errors, capsize=3, color=color, label=model)
+    deltas = [_lookup(r.get("annealed_vs_merged", {}), shown) for r in runs]
+    right.barh(list(rows), [d["delta"] if d else float("nan") for d in deltas], height=0.5, color="tab:green",
+               xerr=[[d["delta"] - d["ci95"][0] if d else 0 for d in deltas],
+                     [d["ci95"][1] - d["delta"] if d else 0 for d in deltas]], capsize=3)
+    right.axvline(0, color="black", linewidth=0.8)
+    for ax in (left, right):
+        ax.set_yticks(list(rows), labels if ax is left else [""] * len(runs), fontsize=8)
+        ax.invert_yaxis()
+    left.set_title(f"{shown}: merged vs annealed (95% bootstrap)", fontsize=10)
+    fig.legend(*left.get_legend_handles_labels(), loc="upper left", ncol=2, fontsize=8)
+    right.set_title("annealed − merged (95% paired bootstrap)", fontsize=10)
+    if not runs:
+        left.text(0.5, 0.5, "no finished jobs yet", ha="center", va="center", transform=left.transAxes)
+    fig.suptitle(f"sweep ranked by {summary['objective']['metric']} ({summary['objective']['direction']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+def _write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_summary(sweep_dir: Path, config: DictConfig, complete: bool) -> dict:
+    """Rebuild summary.json, summary.md and summary.png from the sweep's job folders (under a file lock:
+    jobs of a parallel launcher end at the same time)."""
+    from filelock import FileLock
+
+    sweep_dir = Path(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    objective = {"metric": str(config.pipeline.objective.metric),
+                 "direction": str(config.pipeline.objective.direction)}
+    bootstrap = {"resamples": int(config.eval.bootstrap_resamples), "seed": int(config.eval.seed),
+                 "confidence": 0.95}
+    with FileLock(str(sweep_dir / ".summary.lock")):
+        runs = [read_job(d, objective["metric"]) for d in job_dirs(sweep_dir)]
+        summary = summarize(sweep_dir, runs, objective, str(config.pipeline.compare_jobs), bootstrap, complete)
+        _write(sweep_dir / SUMMARY_JSON, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+        _write(sweep_dir / SUMMARY_MD, lambda p: p.write_text(summary_markdown(summary)))
+        _write(sweep_dir / SUMMARY_PNG, lambda p: plot_summary(summary, p))
+    return summary
+
+
+class SweepSummary(Callback):
+    """Records each sweep job's outcome in its manifest (`job`) and rewrites the sweep summary after every job
+    and at the end of the sweep. Single runs are left alone."""
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        from hydra.core.utils import JobStatus
+        from hydra.types import RunMode
+
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        job_dir = Path(config.hydra.runtime.output_dir)
+        record = manifest.load(job_dir)
+        failed = job_return.status != JobStatus.COMPLETED
+        error = job_return._return_value if failed else None  # `return_value` would re-raise it
+        record["job"] = {"num": config.hydra.job.num, "status": "failed" if failed else "done",
+                         "error": f"{type(error).__name__}: {error}" if failed else None,
+                         "host": socket.gethostname(), "pid": os.getpid()}  # where its logs are
+        manifest.save(job_dir, record)
+        write_summary(Path(config.hydra.sweep.dir), config, complete=False)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        summary = write_summary(Path(config.hydra.sweep.dir), config, complete=True)
+        best = next((r for r in summary["runs"] if r["rank"] == 1), None)
+        jobs = summary["jobs"]
+        print(f"merge-anneal: sweep done: {jobs['done']} of {jobs['total']} jobs finished"
+              + (f", {jobs['failed']} failed" if jobs["failed"] else "")
+              + (f"; best: job {best['job']} ({best['label']}), {summary['objective']['metric']} "
+                 f"{best['objective']:.4g}" if best else "")
+              + f"; summary: {Path(summary['sweep_dir']) / SUMMARY_MD}")

@@ -1,0 +1,230 @@
+"""The release stage: a real demo run (short anneal), the released folder and its model card, pick=best, and
+the publishing paths (dry run, no token, no network), all without reaching the hub."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import UserError, manifest
+
+# A short anneal (as in test_anneal.py) and a big reference batch: the reference pass over the demo's 4300 pairs
+# takes seconds instead of minutes.
+SHORT = ["anneal.trainer.max_steps=4", "anneal.trainer.logging_steps=2", "anneal.trainer.save_steps=1000",
+         "anneal.trainer.precompute_ref_batch_size=512"]
+SENTINEL = "hf_releaseTestSentinel0123456789abcdef"  # a fake token: must never reach a released file
+UNREACHABLE = {"HF_ENDPOINT": "http://127.0.0.1:9"}  # fails at once, deterministically, whatever the network
+# One torch thread: on a shared 2-core machine two spinning threads per process made eval 20x slower (measured
+# 110 s vs 6 s); this file tests what the release writes, not speed.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+NO_TOKEN = {"HF_TOKEN": "", "HUGGING_FACE_HUB_TOKEN": ""}
+HUB = ["pipeline.stages=[release]", "release=hub", "release.repo_id=someone/demo-merge"]
+
+
+@pytest.fixture(scope="module")
+def release_run(tmp_path_factory, demo_path):
+    """`python -m pipeline +merge=slerp` (short anneal) with a token in the environment: all four stages."""
+    from conftest import TEST_CACHE, run_cli
+
+    work = tmp_path_factory.mktemp("release-run")
+    run_dir = work / "run"
+    result = run_cli("+merge=slerp", *SHORT, f"pipeline.cache_dir={work / 'cache'}", f"models.cache_dir={TEST_CACHE}",
+                     f"hydra.run.dir={run_dir}", cwd=work, env={"HF_TOKEN": SENTINEL, **UNREACHABLE, **ONE_THREAD})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir, work
+
+
+@pytest.fixture
+def run_copy(release_run, tmp_path):
+    """A copy of the finished run folder, for runs that change its manifest."""
+    run_dir, _ = release_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("release"))
+    return copy
+
+
+def release_again(run_dir: Path, *overrides: str, env: dict | None = None):
+    """`python -m pipeline pipeline.stages=[release] ...` on an existing run folder."""
+    from conftest import TEST_CACHE, run_cli
+
+    stages = [] if any(o.startswith("pipeline.stages=") for o in overrides) else ["pipeline.stages=[release]"]
+    return run_cli(*stages, *overrides, f"pipeline.cache_dir={run_dir.parent / 'cache'}",
+                   f"models.cache_dir={TEST_CACHE}", f"hydra.run.dir={run_dir}", cwd=run_dir.parent,
+                   env={**UNREACHABLE, **ONE_THREAD, **(env or {})})
+
+
+def one_paragraph_error(result, *phrases: str) -> None:
+    assert result.returncode == 2, result.stderr[-3000:]
+    message = result.stderr.strip()
+    assert message.startswith("merge-anneal: error:") and "Traceback" not in message and "\n\n" not in message, message
+    for phrase in phrases:
+        assert phrase in " ".join(message.split()), message
+
+
+def released_files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------ the default run
+
+def test_release_folder_holds_the_annealed_model_and_loads(release_run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    run_dir, _ = release_run
+    stages = manifest.load(run_dir)["stages"]
+    entry = stages["release"]
+    assert entry["status"] == "done" and entry["pick"]["picked"] == "annealed"
+    folder = Path(entry["outputs"]["model"])
+    assert folder == run_dir.resolve() / "release" / "slerp-annealed"
+    assert released_files(folder) == {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                                      "tokenizer_config.json", "chat_template.jinja", "mergekit_config.yml",
+                                      "dpo_settings.yaml", "README.md"}
+    assert sorted(entry["outputs"]["files"]) == sorted(released_files(folder))
+    assert [p.name for p in (run_dir / "release").iterdir()] == ["slerp-annealed"]  # no partial folder left
+    annealed = Path(stages["anneal"]["outputs"]["model"])
+    assert (folder / "model.safetensors").read_bytes() == (annealed / "model.safetensors").read_bytes()
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.chat_template and GenerationConfig.from_pretrained(folder).eos_token_id == tokenizer.eos_token_id
+    ids = tokenizer("12+34=", return_tensors="pt").input_ids
+    assert torch.isfinite(model(ids).logits).all()
+
+    merge_config = yaml.safe_load((folder / "mergekit_config.yml").read_text())
+    assert merge_config["merge_method"] == "slerp" and merge_config["base_model"] == "add"
+    assert [m["model"] for m in merge_config["models"]] == ["add", "reverse"]
+    dpo = yaml.safe_load((folder / "dpo_settings.yaml").read_text())
+    assert dpo["anneal"]["trainer"]["max_steps"] == 4 and dpo["reference"]["model"] == "add"
+    assert dpo["data"]["train_pairs"] == 4000
+
+
+def test_model_card_front_matter_numbers_and_command(release_run):
+    from huggingface_hub import ModelCard
+
+    from conftest import TEST_CACHE
+
+    run_dir, work = release_run
+    stages = manifest.load(run_dir)["stages"]
+    folder = Path(stages["release"]["outputs"]["model"])
+    card = ModelCard.load(folder / "README.md")
+    data = card.data
+    assert data.base_model == ["add", "reverse"]  # the demo's parents are local: their names
+    assert {"merge", "mergekit", "dpo", "trl", "slerp"} <= set(data.tags)
+    assert data.datasets == ["merge-anneal-demo"] and data.license == "unknown"
+    assert data.library_name == "transformers" and data.model_name == "slerp-annealed"
+
+    metrics = json.loads(Path(stages["eval"]["outputs"]["metrics"]).read_text())["models"]["annealed"]
+    expected = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    expected.update({f"skill_accuracy/{s}": v for s, v in metrics["skill_accuracy"].items()})
+    assert {r.metric_type: r.metric_value for r in data.eval_results} == expected
+
+    text = card.text
+    assert "python -m pipeline +merge=slerp " + " ".join(SHORT) in text  # the cache overrides are left out
+    assert "## Lineage" in text and "`add` (local)" in text and "t=0.5" in text and "beta 0.3" in text
+    assert "| preference_accuracy | " in text and "annealed - merged" in text
+    readme = (folder / "README.md").read_text()
+    for private in (str(run_dir), str(run_dir.resolve()), str(work), str(TEST_CACHE), "/work", str(Path.home())):
+        assert private not in readme, private
+    for file in folder.rglob("*"):  # the token in the environment is in no released file
+        assert SENTINEL.encode() not in file.read_bytes(), file
+
+
+def test_pick_best_picks_the_better_by_the_objective_and_says_why(run_copy, make_cfg):
+    from stages import release
+
+    run_dir = run_copy
+    metrics = json.loads(Path(manifest.load(run_dir)["stages"]["eval"]["outputs"]["metrics"]).read_text())["models"]
+    for objective, higher_is_better in (("preference_accuracy", True), ("perplexity", False)):
+        merged, annealed = metrics["merged"][objective], metrics["annealed"][objective]
+        better_merged = merged > annealed if higher_is_better else merged < annealed
+        entry = release.run(make_cfg("release.pick=best", f"release.objective={objective}",
+                                     f"release.name=best-{objective}"), run_dir)
+        pick = entry["pick"]
+        assert pick["picked"] == ("merged" if better_merged else "annealed"), pick
+        assert pick["values"] == {"merged": merged, "annealed": annealed}
+        assert objective in pick["reason"] and ("lower is better" in pick["reason"]) != higher_is_better
+        card = (Path(entry["outputs"]["model"]) / "README.md").read_text()
+        assert pick["reason"] in card
+    with pytest.raises(UserError, match="skill_accuracy/add"):
+        release.run(make_cfg("release.pick=best", "release.objective=bleu"), run_dir)
+
+
+# ---------------------------------------------------------------------------------------------- publishing
+
+def test_hub_dry_run_lists_files_and_uploads_nothing(run_copy):
+    result = release_again(run_copy, *HUB, "release.dry_run=true", "release.name=dry", env=NO_TOKEN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    entry = manifest.load(run_copy)["stages"]["release"]
+    assert entry["status"] == "done" and entry["hub"]["dry_run"] is True
+    assert entry["hub"]["repo_id"] == "someone/demo-merge" and entry["hub"]["private"] is True
+    for name in ("README.md", "model.safetensors", "mergekit_config.yml", "dpo_settings.yaml"):
+        assert f"  {name}  (" in result.stdout, result.stdout
+    assert entry["hub"]["commit_message"] in result.stdout and "nothing uploaded" in result.stdout
+    # two invocations made this release: the full run, then the release-only one
+    card = (run_copy / "release" / "dry" / "README.md").read_text()
+    assert "run in order in one run folder" in card and "release=hub" in card
+
+
+def test_hub_without_token_fails_before_writing_anything(run_copy):
+    result = release_again(run_copy, *HUB, "release.name=pushed", env=NO_TOKEN)
+    one_paragraph_error(result, "HF_TOKEN is not set", "nothing was written or uploaded", "release.dry_run=true")
+    assert manifest.load(run_copy)["stages"]["release"]["status"] == "failed"
+    assert not (run_copy / "release").exists()
+
+
+def test_hub_with_token_but_no_network_fails_before_uploading(run_copy):
+    result = release_again(run_copy, *HUB, "release.name=pushed", env={"HF_TOKEN": SENTINEL})
+    one_paragraph_error(result, "Could not reach the Hugging Face hub at http://127.0.0.1:9", "nothing was uploaded")
+    assert SENTINEL not in result.stderr + result.stdout
+    assert manifest.load(run_copy)["stages"]["release"]["status"] == "failed"
+
+
+@pytest.mark.parametrize("overrides, phrases", [
+    (["release.pick=worst"], ["release.pick=worst is not an option", "release.pick=best"]),
+    (["release=hub"], ["release.repo_id is not set", "release.repo_id=<your-name>/<model-name>"]),
+])
+def test_bad_release_settings_exit_2_and_leave_no_folder(run_copy, overrides, phrases):
+    result = release_again(run_copy, *overrides)
+    one_paragraph_error(result, *phrases)
+    assert manifest.load(run_copy)["stages"]["release"]["status"] == "failed"
+    assert not (run_copy / "release").exists()
+
+
+# ------------------------------------------------------------------------------------------------ the files
+
+def test_generation_config_written_when_missing_and_pickles_refused(demo_path, tmp_path):
+    from transformers import AutoConfig, GenerationConfig
+
+    from stages import release
+
+    source = tmp_path / "model"
+    shutil.copytree(demo_path / "add", source, ignore=shutil.ignore_patterns("generation_config.json"))
+    release.copy_model(source, tmp_path / "out")
+    written = GenerationConfig.from_pretrained(tmp_path / "out")
+    assert written.eos_token_id == AutoConfig.from_pretrained(source).eos_token_id
+    (source / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(UserError, match="pickled weights"):
+        release.check_weights(source)
+    for file in source.glob("*.*"):
+        if file.suffix in (".bin", ".safetensors"):
+            file.unlink()
+    with pytest.raises(UserError, match="no \\*.safetensors"):
+        release.check_weights(source)
+
+
+def test_reproduce_commands_hide_local_paths_and_span_invocations():
+    from stages import release
+
+    full = {"overrides": ["+merge=ties", "models=local", "models.parents=[/ckpt/math,org/code@v1]",
+                          "models.base=/home/me/.cache/huggingface/hub/models--org--base/snapshots/abc",
+                          "pipeline.cache_dir=/tmp/c", "models.cache_dir=/tmp/m"],
+            "stages": ["merge", "anneal", "eval", "release"]}
+    assert release.reproduce_commands([full]) == [
+        "python -m pipeline +merge=ties models=local 'models.parents=[<local>/math,org/code@v1]' models.base=org/base"]
+    again = {"overrides": ["pipeline.stages=[release]", "release.pick=best"], "stages": ["release"]}
+    assert release.reproduce_commands([full, again])[1] == \
+        "python -m pipeline 'pipeline.stages=[release]' release.pick=best 'hydra.run.dir=<run>'"
+    assert release.reproduce_commands([again]) == []  # the rest was driven from Python: nothing to show

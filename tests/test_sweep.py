@@ -1,0 +1,192 @@
+"""Sweeps: real `python -m pipeline -m ...` multiruns on the demo parents (a subset of the demo's pairs, a short
+anneal), their summaries, the presets (conf/sweep/), the Optuna search and the submitit launcher."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TEST_CACHE, run_cli
+from pipeline import UserError, manifest, sweep
+
+# A short anneal (the summary, not the annealing effect, is under test); release is another stage's business.
+SHORT = ["anneal.trainer.max_steps=10", "anneal.trainer.logging_steps=5", "anneal.trainer.save_steps=1000",
+         "anneal.trainer.disable_tqdm=true", "pipeline.stages=[merge,anneal,eval]", "eval.samples=1"]
+# One torch thread per job: on a shared 2-core machine two threads per process run many times slower (measured:
+# eval 53 s with two threads vs 11 s with one, same jobs) and make the timings erratic.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def demo_subset(tmp_path_factory, demo_path) -> list[str]:
+    """The demo's parents and data, a tenth of its training pairs and a third of its held-out pairs (both
+    skills): every job scores its reference and evaluates in a fraction of the time."""
+    folder = tmp_path_factory.mktemp("demo-subset")
+    for name, step in (("train.jsonl", 10), ("heldout.jsonl", 3)):
+        lines = (demo_path / "data" / name).read_text().splitlines()[::step]
+        (folder / name).write_text("\n".join(lines) + "\n")
+    return [f"data.path={folder / 'train.jsonl'}", f"data.heldout.path={folder / 'heldout.jsonl'}"]
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    """One result cache for the module, as one user's sweeps share theirs."""
+    return tmp_path_factory.mktemp("sweep-cache")
+
+
+def sweep_cli(sweep_dir: Path, cache: Path, data: list[str], *args: str):
+    result = run_cli(*args, *SHORT, *data, f"pipeline.cache_dir={cache}", f"models.cache_dir={TEST_CACHE}",
+                     f"hydra.sweep.dir={sweep_dir}", cwd=sweep_dir.parent, env=ONE_THREAD)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return json.loads((sweep_dir / sweep.SUMMARY_JSON).read_text()), result
+
+
+def check_summary_files(sweep_dir: Path, summary: dict) -> str:
+    assert summary["complete"] and summary["jobs"]["done"] == summary["jobs"]["total"] == len(summary["runs"])
+    assert (sweep_dir / sweep.SUMMARY_PNG).read_bytes()[:4] == b"\x89PNG"
+    markdown = (sweep_dir / sweep.SUMMARY_MD).read_text()
+    for run in summary["runs"]:
+        assert run["label"] in markdown
+    return markdown
+
+
+def test_sweep_over_slerp_t_ranks_jobs_and_computes_shared_work_once(tmp_path, cache_dir, demo_subset):
+    sweep_dir = tmp_path / "sweep"
+    summary, result = sweep_cli(sweep_dir, cache_dir, demo_subset, "-m", "+merge=slerp", "merge.parameters.t=0.3,0.7")
+    markdown = check_summary_files(sweep_dir, summary)
+    runs = summary["runs"]
+    assert sorted(r["label"] for r in runs) == ["merge.parameters.t=0.3", "merge.parameters.t=0.7"]
+    assert summary["objective"] == {"metric": "annealed.preference_accuracy", "direction": "maximize"}
+    # ranked by the annealed model's held-out preference accuracy, best first; merged vs annealed alongside
+    assert [r["rank"] for r in runs] == [1, 2] and runs[0]["objective"] >= runs[1]["objective"]
+    for run in runs:
+        assert run["objective"] == run["metrics"]["annealed"]["preference_accuracy"]
+        assert {"merged", "annealed", "parent:add", "parent:reverse"} <= set(run["metrics"])
+        assert {"delta", "ci95"} <= set(run["annealed_vs_merged"]["preference_accuracy"])
+        assert "+merge=slerp" in run["overrides"] and Path(run["run_dir"]).parent == sweep_dir.resolve()
+    assert summary["best"] == runs[0]["job"]
+    # the reference (slerp's base, the unmerged `add` parent) is scored once for the sweep; two distinct merges
+    assert summary["cache"] == {"merge": {"miss": 2}, "reference_logps": {"miss": 1, "hit": 1}}
+    by_job = {r["job"]: manifest.load(r["run_dir"])["stages"] for r in runs}
+    assert [by_job[j]["anneal"]["cache"]["reference_logps"] for j in (0, 1)] == ["miss", "hit"]
+    # each job against the best, item by item
+    (pair,) = summary["comparisons"]["pairs"]
+    assert pair["a"] == summary["best"] and pair["comparable"]
+    for metric in ("preference_accuracy", "perplexity", "skill_accuracy.add", "skill_accuracy.reverse"):
+        value = pair["metrics"][metric]
+        assert value["ci95"][0] <= value["delta"] <= value["ci95"][1]
+        assert value["differs"] == (value["ci95"][0] > 0 or value["ci95"][1] < 0)
+    assert "| rank | job |" in markdown and "reference log-probs: computed 1, reused 1" in markdown
+    assert "merge-anneal: sweep done: 2 of 2 jobs finished" in result.stdout
+
+
+def test_failed_job_is_listed_and_the_sweep_goes_on(tmp_path, shared_cache, demo_path):
+    """A job that fails (here: slerp takes t from 0 to 1) is listed as failed; the other job still runs."""
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli("-m", "+merge=slerp", "merge.parameters.t=0.3,oops", *SHORT, "pipeline.stages=[merge]",
+                     f"pipeline.cache_dir={shared_cache}", f"models.cache_dir={TEST_CACHE}",
+                     f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    assert result.returncode == 1  # Hydra's exit code for a sweep with a failed job
+    summary = json.loads((sweep_dir / sweep.SUMMARY_JSON).read_text())
+    status = {r["label"]: (r["status"], r["error"]) for r in summary["runs"]}
+    assert status["merge.parameters.t=0.3"] == ("done", None)
+    assert status["merge.parameters.t=oops"][0] == "failed" and "merge:" in status["merge.parameters.t=oops"][1]
+    assert "Jobs without a result" in (sweep_dir / sweep.SUMMARY_MD).read_text()
+
+
+def test_objective_paths():
+    report = {"models": {"annealed": {"preference_accuracy": 0.9, "skill_accuracy": {"add": 0.5}},
+                         "parent:my.model": {"perplexity": 3.0}},
+              "comparison": {"annealed_vs_merged": {"preference_accuracy": {"delta": 0.07, "ci95": [0.01, 0.1]}}}}
+    assert sweep.objective_value(report, "annealed.preference_accuracy") == 0.9
+    assert sweep.objective_value(report, "annealed.skill_accuracy.add") == 0.5
+    assert sweep.objective_value(report, "parent:my.model.perplexity") == 3.0
+    assert sweep.objective_value(report, "comparison.annealed_vs_merged.preference_accuracy.delta") == 0.07
+    for bad in ("annealed.skill_accuracy", "annealed.nope", "merged.preference_accuracy"):
+        with pytest.raises(UserError, match="pipeline.objective.metric"):
+            sweep.objective_value(report, bad)
+
+
+def test_presets_compose(make_cfg):
+    """`+sweep=<preset>` alone makes a multirun (hydra.mode in the preset) with the sweep in its params."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for preset, key in (("slerp_t", "merge.parameters.t"), ("merge_methods", "+merge"),
+                            ("anneal_ablation", "+anneal_variant"), ("search", "merge.parameters.t")):
+            cfg = compose("config", overrides=[f"+sweep={preset}"], return_hydra_config=True)
+            assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and key in cfg.hydra.sweeper.params, preset
+        cfg = compose("config", overrides=["+sweep=search"], return_hydra_config=True)
+        assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.direction == "maximize"
+        for launcher in ("submitit_local", "submitit_slurm"):
+            cfg = compose("config", overrides=[f"+launcher={launcher}"], return_hydra_config=True)
+            assert cfg.hydra.launcher._target_.endswith(launcher.split("_")[1].capitalize() + "Launcher")
+    assert make_cfg("+merge=slerp", "+anneal_variant=sft_only").anneal.trainer.loss_type == ["sft"]
+    assert make_cfg("+merge=slerp", "+anneal_variant=reference_merged").anneal.reference == "merged"
+
+
+def test_optuna_search_returns_the_objective(tmp_path, shared_cache, demo_subset):
+    sweep_dir = tmp_path / "search"
+    summary, _ = sweep_cli(sweep_dir, shared_cache, demo_subset, "+sweep=search", "hydra.sweeper.n_trials=2")
+    check_summary_files(sweep_dir, summary)
+    assert len(summary["runs"]) == 2
+    assert all(any(o.startswith("merge.parameters.t=") for o in r["overrides"]) for r in summary["runs"])
+    # Optuna saw each trial's return value: its best is the summary's best
+    best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(summary["runs"][0]["objective"])
+    assert f"merge.parameters.t={best['best_params']['merge.parameters.t']}" in summary["runs"][0]["overrides"]
+
+
+def test_submitit_local_runs_jobs_as_separate_processes(tmp_path, shared_cache, demo_subset):
+    sweep_dir = tmp_path / "sweep"
+    summary, _ = sweep_cli(sweep_dir, shared_cache, demo_subset, "-m", "+merge=slerp", "merge.parameters.t=0.3,0.7",
+                           "+launcher=submitit_local")
+    check_summary_files(sweep_dir, summary)
+    jobs = [manifest.load(r["run_dir"])["job"] for r in summary["runs"]]
+    assert len({j["pid"] for j in jobs}) == 2 and all(j["status"] == "done" for j in jobs)
+    assert summary["cache"]["reference_logps"].get("miss", 0) <= 1  # parallel jobs wait on the cache lock
+    assert len([d for d in (sweep_dir / ".submitit").iterdir() if d.name.isdigit()]) == 2  # one per job id
+
+
+def test_anneal_ablation_compares_every_recipe_on_one_merge(tmp_path, shared_cache, demo_subset):
+    sweep_dir = tmp_path / "ablation"
+    summary, _ = sweep_cli(sweep_dir, shared_cache, demo_subset, "+sweep=anneal_ablation", "+merge=slerp",
+                           "merge.parameters.t=0.3")
+    markdown = check_summary_files(sweep_dir, summary)
+    runs = {r["label"]: r for r in summary["runs"]}
+    assert set(runs) == {f"+anneal_variant={v}" for v in ("reference_parent0", "reference_parent1",
+                                                          "reference_merged", "sft_only")}
+    anneal = {label.split("=")[1]: (r["anneal"]["reference"], r["anneal"]["loss_type"]) for label, r in runs.items()}
+    assert anneal == {"reference_parent0": ("parent:0", ["sigmoid"]), "reference_parent1": ("parent:1", ["sigmoid"]),
+                      "reference_merged": ("merged", ["sigmoid"]), "sft_only": ("base_model", ["sft"])}
+    # one merge for the whole ablation; slerp's base (`add`) is scored once and shared with the SFT job
+    assert summary["cache"]["merge"].get("miss", 0) <= 1 and summary["cache"]["merge"]["hit"] >= 3
+    assert summary["cache"]["reference_logps"]["hit"] >= 1
+    pairs = summary["comparisons"]["pairs"]
+    assert summary["comparisons"]["mode"] == "all" and len(pairs) == 6 and all(p["comparable"] for p in pairs)
+    for pair in pairs:
+        value = pair["metrics"]["preference_accuracy"]
+        assert value["differs"] == (value["ci95"][0] > 0 or value["ci95"][1] < 0)
+    assert "## Jobs compared" in markdown and ("**differ**" in markdown or "no pair differs" in markdown)
+
+
+def test_a_failed_job_frees_its_models(make_cfg, tmp_path, demo_subset):
+    """The basic launcher runs every job in one process: a failed job's traceback would keep the models in its
+    stage's frames alive into the next job; the task function clears them."""
+    import gc
+
+    from transformers import PreTrainedModel
+
+    from pipeline.app import free_job_memory, run_pipeline
+
+    cfg = make_cfg("+merge=slerp", *SHORT, *demo_subset, "anneal=lora", "anneal.peft.target_modules=[no_such_layer]")
+    with pytest.raises(ValueError, match="no_such_layer") as caught:
+        run_pipeline(cfg, tmp_path)
+    alive = lambda: [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
+    gc.collect()
+    assert alive(), "expected the traceback to hold the merged model"
+    free_job_memory(caught.value)
+    assert not alive()
