@@ -132,10 +132,12 @@ def test_reference_is_released_before_the_policy_trains(make_short_cfg, tmp_path
     assert resident and set(resident) == {1}  # one causal LM alive: the policy alone
 
 
-def test_reference_logps_shared_across_merges(make_short_cfg, tmp_path, default_run):
+def test_reference_logps_shared_across_merges(make_short_cfg, tmp_path):
     """A sweep over merge settings with the same reference and data computes the reference pass once."""
-    entry = run_pipeline(make_short_cfg("+merge=slerp", "merge.parameters.t=0.3"), tmp_path)["stages"]["anneal"]
-    assert entry["cache"]["reference_logps"] == "hit"
+    first = run_pipeline(make_short_cfg("+merge=slerp", "merge.parameters.t=0.7"), tmp_path / "a")["stages"]
+    entry = run_pipeline(make_short_cfg("+merge=slerp", "merge.parameters.t=0.3"), tmp_path / "b")["stages"]
+    assert entry["anneal"]["reference_fingerprint"] == first["anneal"]["reference_fingerprint"]
+    assert entry["anneal"]["cache"]["reference_logps"] == "hit"  # another merge, the same reference pass
     off = run_pipeline(make_short_cfg("+merge=slerp", "pipeline.cache=false"), tmp_path / "off")["stages"]["anneal"]
     assert off["cache"]["reference_logps"] == "miss"
 
