@@ -76,7 +76,8 @@ def test_tokenizer_round_trip_and_chat_template():
     ids = {t: i for i, t in enumerate(demo._vocab())}
     x, y = demo._encode_batch(["12+34=", "rev abcd="], ids, tok.eos_token_id, tok.pad_token_id)
     assert x[1].tolist() == tok("rev abcd=dcba<eos>").input_ids
-    assert y[1].tolist()[:9] == [-100] * 9 and y[1].tolist()[9:] == tok("dcba<eos>").input_ids
+    assert y[1].tolist() == tok("rev abcd=dcba<eos>").input_ids  # the whole text is modelled
+    assert y[0].tolist()[len("12+34=46") + 1:] == [-100] * (len(x[0]) - len("12+34=46") - 1)  # padding
     assert x[0].tolist()[:9] == tok("12+34=46<eos>").input_ids
     assert x[0].tolist()[9:] == [tok.pad_token_id] * 5 and y[0].tolist()[9:] == [-100] * 5
 
@@ -224,19 +225,14 @@ def test_failed_build_leaves_nothing_complete(tmp_path, monkeypatch):
     assert not list((tmp_path / "demo").glob(".*.tmp-*"))
 
 
-def test_first_run_builds_the_demo_deterministically(demo_path, tmp_path):
-    """Expensive (a second full build): the README's command on a fresh cache builds the demo on first use
-    (progress shown), and the build is byte-identical to the fixture's from the fixed seeds."""
-    from conftest import run_cli
-
-    fresh = tmp_path / "fresh-cache"
-    result = run_cli("+merge=slerp", "pipeline.stages=[merge]", f"pipeline.cache_dir={fresh}",
-                     f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    other = demo.demo_dir(fresh)
-    assert other != demo_path and other.name == demo_path.name
-    assert "base" in result.stderr and "add" in result.stderr  # the build's progress bars and table
+def test_build_is_deterministic(tmp_path, monkeypatch):
+    """Two builds from the fixed seeds are byte-identical (on a shortened recipe: the full build takes minutes,
+    and the session's demo fixture is built by the same code)."""
+    monkeypatch.setitem(demo.RECIPE["base"], "steps", 20)
+    monkeypatch.setitem(demo.RECIPE["children"], "steps", 20)
+    first, second = demo.ensure_demo(tmp_path / "a"), demo.ensure_demo(tmp_path / "b")
+    assert first.name == second.name == demo.recipe_hash()
     files = [f"{m}/model.safetensors" for m in MODELS] + [
         "data/train.jsonl", "data/heldout.jsonl", "data/heldout_text.jsonl", "accuracy.json"]
     for f in files:
-        assert _sha256(demo_path / f) == _sha256(other / f), f
+        assert _sha256(first / f) == _sha256(second / f), f
