@@ -9,9 +9,11 @@ merged into the weights). Each measurement is its own process; variants alternat
     python bench/anneal_vs_trl.py --quick              # < 10 minutes on 2 CPU cores
     python bench/anneal_vs_trl.py --json bench.json    # writes rss_ratio / time_ratio for the ~100M case
 
-Variants: `anneal` (reference log-probs computed in the stage: a cache miss), `anneal-hit` (the reference
-pass taken from the cache, as for every job after the first in a merge sweep), `trl` (plain TRL), and the
-same three with LoRA. The 4-point merge sweep ratio is (1 miss + 3 hits) / (4 misses) from these medians.
+Variants: `anneal` (one run of the stage, reference log-probs computed: what an independent run spends),
+`trl` (plain TRL), the two with LoRA, and `sweep4`: a 4-point merge sweep as Hydra's basic launcher runs it,
+the anneal stage on four merged models (linear, four weights) one after another in one process, sharing the
+reference log-prob cache (the first job computes it). Ratios are medians over repetitions of each
+repetition's own ratio; the sweep ratio is the sweep's anneal time over four times an independent run's.
 """
 
 import argparse
@@ -27,6 +29,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SWEEP_WEIGHTS = (0.2, 0.4, 0.6, 0.8)  # the merge sweep: parent a's linear weight (parent b's is 0.5)
 SIZES = {
     # name: Llama dimensions (vocab: the demo's 99-character tokenizer), prompt / completion characters
     "demo": None,  # the embedded demo parents and data
@@ -48,7 +51,7 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(args.worker, args.case)))
         return
 
-    repeats = args.repeats or (2 if args.quick else 5)
+    repeats = args.repeats or (3 if args.quick else 5)
     work = Path(tempfile.mkdtemp(prefix="anneal-bench-"))
     peaks = matmul_peaks()
     print(f"matmul peak on this machine: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
@@ -57,13 +60,18 @@ def main() -> None:
         for size in args.sizes.split(","):
             steps, batch = (8, 4) if size == "100m" else (60 if args.quick else 250, 16)
             case = prepare(size, work / size, steps, batch)
-            variants = ["anneal", "anneal-hit", "trl"] + (["anneal-lora", "trl-lora"] if size == "100m" else [])
+            variants = (["anneal", "trl", "sweep4", "anneal-lora", "trl-lora"] if size == "100m"
+                        else ["anneal", "trl"] + ([] if args.quick else ["sweep4"]))
             runs = {v: [] for v in variants}
             for r in range(repeats):
                 for v in variants[r % len(variants):] + variants[:r % len(variants)]:  # alternate the order
+                    if v == "sweep4" and args.quick and r > 0:
+                        continue  # --quick times the sweep (four anneals) once
                     runs[v].append(run_worker(v, case))
-                    print(f"  {size} {v:12s} rep {r}: {runs[v][-1]['wall_s']:.1f} s, "
-                          f"{runs[v][-1]['peak_rss_mb']:.0f} MB", flush=True)
+                    last = runs[v][-1]
+                    phases = " ".join(f"{k} {t:.1f}" for k, t in last.get("phases", {}).items())
+                    print(f"  {size} {v:12s} rep {r}: {last['wall_s']:.1f} s, {last['peak_rss_mb']:.0f} MB"
+                          + (f"  ({phases})" if phases else ""), flush=True)
             report[size] = summarize(size, runs, peaks, case)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -106,10 +114,13 @@ def prepare(size: str, case_dir: Path, steps: int, batch: int) -> Path:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, "pipeline.stages=[merge]"])
     run_pipeline(cfg, case_dir / "merged-run")
+    for i, weight in enumerate(SWEEP_WEIGHTS):  # the merge sweep's four merged models
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=[*overrides, "pipeline.stages=[merge]",
+                                               f"merge.models.0.parameters.weight={weight}"])
+        run_pipeline(cfg, case_dir / f"sweep-merged-{i}")
     (case_dir / "case.json").write_text(json.dumps({"overrides": overrides, "steps": steps, "batch": batch,
                                                     "parent": str(parents[0])}))
-    # warm the reference log-prob cache for the `anneal-hit` variant
-    run_worker("anneal-warm", case_dir)
     return case_dir
 
 
@@ -177,6 +188,9 @@ def worker(variant: str, case: Path) -> dict:
         overrides.append("anneal=lora")
     if variant in ("anneal", "anneal-lora"):
         overrides.append("pipeline.cache=false")  # the reference pass is part of the measured work
+    if variant == "sweep4":  # a cache of its own, empty: the sweep's first job computes the reference pass
+        overrides = [o for o in overrides if not o.startswith("pipeline.cache_dir=")]
+        overrides.append(f"pipeline.cache_dir={tempfile.mkdtemp(prefix='sweep-cache-', dir=case)}")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, "pipeline.stages=[anneal]"])
     run_dir = Path(tempfile.mkdtemp(prefix=f"{variant}-", dir=case))
@@ -186,11 +200,15 @@ def worker(variant: str, case: Path) -> dict:
 
     from stages import anneal
 
+    if variant == "sweep4":
+        return sweep_worker(cfg, case, run_dir)
     started = time.perf_counter()
+    phases = {}
     if variant.startswith("anneal"):
         entry = anneal.run(cfg, run_dir)
         log = [json.loads(l) for l in Path(entry["outputs"]["metrics"]).read_text().splitlines()]
         bf16 = entry["precision"]["autocast"] == "bfloat16"
+        phases = entry["seconds_by_phase"]
     else:
         log, bf16 = plain_trl(cfg, run_dir, spec["parent"], lora)
     wall = time.perf_counter() - started
@@ -198,7 +216,28 @@ def worker(variant: str, case: Path) -> dict:
     tokens = max(r.get("num_tokens", 0) for r in log)
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"wall_s": wall, "train_s": final["train_runtime"], "tokens": tokens, "bf16": bf16,
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(), "phases": phases}
+
+
+def sweep_worker(cfg, case: Path, run_dir: Path) -> dict:
+    """The anneal stage of a 4-point merge sweep, as Hydra's basic launcher runs it: one process, one job after
+    another, one reference log-prob cache."""
+    from pipeline import manifest
+    from stages import anneal
+
+    jobs, walls = [], []
+    started = time.perf_counter()
+    for i in range(len(SWEEP_WEIGHTS)):
+        job_dir = run_dir / f"job{i}"
+        manifest.save(job_dir, manifest.load(case / f"sweep-merged-{i}"))
+        job_started = time.perf_counter()
+        entry = anneal.run(cfg, job_dir)
+        walls.append(time.perf_counter() - job_started)
+        jobs.append(entry["cache"]["reference_logps"])
+    wall = time.perf_counter() - started
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return {"wall_s": wall, "train_s": float("nan"), "tokens": float("nan"), "bf16": None,
+            "peak_rss_mb": peak_rss_mb(), "phases": {f"job{i} ({c})": w for i, (c, w) in enumerate(zip(jobs, walls))}}
 
 
 def peak_rss_mb() -> float:
@@ -275,20 +314,27 @@ def summarize(size: str, runs: dict, peaks: dict, case: Path) -> dict:
         out[f"{v}_train_gflops"] = round(flops / med[v]["train_s"] / 1e9, 1)
         out[f"{v}_peak_fraction"] = round(flops / med[v]["train_s"] / 1e9 / peak, 3)
         out[f"{v}_tokens_per_s"] = round(med[v]["tokens"] / med[v]["train_s"], 1)
-    out["time_ratio"] = round(med["anneal"]["wall_s"] / med["trl"]["wall_s"], 3)
+    # ratios: the median over repetitions of each repetition's ratio (the variants of one repetition ran back to
+    # back, so they share the machine's state of the moment)
+    wall = {v: [r["wall_s"] for r in rs] for v, rs in runs.items()}
+    paired = lambda f: round(statistics.median(f(i) for i in range(len(wall["trl"]))), 3)
+    out["time_ratio"] = paired(lambda i: wall["anneal"][i] / wall["trl"][i])
     out["rss_ratio"] = round(med["anneal"]["peak_rss_mb"] / med["trl"]["peak_rss_mb"], 3)
     out["tokens_per_s_ratio"] = round(out["anneal_tokens_per_s"] / out["trl_tokens_per_s"], 3)
-    out["sweep4_ratio"] = round((med["anneal"]["wall_s"] + 3 * med["anneal-hit"]["wall_s"])
-                                / (4 * med["anneal"]["wall_s"]), 3)
+    if "sweep4" in wall:
+        sweeps = range(len(wall["sweep4"]))
+        out["sweep4_ratio"] = round(statistics.median(wall["sweep4"][i] / (4 * wall["anneal"][i]) for i in sweeps), 3)
     if "anneal-lora" in med:
         out["lora_rss_ratio"] = round(med["anneal-lora"]["peak_rss_mb"] / med["trl-lora"]["peak_rss_mb"], 3)
-        out["lora_time_ratio"] = round(med["anneal-lora"]["wall_s"] / med["trl-lora"]["wall_s"], 3)
+        out["lora_time_ratio"] = paired(lambda i: wall["anneal-lora"][i] / wall["trl-lora"][i])
     print(f"\n== {size}: {out['params_m']}M parameters, bf16 autocast {bf16} ==")
     print(f"{'variant':14s}{'wall s':>9s}{'train s':>9s}{'tokens/s':>10s}{'peak RSS MB':>13s}")
     for v, m in med.items():
-        print(f"{v:14s}{m['wall_s']:9.2f}{m['train_s']:9.2f}{m['tokens'] / m['train_s']:10.0f}{m['peak_rss_mb']:13.0f}")
+        rate = f"{m['tokens'] / m['train_s']:10.0f}" if v != "sweep4" else f"{'-':>10s}"
+        print(f"{v:14s}{m['wall_s']:9.2f}{m['train_s']:9.2f}{rate}{m['peak_rss_mb']:13.0f}")
     print(f"time_ratio (anneal / plain TRL, wall) {out['time_ratio']}   rss_ratio {out['rss_ratio']}   "
-          f"tokens/s ratio {out['tokens_per_s_ratio']}   4-point sweep / 4 independent {out['sweep4_ratio']}")
+          f"tokens/s ratio {out['tokens_per_s_ratio']}   4-point sweep / 4 independent "
+          f"{out.get('sweep4_ratio', 'not measured')}")
     if "lora_rss_ratio" in out:
         print(f"LoRA: rss_ratio {out['lora_rss_ratio']}   time_ratio {out['lora_time_ratio']}")
     print(f"achieved training throughput: anneal {out['anneal_train_gflops']} GFLOP/s "

@@ -65,17 +65,6 @@ def reward_margins(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_
             - implicit_rewards(rejected_logps, ref_rejected_logps, beta))
 
 
-def reward_accuracy(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float) -> float:
-    """Share of pairs with r_chosen > r_rejected."""
-    margins = reward_margins(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-    return (margins > 0).float().mean().item()
-
-
-def reward_margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float) -> float:
-    """Mean of r_chosen - r_rejected."""
-    return reward_margins(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta).mean().item()
-
-
 def _resample_indices(n: int, resamples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
 

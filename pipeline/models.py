@@ -1,6 +1,7 @@
 """Model references: local folders or hub ids, turned into absolute local folders mergekit can read offline."""
 
 import ctypes
+import functools
 import gc
 import hashlib
 import re
@@ -61,12 +62,21 @@ def download(ref: str) -> str:
 
 
 def fingerprint(folder: str | Path) -> str:
-    """sha256 over the names and contents of a model folder's files (what a cache key needs)."""
+    """sha256 over the names and contents of a model folder's files (what a cache key needs). Remembered for
+    the life of the process while every file keeps its size and modification time, so the jobs of a sweep
+    (one process with Hydra's basic launcher) hash a parent once."""
+    root = Path(folder).resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    stamp = tuple((str(f.relative_to(root)), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()])
+    return _fingerprint(root, stamp)
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(root: Path, stamp: tuple) -> str:
     digest = hashlib.sha256()
-    root = Path(folder)
-    for file in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        digest.update(str(file.relative_to(root)).encode() + b"\0")
-        with file.open("rb") as handle:
+    for name, _, _ in stamp:
+        digest.update(name.encode() + b"\0")
+        with (root / name).open("rb") as handle:
             digest.update(hashlib.file_digest(handle, "sha256").digest())
     return digest.hexdigest()
 
@@ -82,6 +92,23 @@ def count_parameters(folder: str | Path) -> int:
         with safe_open(file, framework="pt") as handle:
             total += sum(prod(handle.get_slice(name).get_shape()) for name in handle.keys())
     return total
+
+
+def check_same_vocabulary(tokenizer, merged_dir: Path, model_dir: str | Path, what: str, fix: str) -> None:
+    """A model fed the merged model's token ids (`tokenizer`) must share its vocabulary: the same tokens and the
+    same number of embedding rows (TRL does not check; a `union` tokenizer merge changes both)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    embedding_rows = AutoConfig.from_pretrained(merged_dir).vocab_size
+    try:
+        other = AutoTokenizer.from_pretrained(model_dir)
+        other_rows = AutoConfig.from_pretrained(model_dir).vocab_size
+    except (OSError, ValueError) as err:
+        raise UserError(f"{what} ({model_dir}) has no loadable tokenizer or config ({err}). Fix: {fix}") from None
+    if other.get_vocab() != tokenizer.get_vocab() or other_rows != embedding_rows:
+        raise UserError(f"{what} ({model_dir}) does not share the merged model's vocabulary (tokens {len(other)} vs "
+                        f"{len(tokenizer)}, embedding rows {other_rows} vs {embedding_rows}); scoring it with the "
+                        f"merged model's token ids would be meaningless. Fix: {fix}")
 
 
 def release_memory() -> None:

@@ -11,6 +11,7 @@ log-probs. Output: `<run_dir>/anneal/model/` (merged weights for LoRA), `metrics
 import hashlib
 import json
 import shutil
+import time
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
@@ -33,6 +34,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    clock = PhaseClock()
     run_dir = Path(run_dir)
     stage_dir = run_dir / "anneal"
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -41,14 +43,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     reference, reference_label = choose_reference(cfg.anneal.reference, merge_entry, merged_dir)
     reference_dir = models.resolve(reference)
     reference_fingerprint = models.fingerprint(reference_dir)
+    clock.lap("fingerprint")
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    check_same_vocabulary(tokenizer, merged_dir, reference_dir)
+    models.check_same_vocabulary(
+        tokenizer, merged_dir, reference_dir, "The reference model",
+        "use a parent with the same tokenizer (anneal.reference=auto or a parent name), or merge without changing "
+        "the vocabulary.")
     args = dpo_config(cfg.anneal, stage_dir / "checkpoints", models.count_parameters(merged_dir))
     pairs, dropped = preferences.load_preferences(cfg.data)
 
+    clock.lap("setup")
     store_path, cache_state = reference_logps(reference_dir, reference_fingerprint, tokenizer, pairs, args, cfg,
                                               stage_dir)
+    clock.lap("reference_logps")
     scored = preferences.read_store(store_path)
     for split in scored:  # TRL drops pairs whose prompt alone fills max_length: counted, never silent
         dropped[split]["prompt_too_long"] = len(pairs[split]) - len(scored[split])
@@ -64,8 +72,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)  # fp32 master weights
     trainer = make_trainer(model, tokenizer, args, scored["train"], cfg.anneal, stage_dir, reference_fingerprint)
-    with frozen_base_in_bf16(trainer.model, bool(args.bf16) and cfg.anneal.peft is not None) as frozen_bf16:
+    with (frozen_base_in_bf16(trainer.model, bool(args.bf16) and cfg.anneal.peft is not None) as frozen_bf16,
+          lean_saved_tensors(trainer, autocast=bool(args.bf16)) as lean):
+        clock.lap("setup")
         trainer.train(resume_from_checkpoint=checkpoint)
+    clock.lap("train")
     final = dict(trainer.state.log_history[-1]) if trainer.state.log_history else {}
 
     out_dir, adapter_dir = stage_dir / "model", stage_dir / "adapter"
@@ -77,6 +88,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     models.release_memory()
     if cfg.anneal.peft is not None:
         save_model(merge_adapter(merged_dir, adapter_dir), tokenizer, out_dir)
+    clock.lap("save")
     return {
         "inputs": {"model": str(merged_dir), "reference": reference if models.is_hub_id(reference) else reference_dir,
                    "reference_path": reference_dir, "reference_label": reference_label,
@@ -88,12 +100,27 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "config": {"anneal": OmegaConf.to_container(cfg.anneal, resolve=True),
                    "data": OmegaConf.to_container(cfg.data, resolve=True)},
         "precision": {"master_weights": "float32", "autocast": "bfloat16" if args.bf16 else None,
-                      "frozen_linear_weights": "bfloat16" if frozen_bf16 else "float32"},
+                      "frozen_linear_weights": "bfloat16" if frozen_bf16 else "float32",
+                      "autocast_weight_cache": False if args.bf16 else None},
+        "saved_for_backward": dict(lean.counts),  # what LeanSavedTensors stored leaner, summed over training
         "data": {"train_pairs": len(scored["train"]), "heldout_pairs": len(scored["heldout"]), "dropped": dropped},
         "cache": {"reference_logps": cache_state},
         "resumed_from": checkpoint,
         "final_log": final,
+        "seconds_by_phase": clock.seconds,
     }
+
+
+class PhaseClock:
+    """Wall seconds by phase (a phase named twice adds up), for the manifest."""
+
+    def __init__(self):
+        self.seconds, self._last = {}, time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - self._last, 3)
+        self._last = now
 
 
 def choose_reference(choice, merge_entry: dict, merged_dir: Path) -> tuple[str, str]:
@@ -117,25 +144,6 @@ def choose_reference(choice, merge_entry: dict, merged_dir: Path) -> tuple[str, 
     if choice in by_name:
         return by_name[choice], f"parent:{choice}"
     return choice, "explicit"
-
-
-def check_same_vocabulary(tokenizer, merged_dir: Path, reference_dir: str) -> None:
-    """The reference is fed the policy tokenizer's ids: it must share the vocabulary (TRL does not check)."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    try:
-        ref_tokenizer = AutoTokenizer.from_pretrained(reference_dir)
-    except (OSError, ValueError) as err:
-        raise UserError(f"The reference model {reference_dir} has no loadable tokenizer ({err}). Fix: choose a "
-                        "reference that shares the merged model's tokenizer (anneal.reference=auto).") from None
-    merged_vocab = AutoConfig.from_pretrained(merged_dir).vocab_size
-    ref_vocab = AutoConfig.from_pretrained(reference_dir).vocab_size
-    if ref_tokenizer.get_vocab() != tokenizer.get_vocab() or merged_vocab != ref_vocab:
-        raise UserError(
-            f"The reference model {reference_dir} does not share the merged model's vocabulary (tokens "
-            f"{len(ref_tokenizer)} vs {len(tokenizer)}, embedding rows {ref_vocab} vs {merged_vocab}); scoring it "
-            "with the merged model's token ids would be meaningless. Fix: use a parent with the same tokenizer "
-            "(anneal.reference=auto or a parent name), or merge without changing the vocabulary.")
 
 
 def dpo_config(anneal: DictConfig, output_dir: Path, n_params: int):
@@ -323,6 +331,89 @@ def frozen_base_in_bf16(model, enabled: bool):
     models.release_memory()  # the float32 copies just dropped, and the reference pass's leftovers
     with disable_input_dtype_casting(model):
         yield True
+
+
+@contextmanager
+def lean_saved_tensors(trainer, autocast: bool):
+    """Train with `LeanSavedTensors` hooks. Under bf16 autocast, autocast's weight cache is switched off as
+    well: it would hold the bf16 copy of every weight until the forward ends (each weight is cast once per
+    forward either way). Yields the hooks (their `counts` say what was stored leaner)."""
+    import torch
+
+    if autocast:
+        from accelerate.utils import AutocastKwargs
+
+        trainer.accelerator.autocast_handler = AutocastKwargs(cache_enabled=False)  # read when train() wraps forward
+    hooks = LeanSavedTensors()
+    with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+        yield hooks
+
+
+class LeanSavedTensors:
+    """Saved-tensor hooks that keep less for the backward pass; every gradient stays bit-identical.
+
+    - A bf16 cast of a float32 parameter (autocast casts every weight for its matmul, and autograd keeps the
+      copy: 2 bytes per parameter at the activation peak) is stored as the parameter and cast again in backward.
+    - SiLU's output is recomputed from its input, which SiLU keeps anyway; so is the gated product
+      silu(gate) * up, whose factors the product keeps (Llama's MLP would store all four).
+    - Casts with equal values are stored once (autocast casts a layer's input once per consumer: q, k, v).
+    """
+
+    def __init__(self):
+        from collections import Counter, deque
+
+        self.counts = Counter()
+        self._recent_casts = deque(maxlen=8)  # weak references: a cast lives only as long as autograd keeps it
+
+    def pack(self, tensor):
+        import weakref
+
+        import torch
+
+        base = tensor if tensor._base is None else tensor._base
+        node = base.grad_fn
+        view = (tensor.size(), tensor.stride(), tensor.storage_offset())
+        if node is None or base.storage_offset() != 0:
+            return tensor
+        if node.name() == "SiluBackward0":
+            self.counts["silu_recomputed"] += 1
+            return "silu", node, view
+        factors = [f for f, _ in node.next_functions]
+        if (node.name() == "MulBackward0" and all(f is not None for f in factors)  # both need grad: both kept
+                and any(f.name() == "SiluBackward0" for f in factors)):
+            self.counts["gated_product_recomputed"] += 1  # silu(gate) * up, whose factors the mul keeps
+            return "product", node, view
+        if node.name() != "ToCopyBackward0":
+            return tensor
+        param = getattr(node.next_functions[0][0], "variable", None)  # AccumulateGrad of a leaf
+        if param is not None and param.shape == base.shape and param.dtype != base.dtype and base.is_contiguous():
+            self.counts["parameter_cast_recomputed"] += 1
+            return "cast", param, view, base.dtype
+        for ref in self._recent_casts:
+            other = ref()
+            if (other is not None and other is not base and other.dtype == base.dtype and other.shape == base.shape
+                    and other.stride() == base.stride() and other.storage_offset() == 0 and torch.equal(other, base)):
+                self.counts["equal_cast_shared"] += 1
+                return "same", other, view
+        self._recent_casts.append(weakref.ref(base))
+        return tensor
+
+    @staticmethod
+    def unpack(packed):
+        import torch
+
+        if not isinstance(packed, tuple):
+            return packed
+        kind, source, view, *dtype = packed
+        if kind == "silu":
+            value = torch.nn.functional.silu(source._saved_self)
+        elif kind == "product":
+            value = source._saved_self * source._saved_other
+        elif kind == "cast":
+            value = source.detach().to(dtype[0])
+        else:
+            value = source
+        return value.as_strided(*view)
 
 
 def frozen_linears_to_bf16(model) -> int:

@@ -10,7 +10,6 @@ Output: `<run_dir>/eval/metrics.json`, `report.md` and its PNG plots, and `items
 paired comparisons between runs).
 """
 
-import gc
 import hashlib
 import json
 import math
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import UserError, demo, manifest
+from pipeline import UserError, demo, manifest, models
 from pipeline import metrics as M
 from pipeline import preferences
 from pipeline.artifacts import replace_dir
@@ -65,7 +64,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         reference = load_model(reference_dir)
         per_item, samples = {}, {}
         for name, model_dir in model_dirs.items():
-            check_vocabulary(tokenizer, model_dir, name)
+            models.check_same_vocabulary(tokenizer, merged_dir, model_dir, f"Model {name}",
+                                         "evaluate models that share one tokenizer.")
             model = reference if Path(model_dir).resolve() == reference_dir.resolve() else load_model(model_dir)
             per_item[name] = score_model(model, reference, chosen, rejected, texts, tokenizer.pad_token_id or 0,
                                          cfg.eval.batch_size)
@@ -76,9 +76,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             samples[name] = [by_prompt[p] for p in shown]
             if model is not reference:
                 del model
-            gc.collect()
+            models.release_memory()
         del reference
-        gc.collect()
+        models.release_memory()
     scoring_seconds = time.perf_counter() - started
 
     ref_chosen = torch.tensor(heldout["ref_chosen_logps"])
@@ -167,13 +167,6 @@ def load_model(model_dir: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
-def check_vocabulary(tokenizer, model_dir: Path, name: str) -> None:
-    """Every model is fed the merged model's token ids (as in anneal): they must share its vocabulary."""
-    if load_tokenizer(model_dir).get_vocab() != tokenizer.get_vocab():
-        raise UserError(f"Model {name} ({model_dir}) does not share the merged model's vocabulary, so it cannot be "
-                        "scored on the same token ids. Fix: evaluate models with one tokenizer.")
 
 
 # ---------------------------------------------------------------------------------------------- tokenising
@@ -294,10 +287,8 @@ def summarize(items: dict, with_rewards: bool, ref_chosen, ref_rejected, beta: f
         margins = M.reward_margins(items["chosen_logps"], items["rejected_logps"], ref_chosen, ref_rejected, beta)
         per_item["reward_accuracy"] = (margins > 0).float()
         per_item["reward_margin"] = margins
-        summary["reward_accuracy"] = M.reward_accuracy(items["chosen_logps"], items["rejected_logps"], ref_chosen,
-                                                       ref_rejected, beta)
-        summary["reward_margin"] = M.reward_margin(items["chosen_logps"], items["rejected_logps"], ref_chosen,
-                                                   ref_rejected, beta)
+        summary["reward_accuracy"] = per_item["reward_accuracy"].mean().item()
+        summary["reward_margin"] = margins.mean().item()
         ci["reward_accuracy"] = M.bootstrap_ci(per_item["reward_accuracy"].numpy(), eval_cfg.bootstrap_resamples,
                                                eval_cfg.seed)
         ci["reward_margin"] = M.bootstrap_ci(margins.numpy(), eval_cfg.bootstrap_resamples, eval_cfg.seed)

@@ -1,5 +1,6 @@
 """The anneal stage: DPO on the merged demo model, an unmerged parent as the precomputed reference."""
 
+import contextlib
 import gc
 import json
 import signal
@@ -171,7 +172,8 @@ def test_lora_under_bf16_autocast_keeps_frozen_weights_in_bf16_and_saves_fp32(ma
     entry = run_pipeline(make_short_cfg("+merge=slerp", "anneal=lora", "anneal.trainer.bf16=true"),
                          tmp_path)["stages"]["anneal"]
     assert entry["precision"] == {"master_weights": "float32", "autocast": "bfloat16",
-                                  "frozen_linear_weights": "bfloat16"}
+                                  "frozen_linear_weights": "bfloat16", "autocast_weight_cache": False}
+    assert entry["saved_for_backward"]["silu_recomputed"] > 0
     after = load_file(Path(entry["outputs"]["model"]) / "model.safetensors")
     before = load_file(tmp_path / "merge" / "model" / "model.safetensors")
     adapter = load_file(Path(entry["outputs"]["adapter"]) / "adapter_model.safetensors")
@@ -207,6 +209,78 @@ def test_frozen_bf16_linears_compute_what_autocast_computes(demo_path):
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointing"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("autocast", [True, False], ids=["bf16-autocast", "fp32"])
+def test_lean_saved_tensors_give_bit_identical_gradients(lora, autocast, checkpointing, demo_path):
+    """The anneal stage's saved-tensor hooks store less for backward; loss and gradients do not change a bit,
+    with gradient checkpointing too."""
+    from peft import LoraConfig, get_peft_model
+    from peft.helpers import disable_input_dtype_casting
+
+    model = AutoModelForCausalLM.from_pretrained(demo_path / "add", dtype=torch.float32)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+        model.train()
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        if autocast:
+            anneal.frozen_linears_to_bf16(model)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]] * 2)
+
+    def loss_and_grads(hooks):
+        model.zero_grad(set_to_none=True)
+        with contextlib.ExitStack() as stack:
+            if hooks:
+                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack))
+            if lora and autocast:
+                stack.enter_context(disable_input_dtype_casting(model))
+            with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False, enabled=autocast):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_grads = loss_and_grads(None)
+    hooks = anneal.LeanSavedTensors()
+    loss, grads = loss_and_grads(hooks)
+    assert torch.equal(loss, plain_loss)
+    assert grads.keys() == plain_grads.keys() and grads
+    for name, grad in grads.items():
+        assert torch.equal(grad, plain_grads[name]), name
+    if checkpointing:  # the layers' tensors are saved by checkpointing's own hooks (innermost hooks win)
+        return
+    layers = 2
+    assert hooks.counts["silu_recomputed"] == hooks.counts["gated_product_recomputed"] == layers
+    if autocast:  # each weight's bf16 copy: q k v o gate up down per layer, lm_head. LoRA: the adapters' (the
+        # frozen weights are bf16 already), less layer 0's q k v gate up lora_A, whose input needs no gradient
+        assert hooks.counts["parameter_cast_recomputed"] == (2 * (layers * 7 + 1) - 5 if lora else layers * 7 + 1)
+        # k and v share q's input cast, up shares gate's; with LoRA not in layer 0's attention, whose input
+        # needs no gradient (its casts are not traced)
+        assert hooks.counts["equal_cast_shared"] == 3 * layers - (2 if lora else 0)
+    else:
+        assert hooks.counts.keys() == {"silu_recomputed", "gated_product_recomputed"}
+
+
+def test_lean_saved_tensors_keep_a_product_whose_factor_needs_no_gradient(demo_path):
+    """LoRA on gate_proj and down_proj: down's adapter saves the product silu(gate) * up, and in layer 0 up's
+    output needs no gradient, so the product keeps only that factor and must be stored as it is (a recompute
+    would find the other factor missing); the gradients stay bit-identical."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(demo_path / "add", dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["gate_proj", "down_proj"], init_lora_weights=False))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]] * 2)
+    grads = []
+    for hooks in (None, anneal.LeanSavedTensors()):
+        model.zero_grad(set_to_none=True)
+        with (torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack) if hooks
+              else contextlib.nullcontext()):
+            model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert hooks.counts["gated_product_recomputed"] == 1  # layer 1 only
+    assert grads[0].keys() == grads[1].keys() and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
 def test_bf16_merge_trains_with_fp32_master_weights(make_short_cfg, tmp_path):
     entry = run_pipeline(make_short_cfg("+merge=linear", "merge.dtype=bfloat16"), tmp_path)["stages"]
     assert load_file(Path(entry["merge"]["outputs"]["model"]) / "model.safetensors")[
@@ -214,7 +288,7 @@ def test_bf16_merge_trains_with_fp32_master_weights(make_short_cfg, tmp_path):
     after = load_file(Path(entry["anneal"]["outputs"]["model"]) / "model.safetensors")
     assert after["lm_head.weight"].dtype == torch.float32
     assert entry["anneal"]["precision"] == {"master_weights": "float32", "autocast": None,  # tiny: no autocast
-                                            "frozen_linear_weights": "float32"}
+                                            "frozen_linear_weights": "float32", "autocast_weight_cache": None}
 
 
 def test_reference_choices(make_short_cfg, tmp_path, demo_path):

@@ -1,5 +1,6 @@
 """The merge stage: every mergekit method on the demo parents, custom YAML, cache, determinism, bad input."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -285,3 +286,14 @@ def test_help_works_from_any_directory(tmp_path):
     result = run_cli("--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "merge: " in result.stdout and "slerp" in result.stdout and "+merge=<method>" in result.stdout
+
+
+def test_fingerprint_is_remembered_only_while_files_are_unchanged(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights one")
+    first = models.fingerprint(tmp_path)
+    assert models.fingerprint(tmp_path) == first == models.fingerprint(str(tmp_path))
+    weights.write_bytes(b"weights two")  # same size; a new modification time
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert models.fingerprint(tmp_path) != first
