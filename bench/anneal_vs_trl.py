@@ -94,7 +94,8 @@ def prepare(size: str, case_dir: Path, steps: int, batch: int) -> Path:
     if size == "demo":
         root = demo.ensure_demo(cache)
         base, parents = root / "base", [root / "add", root / "reverse"]
-        rows = [json.loads(line) for line in (root / "data" / "train.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for split in ("train", "heldout")  # held-out pairs after all 4000 training ones
+                for line in (root / "data" / f"{split}.jsonl").read_text().splitlines()]
         max_length = 64
     else:
         base, parents = make_parents(case_dir / "parents", SIZES[size])
@@ -236,7 +237,7 @@ def sweep_worker(cfg, case: Path, run_dir: Path) -> dict:
         jobs.append(entry["cache"]["reference_logps"])
     wall = time.perf_counter() - started
     shutil.rmtree(run_dir, ignore_errors=True)
-    return {"wall_s": wall, "train_s": float("nan"), "tokens": float("nan"), "bf16": None,
+    return {"wall_s": wall, "train_s": None, "tokens": None, "bf16": None,  # four trainings: no single figure
             "peak_rss_mb": peak_rss_mb(), "phases": {f"job{i} ({c})": w for i, (c, w) in enumerate(zip(jobs, walls))}}
 
 
@@ -300,8 +301,8 @@ def matmul_peaks() -> dict:
 def summarize(size: str, runs: dict, peaks: dict, case: Path) -> dict:
     from pipeline import models, manifest
 
-    med = {v: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "train_s", "tokens", "peak_rss_mb")}
-           for v, rs in runs.items()}
+    med = {v: {k: statistics.median(r[k] for r in rs) if rs[0][k] is not None else None
+               for k in ("wall_s", "train_s", "tokens", "peak_rss_mb")} for v, rs in runs.items()}
     n_params = models.count_parameters(manifest.stage_output(case / "merged-run", "merge", "model"))
     bf16 = runs["trl"][0]["bf16"]
     peak = peaks["bf16" if bf16 else "fp32"]
@@ -330,8 +331,9 @@ def summarize(size: str, runs: dict, peaks: dict, case: Path) -> dict:
     print(f"\n== {size}: {out['params_m']}M parameters, bf16 autocast {bf16} ==")
     print(f"{'variant':14s}{'wall s':>9s}{'train s':>9s}{'tokens/s':>10s}{'peak RSS MB':>13s}")
     for v, m in med.items():
-        rate = f"{m['tokens'] / m['train_s']:10.0f}" if v != "sweep4" else f"{'-':>10s}"
-        print(f"{v:14s}{m['wall_s']:9.2f}{m['train_s']:9.2f}{rate}{m['peak_rss_mb']:13.0f}")
+        train, rate = ((f"{m['train_s']:9.2f}", f"{m['tokens'] / m['train_s']:10.0f}") if m["train_s"] is not None
+                       else (f"{'-':>9s}", f"{'-':>10s}"))
+        print(f"{v:14s}{m['wall_s']:9.2f}{train}{rate}{m['peak_rss_mb']:13.0f}")
     print(f"time_ratio (anneal / plain TRL, wall) {out['time_ratio']}   rss_ratio {out['rss_ratio']}   "
           f"tokens/s ratio {out['tokens_per_s_ratio']}   4-point sweep / 4 independent "
           f"{out.get('sweep4_ratio', 'not measured')}")

@@ -255,9 +255,10 @@ def score_with_reference(reference_dir: str, tokenizer, pairs, args, reference_f
 def _attach(original, scored):
     """Original rows (untouched text) with the reference log-probs, matched by row index; rows TRL dropped
     (prompt alone fills max_length) are left out."""
-    kept = original.select(scored["row"])
-    return (kept.add_column("ref_chosen_logps", scored["ref_chosen_logps"])
-            .add_column("ref_rejected_logps", scored["ref_rejected_logps"]))
+    column = lambda name: scored[name][:]  # a list at once (iterating a datasets Column goes row by row)
+    kept = original.select(column("row"))
+    return (kept.add_column("ref_chosen_logps", column("ref_chosen_logps"))
+            .add_column("ref_rejected_logps", column("ref_rejected_logps")))
 
 
 @contextmanager
