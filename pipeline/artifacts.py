@@ -2,7 +2,6 @@
 
 import os
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -30,18 +29,17 @@ def link_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=link_or_copy)
 
 
-def publish_cached(cached_dir: Path, target: Path) -> None:
-    """Put a cached folder's files at `target` (hard links), replacing what was there."""
-    replace_dir(target, lambda tmp: link_tree(cached_dir, tmp))
-
-
-@contextmanager
-def locked(entry: Path):
-    """Hold a file lock beside a cache entry: parallel jobs (e.g. +launcher=submitit_local) wait for the one
-    computing it, then find it, instead of computing it twice."""
+def through_cache(entry: Path, build, target: Path) -> str:
+    """Put cache entry `entry`'s files at `target` (hard links), replacing what was there; `build(entry)` makes a
+    missing entry first. A file lock beside the entry makes parallel jobs (e.g. +launcher=submitit_local) wait
+    for the one building it, then find it, instead of building it twice. Returns "hit" or "miss"."""
     from filelock import FileLock
 
     entry = Path(entry)
     entry.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(entry.with_name(f".{entry.name}.lock"))):
-        yield
+        state = "hit" if entry.is_dir() else "miss"
+        if state == "miss":
+            build(entry)
+    replace_dir(target, lambda tmp: link_tree(entry, tmp))
+    return state

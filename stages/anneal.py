@@ -12,6 +12,7 @@ import hashlib
 import json
 import shutil
 import time
+import weakref
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import UserError, manifest, models, preferences
-from pipeline.artifacts import locked, publish_cached, replace_dir
+from pipeline.artifacts import replace_dir, through_cache
 
 # TRL 1.16's DPO loss types (dpo_trainer.py, `_compute_loss`).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -215,11 +216,7 @@ def reference_logps(reference_dir: str, reference_fingerprint: str, tokenizer, p
         "autocast": bool(args.bf16), "trl": version("trl"),
     }, sort_keys=True).encode()).hexdigest()[:32]
     cached = Path(cfg.pipeline.cache_dir).expanduser() / "reference_logps" / key
-    with locked(cached):
-        state = "hit" if cached.is_dir() else "miss"
-        if state == "miss":
-            replace_dir(cached, compute)
-    publish_cached(cached, local)
+    state = through_cache(cached, lambda entry: replace_dir(entry, compute), local)
     return local / "data.parquet", state
 
 
@@ -367,10 +364,6 @@ class LeanSavedTensors:
         self._recent_casts = deque(maxlen=8)  # weak references: a cast lives only as long as autograd keeps it
 
     def pack(self, tensor):
-        import weakref
-
-        import torch
-
         base = tensor if tensor._base is None else tensor._base
         node = base.grad_fn
         view = (tensor.size(), tensor.stride(), tensor.storage_offset())
@@ -393,7 +386,7 @@ class LeanSavedTensors:
         for ref in self._recent_casts:
             other = ref()
             if (other is not None and other is not base and other.dtype == base.dtype and other.shape == base.shape
-                    and other.stride() == base.stride() and other.storage_offset() == 0 and torch.equal(other, base)):
+                    and other.stride() == base.stride() and other.storage_offset() == 0 and other.equal(base)):
                 self.counts["equal_cast_shared"] += 1
                 return "same", other, view
         self._recent_casts.append(weakref.ref(base))

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import UserError, models
-from pipeline.artifacts import locked, publish_cached, replace_dir
+from pipeline.artifacts import replace_dir, through_cache
 
 # MergeOptions fields merge-anneal fixes: safetensors only; it writes the resolved YAML itself because
 # mergekit's card writer reaches for the network; the tokenizer always comes from the donor.
@@ -39,11 +39,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.pipeline.cache:
         key = cache_key(merge_config, options, version("mergekit"))
         cached_dir = Path(cfg.pipeline.cache_dir).expanduser() / "merges" / key
-        with locked(cached_dir):
-            cache_state = "hit" if cached_dir.is_dir() else "miss"
-            if cache_state == "miss":
-                merge_into(merge_config, options, cached_dir)
-        publish_cached(cached_dir, out_dir)
+        cache_state = through_cache(cached_dir, lambda entry: merge_into(merge_config, options, entry), out_dir)
         print(f"merge: {'reused cached merge' if cache_state == 'hit' else 'merged'} {cached_dir}")
     else:
         merge_into(merge_config, options, out_dir)
