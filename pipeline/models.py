@@ -1,5 +1,6 @@
 """Model references: local folders or hub ids, turned into absolute local folders mergekit can read offline."""
 
+import contextlib
 import ctypes
 import functools
 import gc
@@ -12,6 +13,7 @@ from pipeline import UserError
 # What a merge needs from a hub repo: config, safetensors weights, tokenizer files and the chat template
 # (mergekit's own download filter skips `chat_template.jinja`).
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "merges.txt", "vocab.txt", "*.tiktoken"]
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
@@ -74,10 +76,14 @@ def fingerprint(folder: str | Path) -> str:
 @functools.lru_cache(maxsize=64)
 def _fingerprint(root: Path, stamp: tuple) -> str:
     digest = hashlib.sha256()
-    for name, _, _ in stamp:
+    buffer = memoryview(bytearray(16 << 20))  # big reads: hashing and reading release the GIL, so a thread
+    for name, _, _ in stamp:                  # hashing overlaps the caller's Python work (few GIL hand-overs)
         digest.update(name.encode() + b"\0")
+        content = hashlib.sha256()
         with (root / name).open("rb") as handle:
-            digest.update(hashlib.file_digest(handle, "sha256").digest())
+            while size := handle.readinto(buffer):
+                content.update(buffer[:size])
+        digest.update(content.digest())
     return digest.hexdigest()
 
 
@@ -109,6 +115,37 @@ def check_same_vocabulary(tokenizer, merged_dir: Path, model_dir: str | Path, wh
         raise UserError(f"{what} ({model_dir}) does not share the merged model's vocabulary (tokens {len(other)} vs "
                         f"{len(tokenizer)}, embedding rows {other_rows} vs {embedding_rows}); scoring it with the "
                         f"merged model's token ids would be meaningless. Fix: {fix}")
+
+
+def keep_freed_memory() -> bool:
+    """glibc malloc: keep freed blocks (up to 32 MiB each) for reuse instead of handing them back to the OS.
+    Training frees and allocates the same activation and gradient buffers every step; glibc's defaults trim
+    the heap top after each free and page the memory in again (zeroed) at the next step. Raising the trim
+    threshold to 1 GiB and pinning the mmap threshold at its 32 MiB maximum (a fixed threshold: glibc's dynamic
+    one stops adapting once the trim threshold is set) halved the anneal stage's page faults and system time
+    at 94.5M parameters (full fine-tuning, peak RSS within noise). `release_memory` still trims between
+    phases. Returns whether glibc took the settings."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
+@contextlib.contextmanager
+def gc_skips_existing_objects():
+    """Full garbage collections skip the objects that exist now (with torch, transformers, TRL and datasets
+    imported: ~470k, the libraries' modules, functions and classes) until the block ends. Each full collection
+    (`release_memory`, accelerate's before training) traversed them all: 0.25 s each on 2 CPU cores. Yields
+    how many objects were set aside; a caller's own `gc.freeze()` is left alone (0)."""
+    if gc.get_freeze_count():
+        yield 0
+        return
+    gc.freeze()
+    try:
+        yield gc.get_freeze_count()
+    finally:
+        gc.unfreeze()
 
 
 def release_memory() -> None:

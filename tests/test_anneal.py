@@ -74,6 +74,7 @@ def test_default_run_output_loads_and_records_everything(default_run, demo_path)
     assert entry["inputs"]["reference"] == str(demo_path / "add")
     assert entry["reference_fingerprint"] == models.fingerprint(demo_path / "add")
     assert entry["precision"]["master_weights"] == "float32"
+    assert entry["reference_batch_size"] == 32
     assert entry["cache"]["reference_logps"] in ("hit", "miss")
     assert entry["data"]["train_pairs"] == 4000 and entry["data"]["heldout_pairs"] == 300
     assert entry["data"]["dropped"]["train"] == {"empty": 0, "chosen_equals_rejected": 0, "prompt_too_long": 0}
@@ -107,6 +108,41 @@ def test_reference_logps_are_the_parents_row_by_row(default_run, demo_path):
         assert (stored - from_merged).abs().max() > 0.1
 
 
+def test_reference_pass_under_autocast_equals_trls_with_a_float32_reference(make_short_cfg, tmp_path, demo_path):
+    """Under bf16 autocast the reference's Linear weights are cast to bf16 once, not at every forward: the
+    log-probs are bit-identical to TRL's own precompute with the float32 reference."""
+    import datasets
+    from trl import DPOTrainer
+
+    cfg = make_short_cfg("+merge=slerp", "anneal.trainer.bf16=true", "anneal.trainer.precompute_ref_batch_size=8")
+    tokenizer = AutoTokenizer.from_pretrained(demo_path / "add")
+    args = anneal.dpo_config(cfg.anneal, tmp_path / "ckpt", 10**6)
+    assert args.bf16 and args.precompute_ref_batch_size == 8  # set by the user: kept
+    pairs, _ = preferences.load_preferences(cfg.data)
+    pairs = {"train": pairs["train"].select(range(40)), "heldout": pairs["heldout"].select(range(8))}
+    scored = anneal.score_with_reference(str(demo_path / "add"), tokenizer, pairs, args, "fingerprint")
+    datasets.disable_caching()
+    try:
+        with anneal.known_model_hash("fingerprint-fp32"):
+            trl_own = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(demo_path / "add", dtype=torch.float32),
+                                 args=args, train_dataset=pairs["train"], eval_dataset=pairs["heldout"],
+                                 processing_class=tokenizer)
+    finally:
+        datasets.enable_caching()
+    for split, theirs in (("train", trl_own.train_dataset), ("heldout", trl_own.eval_dataset)):
+        for column in anneal.REF_COLUMNS:
+            assert scored[split][column][:] == theirs[column][:], (split, column)
+
+
+def test_reference_batch_size_fills_a_token_budget(make_short_cfg, tmp_path):
+    assert anneal.reference_batch_size(16, 64) == 32  # the demo: 32 pairs x 2 x 64 tokens = 4096
+    assert anneal.reference_batch_size(4, 134) == 15
+    assert anneal.reference_batch_size(8, 2048) == 8  # long sequences: the training batch
+    assert anneal.reference_batch_size(2, None) == 2  # TRL's max_length=None: read as 1024
+    args = anneal.dpo_config(make_short_cfg("+merge=slerp").anneal, tmp_path, 10**6)
+    assert args.precompute_ref_batch_size == 32
+
+
 def test_reference_is_released_before_the_policy_trains(make_short_cfg, tmp_path, demo_path):
     cfg = make_short_cfg("+merge=slerp")
     run_pipeline(make_short_cfg("+merge=slerp", "pipeline.stages=[merge]"), tmp_path)
@@ -115,9 +151,10 @@ def test_reference_is_released_before_the_policy_trains(make_short_cfg, tmp_path
     args = anneal.dpo_config(cfg.anneal, tmp_path / "ckpt", models.count_parameters(merged_dir))
     pairs, _ = preferences.load_preferences(cfg.data)
     pairs = {"train": pairs["train"].select(range(64)), "heldout": pairs["heldout"].select(range(16))}
-    scored = anneal.score_with_reference(str(demo_path / "add"), tokenizer, pairs, args, "fingerprint")
-    gc.collect()
-    assert not [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
+    with models.gc_skips_existing_objects():  # as in the stage
+        scored = anneal.score_with_reference(str(demo_path / "add"), tokenizer, pairs, args, "fingerprint")
+        gc.collect()
+        assert not [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
 
     resident = []
 
@@ -131,6 +168,32 @@ def test_reference_is_released_before_the_policy_trains(make_short_cfg, tmp_path
     trainer.train()
     assert trainer.ref_model is None
     assert resident and set(resident) == {1}  # one causal LM alive: the policy alone
+
+
+def test_gc_skips_existing_objects_only_inside_the_block():
+    class Node:
+        pass
+
+    old = Node()
+    with models.gc_skips_existing_objects() as skipped:
+        assert skipped > 1000 and gc.get_freeze_count() > 1000
+        assert not any(o is old for o in gc.get_objects())  # set aside: full collections skip it
+        cycle = Node()
+        cycle.me = cycle
+        del cycle
+        assert gc.collect() >= 1  # what is made inside is still collected
+    assert gc.get_freeze_count() == 0 and any(o is old for o in gc.get_objects())
+    gc.freeze()  # a caller's own freeze is left alone
+    try:
+        with models.gc_skips_existing_objects() as skipped:
+            assert skipped == 0
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
+def test_malloc_keeps_freed_memory_on_glibc():
+    assert models.keep_freed_memory() is True  # Linux with glibc: the settings are taken
 
 
 def test_reference_logps_shared_across_merges(make_short_cfg, tmp_path):
@@ -172,7 +235,8 @@ def test_lora_under_bf16_autocast_keeps_frozen_weights_in_bf16_and_saves_fp32(ma
     entry = run_pipeline(make_short_cfg("+merge=slerp", "anneal=lora", "anneal.trainer.bf16=true"),
                          tmp_path)["stages"]["anneal"]
     assert entry["precision"] == {"master_weights": "float32", "autocast": "bfloat16",
-                                  "frozen_linear_weights": "bfloat16", "autocast_weight_cache": False}
+                                  "frozen_linear_weights": "bfloat16", "autocast_weight_cache": False,
+                                  "reference_linear_weights": "bfloat16", "attention": "bfloat16"}
     assert entry["saved_for_backward"]["silu_recomputed"] > 0
     after = load_file(Path(entry["outputs"]["model"]) / "model.safetensors")
     before = load_file(tmp_path / "merge" / "model" / "model.safetensors")
@@ -207,6 +271,29 @@ def test_frozen_bf16_linears_compute_what_autocast_computes(demo_path):
     torch.testing.assert_close(cast, reference, rtol=0, atol=0)
     torch.testing.assert_close(uncast, reference, rtol=0, atol=0)
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_float32_attention_under_cpu_autocast(demo_path, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(demo_path / "add", dtype=torch.float32)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [0, 0, 7, 8, 9, 10, 11, 12]])
+    mask = torch.tensor([[1] * 8, [0, 0] + [1] * 6])  # left padding: SDPA gets a mask
+
+    def run(autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return model(input_ids=ids, attention_mask=mask).logits
+
+    with torch.no_grad():
+        plain, bf16_attention = run(False), run(True)
+        with anneal.float32_attention(model, True) as applied:
+            assert applied and model.config._attn_implementation == anneal.FLOAT32_SDPA
+            same_in_fp32, fp32_attention = run(False), run(True)
+    torch.testing.assert_close(same_in_fp32, plain, rtol=0, atol=0)  # transformers' SDPA, inputs already float32
+    assert not torch.equal(fp32_attention, bf16_attention)  # under autocast the attention ran in float32
+    assert model.config._attn_implementation == "sdpa"  # restored: a saved config names a standard attention
+    model.save_pretrained(tmp_path)
+    assert anneal.FLOAT32_SDPA not in (tmp_path / "config.json").read_text()
+    with anneal.float32_attention(model, False) as applied:
+        assert not applied and model.config._attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointing"])
@@ -281,14 +368,20 @@ def test_lean_saved_tensors_keep_a_product_whose_factor_needs_no_gradient(demo_p
     assert grads[0].keys() == grads[1].keys() and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
 
 
-def test_bf16_merge_trains_with_fp32_master_weights(make_short_cfg, tmp_path):
-    entry = run_pipeline(make_short_cfg("+merge=linear", "merge.dtype=bfloat16"), tmp_path)["stages"]
+@pytest.mark.parametrize("bf16", ["auto", "true"])
+def test_bf16_merge_trains_with_fp32_master_weights(bf16, make_short_cfg, tmp_path):
+    entry = run_pipeline(make_short_cfg("+merge=linear", "merge.dtype=bfloat16", f"anneal.trainer.bf16={bf16}"),
+                         tmp_path)["stages"]
     assert load_file(Path(entry["merge"]["outputs"]["model"]) / "model.safetensors")[
         "lm_head.weight"].dtype == torch.bfloat16
-    after = load_file(Path(entry["anneal"]["outputs"]["model"]) / "model.safetensors")
-    assert after["lm_head.weight"].dtype == torch.float32
-    assert entry["anneal"]["precision"] == {"master_weights": "float32", "autocast": None,  # tiny: no autocast
-                                            "frozen_linear_weights": "float32", "autocast_weight_cache": None}
+    model_dir = Path(entry["anneal"]["outputs"]["model"])
+    assert load_file(model_dir / "model.safetensors")["lm_head.weight"].dtype == torch.float32
+    autocast = bf16 == "true"  # auto: the demo is too small for autocast to pay
+    assert entry["anneal"]["precision"] == {
+        "master_weights": "float32", "autocast": "bfloat16" if autocast else None, "frozen_linear_weights": "float32",
+        "autocast_weight_cache": False if autocast else None, "attention": "float32",  # CPU: float32 under autocast
+        "reference_linear_weights": "bfloat16" if autocast else "float32"}
+    assert anneal.FLOAT32_SDPA not in (model_dir / "config.json").read_text()
 
 
 def test_reference_choices(make_short_cfg, tmp_path, demo_path):

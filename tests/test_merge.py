@@ -297,3 +297,15 @@ def test_fingerprint_is_remembered_only_while_files_are_unchanged(tmp_path):
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     assert models.fingerprint(tmp_path) != first
+
+
+def test_fingerprint_hashes_big_files_whole(tmp_path):
+    import hashlib
+
+    content = os.urandom((16 << 20) + 12345)  # more than one 16 MiB read
+    (tmp_path / "model.safetensors").write_bytes(content)
+    (tmp_path / "empty.json").write_bytes(b"")
+    expected = hashlib.sha256()
+    for name, data in (("empty.json", b""), ("model.safetensors", content)):
+        expected.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    assert models.fingerprint(tmp_path) == expected.hexdigest()
