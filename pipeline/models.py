@@ -150,7 +150,8 @@ def gc_skips_existing_objects():
 
 def release_memory() -> None:
     """Collect garbage, then hand freed heap pages back to the OS: glibc keeps them otherwise (torch allocates
-    tensors under its dynamic mmap threshold from the heap), and they would count in a later peak."""
+    tensors under the mmap threshold from the heap; after `keep_freed_memory` that is every block up to 32 MiB,
+    and only 1 GiB free at the heap top would be trimmed), and they would count in a later peak."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
