@@ -130,9 +130,9 @@ def make_parents(folder: Path, dims: dict):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline import demo
+    from pipeline.demo.build import build_tokenizer
 
-    tokenizer = demo.build_tokenizer()
+    tokenizer = build_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=False,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                          **{k: v for k, v in dims.items() if not k.endswith("_chars")})
@@ -168,7 +168,7 @@ def synthetic_pairs(n: int, prompt_chars: int, completion_chars: int) -> list[di
 def run_worker(variant: str, case: Path) -> dict:
     out = subprocess.run([sys.executable, __file__, "--worker", variant, "--case", str(case)], capture_output=True,
                          text=True, cwd=case)
-    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
         raise SystemExit(f"worker {variant} failed:\n{out.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
@@ -196,7 +196,6 @@ def worker(variant: str, case: Path) -> dict:
         cfg = compose("config", overrides=[*overrides, "pipeline.stages=[anneal]"])
     run_dir = Path(tempfile.mkdtemp(prefix=f"{variant}-", dir=case))
     manifest.save(run_dir, manifest.load(case / "merged-run"))
-    import torch  # imported before the clock starts, like the stage's own imports below
     import trl  # noqa: F401
 
     from stages import anneal
@@ -206,8 +205,8 @@ def worker(variant: str, case: Path) -> dict:
     started = time.perf_counter()
     phases = {}
     if variant.startswith("anneal"):
-        entry = anneal.run(cfg, run_dir)
-        log = [json.loads(l) for l in Path(entry["outputs"]["metrics"]).read_text().splitlines()]
+        entry = anneal.run(cfg, run_dir).model_dump(mode="json")
+        log = [json.loads(line) for line in Path(entry["outputs"]["metrics"]).read_text().splitlines()]
         bf16 = entry["precision"]["autocast"] == "bfloat16"
         phases = entry["seconds_by_phase"]
     else:
@@ -232,7 +231,7 @@ def sweep_worker(cfg, case: Path, run_dir: Path) -> dict:
         job_dir = run_dir / f"job{i}"
         manifest.save(job_dir, manifest.load(case / f"sweep-merged-{i}"))
         job_started = time.perf_counter()
-        entry = anneal.run(cfg, job_dir)
+        entry = anneal.run(cfg, job_dir).model_dump(mode="json")
         walls.append(time.perf_counter() - job_started)
         jobs.append(entry["cache"]["reference_logps"])
     wall = time.perf_counter() - started
@@ -261,12 +260,13 @@ def plain_trl(cfg, run_dir: Path, parent: str, lora: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOTrainer
 
-    from pipeline import manifest, models, preferences
+    from pipeline import models, perf, preferences, records
     from stages import anneal
 
-    merged_dir = manifest.stage_output(run_dir, "merge", "model")
+    merged_dir = records.load(run_dir, records.MergeRecord).outputs.model
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    args = anneal.dpo_config(cfg.anneal, run_dir / "trl", models.count_parameters(merged_dir))
+    args = anneal.dpo_config(cfg.anneal, run_dir / "trl", perf.decide_precision(cfg.anneal,
+                                                                                models.count_parameters(merged_dir)))
     args.precompute_ref_log_probs = False
     pairs, _ = preferences.load_preferences(cfg.data)
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
@@ -299,11 +299,11 @@ def matmul_peaks() -> dict:
 
 
 def summarize(size: str, runs: dict, peaks: dict, case: Path) -> dict:
-    from pipeline import models, manifest
+    from pipeline import models, records
 
     med = {v: {k: statistics.median(r[k] for r in rs) if rs[0][k] is not None else None
                for k in ("wall_s", "train_s", "tokens", "peak_rss_mb")} for v, rs in runs.items()}
-    n_params = models.count_parameters(manifest.stage_output(case / "merged-run", "merge", "model"))
+    n_params = models.count_parameters(records.load(case / "merged-run", records.MergeRecord).outputs.model)
     bf16 = runs["trl"][0]["bf16"]
     peak = peaks["bf16" if bf16 else "fp32"]
     out = {"size": size, "params_m": round(n_params / 1e6, 1), "autocast_bf16": bf16, "medians": med,

@@ -1,6 +1,7 @@
 """The Hydra application: compose the config, run the chosen stages in order, keep the manifest."""
 
 import importlib
+import logging
 import sys
 import textwrap
 import time
@@ -13,8 +14,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pipeline import CONF_DIR, UserError, demo, manifest, models, sweep
+from pipeline import CONF_DIR, UserError, demo, logs, manifest, models, sweep
 
+log = logging.getLogger(__name__)
 STAGES = ("merge", "anneal", "eval", "release")  # every stage that exists, in pipeline order
 
 
@@ -44,9 +46,11 @@ class RequireMerge(Callback):
 
 
 def fail(message: str) -> None:
-    """One paragraph on stderr, exit code 2: how user mistakes end."""
-    print(textwrap.fill(f"merge-anneal: error: {message}", width=100, break_long_words=False,
-                        break_on_hyphens=False), file=sys.stderr)
+    """One paragraph on stderr (and in the run folder's log), exit code 2: how user mistakes end."""
+    text = textwrap.fill(f"merge-anneal: error: {message}", width=100, break_long_words=False,
+                         break_on_hyphens=False)
+    logs.to_log_file(logging.ERROR, text)
+    print(text, file=sys.stderr)
     sys.exit(2)
 
 
@@ -63,17 +67,17 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict:
     """Run the configured stages in `run_dir`; returns the manifest. Raises UserError on bad input."""
     run_dir = Path(run_dir).resolve()
     stages = check_stages(cfg.pipeline.stages)
-    if "demo" in (cfg.models.source, cfg.data.source):
+    if "demo" in (cfg.models.source, cfg.data.source) and {"merge", "anneal"} & set(stages):
         demo.ensure_demo(cfg.models.cache_dir)  # built on first use, never rebuilt while present
     for name in stages:
         if cfg.pipeline.resume and manifest.load(run_dir)["stages"].get(name, {}).get("status") == "done":
-            print(f"{name}: done in an earlier attempt, skipped (pipeline.resume=true)")
+            log.info(f"{name}: done in an earlier attempt, skipped (pipeline.resume=true)")
             continue
         stage = importlib.import_module(f"stages.{name}")
         manifest.set_stage(run_dir, name, {"status": "running"})
         started = time.perf_counter()
         try:
-            entry = stage.run(cfg, run_dir)
+            record = stage.run(cfg, run_dir)
         except BaseException as err:
             error = f"{type(err).__name__}: {err}"
             manifest.set_stage(run_dir, name, {"status": "failed", "error": error,
@@ -83,9 +87,9 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict:
                 (run_dir / name).mkdir(parents=True, exist_ok=True)
                 (run_dir / name / "error.log").write_text(traceback.format_exc())
             raise
-        entry = {"status": "done", **entry, "seconds": round(time.perf_counter() - started, 3),
-                 "versions": manifest.versions()}
-        manifest.set_stage(run_dir, name, entry)
+        record = record.model_copy(update={"status": "done", "seconds": round(time.perf_counter() - started, 3),
+                                           "versions": manifest.versions()})
+        manifest.set_stage(run_dir, name, record.model_dump(mode="json"))
     return manifest.load(run_dir)
 
 
@@ -106,6 +110,7 @@ def main(cfg: DictConfig) -> float | None:
     +sweep=search reads), a failed run fails only its own job, and memory is freed before the next job."""
     if needs_merge_config(cfg):  # multirun jobs do not pass through RequireMerge.on_run_start
         fail(missing_merge_message())
+    logs.route_library_logs(cfg.pipeline.library_logs)
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     # The command line, for the release's model card: stages themselves never read HydraConfig.
@@ -120,5 +125,5 @@ def main(cfg: DictConfig) -> float | None:
             fail(str(err))
         raise  # in a sweep, Hydra records the job as failed and runs the next; the sweep summary lists it
     free_job_memory()
-    print(f"merge-anneal: done; manifest: {manifest.manifest_path(run_dir)}")
+    log.info(f"merge-anneal: done; manifest: {manifest.manifest_path(run_dir)}")
     return objective

@@ -1,22 +1,42 @@
-"""Writing artifacts: a folder appears complete or not at all; cached folders are shared by hard links."""
+"""Writing artifacts: a file or folder appears complete or not at all; cached folders are shared by hard links."""
 
 import os
 import shutil
+import threading
 from pathlib import Path
 
 
-def replace_dir(target: Path, fill) -> None:
-    """`fill(tmp)` writes a folder; it replaces `target` only if `fill` finishes."""
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def publish(target: Path, fill) -> Path:
+    """The one way merge-anneal publishes a file or a folder: `fill(tmp)` writes it at a temporary sibling path,
+    which replaces `target` only once `fill` has returned. A reader never sees a half-written `target`: a
+    killed or failed writer leaves the old one (or none) and a hidden `.partial` sibling that the next publish
+    of the same target removes. Returns `target`."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tag = f"{os.getpid()}-{threading.get_ident()}"
+    tmp, old = (target.with_name(f".{target.name}.{kind}-{tag}") for kind in ("partial", "old"))
+    _remove(tmp)
     try:
         fill(tmp)
-        shutil.rmtree(target, ignore_errors=True)
+        if target.is_dir() and not target.is_symlink():  # os.replace cannot replace a folder: move it aside first
+            os.replace(target, old)
         os.replace(tmp, target)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
+        _remove(old)
+    return target
+
+
+def write_text(path: Path, text: str) -> Path:
+    """`publish` of a text file."""
+    return publish(path, lambda tmp: tmp.write_text(text))
 
 
 def link_tree(src: Path, dst: Path) -> None:
@@ -41,5 +61,5 @@ def through_cache(entry: Path, build, target: Path) -> str:
         state = "hit" if entry.is_dir() else "miss"
         if state == "miss":
             build(entry)
-    replace_dir(target, lambda tmp: link_tree(entry, tmp))
+    publish(target, lambda tmp: link_tree(entry, tmp))
     return state

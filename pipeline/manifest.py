@@ -1,11 +1,11 @@
 """`<run_dir>/manifest.json`: what each stage read and wrote. The one place artifact paths are recorded.
 
 A stage's entry is `running` while it works, then `done` or `failed`; only `done` means its outputs are
-complete. Later stages find their inputs here instead of rebuilding paths from strings.
+complete. Later stages read earlier ones through the typed records of `pipeline/records.py` instead of
+rebuilding paths from strings.
 """
 
 import json
-import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -28,11 +28,9 @@ def load(run_dir: Path) -> dict:
 
 def save(run_dir: Path, manifest: dict) -> None:
     """Write atomically, so a killed run never leaves a torn manifest."""
-    path = manifest_path(run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    from pipeline.artifacts import write_text
+
+    write_text(manifest_path(run_dir), json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
 
 def set_stage(run_dir: Path, name: str, entry: dict) -> dict:
@@ -49,17 +47,6 @@ def record_command(run_dir: Path, overrides, stages) -> dict:
     manifest.setdefault("commands", []).append({"overrides": list(overrides), "stages": list(stages)})
     save(run_dir, manifest)
     return manifest
-
-
-def stage_output(run_dir: Path, stage: str, key: str) -> Path:
-    """An output of an earlier stage, which must be `done` in this run folder."""
-    from pipeline import UserError
-
-    entry = load(run_dir)["stages"].get(stage)
-    if not entry or entry.get("status") != "done":
-        raise UserError(f"Stage '{stage}' has no completed output in {run_dir}. Fix: run it first, e.g. "
-                        f"pipeline.stages=[{stage},...], in the same run folder (hydra.run.dir={run_dir}).")
-    return Path(entry["outputs"][key])
 
 
 def versions() -> dict:

@@ -1,6 +1,5 @@
 """Model references: local folders or hub ids, turned into absolute local folders mergekit can read offline."""
 
-import contextlib
 import ctypes
 import functools
 import gc
@@ -9,11 +8,11 @@ import re
 from pathlib import Path
 
 from pipeline import UserError
+from pipeline.records import ModelSource
 
 # What a merge needs from a hub repo: config, safetensors weights, tokenizer files and the chat template
 # (mergekit's own download filter skips `chat_template.jinja`).
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "merges.txt", "vocab.txt", "*.tiktoken"]
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
@@ -22,8 +21,9 @@ def is_hub_id(ref: str) -> bool:
     return bool(_HUB_ID.match(ref)) and not Path(ref.split("@")[0]).expanduser().exists()
 
 
-def resolve(ref: str) -> str:
-    """The absolute local folder for a model reference; hub ids are downloaded (safetensors only)."""
+def resolve(ref: str) -> ModelSource:
+    """Where a model reference points: an absolute local folder, and for a hub id the id and the commit that was
+    downloaded (safetensors only). The record travels to the manifest, the model card and the sweep summary."""
     if is_hub_id(ref):
         return download(ref)
     path = Path(ref).expanduser()
@@ -33,7 +33,7 @@ def resolve(ref: str) -> str:
             f"{Path.cwd()}) or a hub id of the form org/name[@revision] in models.parents / models.base."
         )
     check_checkpoint(path)
-    return str(path.resolve())
+    return ModelSource(path=str(path.resolve()))
 
 
 def check_checkpoint(path: Path) -> None:
@@ -47,20 +47,26 @@ def check_checkpoint(path: Path) -> None:
         raise UserError(f"{path} has no *.safetensors weights.{hint} Fix: use a checkpoint saved as safetensors.")
 
 
-def download(ref: str) -> str:
-    """Fetch a hub model (weights as safetensors, tokenizer, chat template) into the Hugging Face cache."""
-    from huggingface_hub import snapshot_download
+def download(ref: str) -> ModelSource:
+    """Fetch a hub model (weights as safetensors, tokenizer, chat template) into the Hugging Face cache, pinned
+    to the commit the revision names now (asked first, so the record says which commit was read)."""
+    from huggingface_hub import HfApi, constants, snapshot_download
 
     repo_id, _, revision = ref.partition("@")
     try:
-        folder = snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS)
+        if constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE=1: the cached snapshot, whose folder is named by its commit
+            folder = snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS)
+            commit = Path(folder).name
+        else:
+            commit = HfApi().model_info(repo_id, revision=revision or None).sha
+            folder = snapshot_download(repo_id, revision=commit, allow_patterns=HUB_PATTERNS)
     except Exception as err:  # offline, unknown repo, gated repo, missing token: all user-fixable
         raise UserError(
             f"Could not fetch {ref} from the Hugging Face hub ({type(err).__name__}: {err}). Fix: check the id "
             "and revision, the network, and HF_TOKEN for gated or private repos, or pass a local folder."
         ) from None
     check_checkpoint(Path(folder))
-    return folder
+    return ModelSource(path=str(Path(folder).resolve()), hub_id=repo_id, revision=commit)
 
 
 def fingerprint(folder: str | Path) -> str:
@@ -85,6 +91,15 @@ def _fingerprint(root: Path, stamp: tuple) -> str:
                 content.update(buffer[:size])
         digest.update(content.digest())
     return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of what scoring with a tokenizer depends on: vocabulary, chat template, EOS and padding tokens."""
+    import json
+
+    return hashlib.sha256(json.dumps({"vocab": sorted(tokenizer.get_vocab().items()),
+                                      "template": tokenizer.chat_template, "eos": tokenizer.eos_token,
+                                      "pad": tokenizer.pad_token}, sort_keys=True).encode()).hexdigest()
 
 
 def count_parameters(folder: str | Path) -> int:
@@ -117,41 +132,10 @@ def check_same_vocabulary(tokenizer, merged_dir: Path, model_dir: str | Path, wh
                         f"merged model's token ids would be meaningless. Fix: {fix}")
 
 
-def keep_freed_memory() -> bool:
-    """glibc malloc: keep freed blocks (up to 32 MiB each) for reuse instead of handing them back to the OS.
-    Training frees and allocates the same activation and gradient buffers every step; glibc's defaults trim
-    the heap top after each free and page the memory in again (zeroed) at the next step. Raising the trim
-    threshold to 1 GiB and pinning the mmap threshold at its 32 MiB maximum (a fixed threshold: glibc's dynamic
-    one stops adapting once the trim threshold is set) halved the anneal stage's page faults and system time
-    at 94.5M parameters (full fine-tuning, peak RSS within noise). `release_memory` still trims between
-    phases. Returns whether glibc took the settings."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-    except (OSError, AttributeError):  # not glibc
-        return False
-
-
-@contextlib.contextmanager
-def gc_skips_existing_objects():
-    """Full garbage collections skip the objects that exist now (with torch, transformers, TRL and datasets
-    imported: ~470k, the libraries' modules, functions and classes) until the block ends. Each full collection
-    (`release_memory`, accelerate's before training) traversed them all: 0.25 s each on 2 CPU cores. Yields
-    how many objects were set aside; a caller's own `gc.freeze()` is left alone (0)."""
-    if gc.get_freeze_count():
-        yield 0
-        return
-    gc.freeze()
-    try:
-        yield gc.get_freeze_count()
-    finally:
-        gc.unfreeze()
-
-
 def release_memory() -> None:
     """Collect garbage, then hand freed heap pages back to the OS: glibc keeps them otherwise (torch allocates
-    tensors under the mmap threshold from the heap; after `keep_freed_memory` that is every block up to 32 MiB,
-    and only 1 GiB free at the heap top would be trimmed), and they would count in a later peak."""
+    tensors under the mmap threshold from the heap; under `perf.malloc_keeps_freed_memory` that is every block up
+    to 32 MiB, and only 1 GiB free at the heap top would be trimmed), and they would count in a later peak."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -150,8 +150,8 @@ def read_store(path: Path):
     from datasets import DatasetDict, load_dataset
 
     table = load_dataset("parquet", data_files=str(path), split="train")
-    return DatasetDict({name: table.filter(lambda s: s == name, input_columns="split").remove_columns("split")
-                        for name in ("train", "heldout")})
+    return DatasetDict({name: table.filter(lambda s, name=name: s == name, input_columns="split")
+                        .remove_columns("split") for name in ("train", "heldout")})
 
 
 def sources(data: DictConfig) -> dict:

@@ -10,6 +10,7 @@ one, and once more when the sweep ends (`complete: true`). `SweepSummary` is the
 
 import itertools
 import json
+import logging
 import os
 import socket
 from pathlib import Path
@@ -18,7 +19,10 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from pipeline import UserError, manifest
+from pipeline import UserError, manifest, records
+from pipeline.artifacts import publish, write_text
+
+log = logging.getLogger(__name__)
 
 SUMMARY_JSON, SUMMARY_MD, SUMMARY_PNG = "summary.json", "summary.md", "summary.png"
 DIRECTIONS = ("maximize", "minimize")
@@ -98,24 +102,27 @@ def read_job(job_dir: Path, metric: str) -> dict:
         status = "done"
     else:  # running now, or stopped before it finished (see its log)
         status = "incomplete"
+    done = records.completed(stages)
+    merge, anneal, evaluation = (done.get(name) for name in ("merge", "anneal", "eval"))
     run = {"job": hydra_cfg["job"]["num"], "run_dir": str(job_dir.resolve()),
            "overrides": list(hydra_cfg["overrides"]["task"]), "status": status,
            "error": (failed or [job.get("error")])[0] if status == "failed" else None,
            "objective": None, "rank": None,
-           "cache": {"merge": stages.get("merge", {}).get("cache", {}).get("merge"),
-                     "reference_logps": stages.get("anneal", {}).get("cache", {}).get("reference_logps")},
+           "cache": {"merge": merge.cache.get("merge") if merge else None,
+                     "reference_logps": anneal.cache.get("reference_logps") if anneal else None},
            "seconds": {name: e["seconds"] for name, e in stages.items() if "seconds" in e}}
-    if stages.get("merge", {}).get("status") == "done":
-        run["merge_method"] = stages["merge"]["merge_method"]
-    if stages.get("anneal", {}).get("status") == "done":
-        run["anneal"] = {"reference": stages["anneal"]["inputs"]["reference_label"],
-                         "loss_type": stages["anneal"]["config"]["anneal"]["trainer"]["loss_type"]}
-    eval_entry = stages.get("eval", {})
-    if eval_entry.get("status") == "done":
-        report = json.loads(Path(eval_entry["outputs"]["metrics"]).read_text())
+    if merge:
+        run["merge_method"] = merge.merge_method
+        run["sources"] = [source.model_dump(mode="json") for source in merge.inputs.sources]  # provenance
+    if anneal:
+        run["anneal"] = {"reference": anneal.inputs.reference_label, "loss_type": anneal.trainer.loss_type,
+                         "reference_source": (anneal.inputs.reference_source.model_dump(mode="json")
+                                              if anneal.inputs.reference_source else None)}
+    if evaluation:
+        report = json.loads(Path(evaluation.outputs.metrics).read_text())
         run["metrics"] = report["models"]
         run["annealed_vs_merged"] = report["comparison"]["annealed_vs_merged"]
-        run["items"] = eval_entry["outputs"].get("items")
+        run["items"] = evaluation.outputs.items
         try:
             run["objective"] = objective_value(report, metric)
         except UserError as err:
@@ -367,12 +374,6 @@ def plot_summary(summary: dict, path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- writing
 
-def _write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_summary(sweep_dir: Path, config: DictConfig, complete: bool) -> dict:
     """Rebuild summary.json, summary.md and summary.png from the sweep's job folders (under a file lock:
     jobs of a parallel launcher end at the same time)."""
@@ -387,9 +388,9 @@ def write_summary(sweep_dir: Path, config: DictConfig, complete: bool) -> dict:
     with FileLock(str(sweep_dir / ".summary.lock")):
         runs = [read_job(d, objective["metric"]) for d in job_dirs(sweep_dir)]
         summary = summarize(sweep_dir, runs, objective, str(config.pipeline.compare_jobs), bootstrap, complete)
-        _write(sweep_dir / SUMMARY_JSON, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
-        _write(sweep_dir / SUMMARY_MD, lambda p: p.write_text(summary_markdown(summary)))
-        _write(sweep_dir / SUMMARY_PNG, lambda p: plot_summary(summary, p))
+        write_text(sweep_dir / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
+        write_text(sweep_dir / SUMMARY_MD, summary_markdown(summary))
+        publish(sweep_dir / SUMMARY_PNG, lambda p: plot_summary(summary, p))
     return summary
 
 
@@ -417,7 +418,7 @@ class SweepSummary(Callback):
         summary = write_summary(Path(config.hydra.sweep.dir), config, complete=True)
         best = next((r for r in summary["runs"] if r["rank"] == 1), None)
         jobs = summary["jobs"]
-        print(f"merge-anneal: sweep done: {jobs['done']} of {jobs['total']} jobs finished"
+        log.info(f"merge-anneal: sweep done: {jobs['done']} of {jobs['total']} jobs finished"
               + (f", {jobs['failed']} failed" if jobs["failed"] else "")
               + (f"; best: job {best['job']} ({best['label']}), {summary['objective']['metric']} "
                  f"{best['objective']:.4g}" if best else "")

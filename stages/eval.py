@@ -11,16 +11,19 @@ paired comparisons between runs).
 """
 
 import hashlib
+import importlib
 import json
+import logging
 import math
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import UserError, demo, manifest, models
+from pipeline import UserError, models, preferences, records
 from pipeline import metrics as M
-from pipeline import preferences
-from pipeline.artifacts import replace_dir
+from pipeline.artifacts import publish
+
+log = logging.getLogger(__name__)
 
 # Per-item metrics: each has one value per held-out pair, so they get bootstrap intervals.
 PAIR_METRICS = ("preference_accuracy", "preference_accuracy_normalized", "kl_to_reference")
@@ -29,23 +32,23 @@ SCALAR_METRICS = ("preference_accuracy", "preference_accuracy_normalized", "rewa
                   "kl_to_reference", "perplexity", "perplexity_heldout_chosen")
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Evaluate the run's models; returns the manifest entry."""
+def run(cfg: DictConfig, run_dir: Path) -> records.EvalRecord:
+    """Evaluate the run's models; returns the stage's record."""
     import time
 
     import torch
 
+    from pipeline.generation import greedy_answers
+
     run_dir = Path(run_dir)
-    stages = manifest.load(run_dir)["stages"]
-    merged_dir = manifest.stage_output(run_dir, "merge", "model")
-    annealed_dir = manifest.stage_output(run_dir, "anneal", "model")
-    anneal_entry = stages["anneal"]
-    reference_dir = Path(anneal_entry["inputs"]["reference_path"])
-    store_path = Path(anneal_entry["outputs"]["reference_logps"])
-    trainer = anneal_entry["config"]["anneal"]["trainer"]
-    beta = float(trainer["beta"])
-    max_length, truncation_mode = trainer["max_length"], _truncation_mode(trainer)
-    model_dirs = {f"parent:{Path(p).name}": Path(p) for p in stages["merge"]["inputs"]["parents"]}
+    merge = records.load(run_dir, records.MergeRecord)
+    anneal = records.load(run_dir, records.AnnealRecord)
+    merged_dir, annealed_dir = Path(merge.outputs.model), Path(anneal.outputs.model)
+    reference_dir = Path(anneal.inputs.reference_path)
+    store_path = Path(anneal.outputs.reference_logps)
+    trainer = anneal.trainer
+    max_length, truncation_mode = trainer.max_length, _truncation_mode(trainer.truncation_mode)
+    model_dirs = {f"parent:{Path(p).name}": Path(p) for p in merge.inputs.parents}
     model_dirs.update({"merged": merged_dir, "annealed": annealed_dir})
 
     heldout = preferences.read_store(store_path)["heldout"]
@@ -53,10 +56,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     chosen = [tokenize_completion(tokenizer, r["prompt"], r["chosen"], max_length, truncation_mode) for r in heldout]
     rejected = [tokenize_completion(tokenizer, r["prompt"], r["rejected"], max_length, truncation_mode)
                 for r in heldout]
-    corpus_path = text_corpus(cfg, anneal_entry)
+    corpus_path = text_corpus(cfg.eval.text_corpus, anneal.config.data.heldout_text)
     texts = ([tokenize_text(tokenizer, t, max_length) for t in read_texts(corpus_path)] if corpus_path else None)
     prompts = list(dict.fromkeys(_prompt_text(tokenizer, r["prompt"]) for r in heldout))
-    skills = skill_prompts(prompts) if anneal_entry["config"]["data"]["source"] == "demo" else {}
+    answers = exact_answers(prompts, anneal.config.data.answer_key)
     shown = prompts[:: max(1, len(prompts) // cfg.eval.samples)][: cfg.eval.samples]  # spread over the data
 
     started = time.perf_counter()
@@ -69,11 +72,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             model = reference if Path(model_dir).resolve() == reference_dir.resolve() else load_model(model_dir)
             per_item[name] = score_model(model, reference, chosen, rejected, texts, tokenizer.pad_token_id or 0,
                                          cfg.eval.batch_size)
-            asked = sorted({p for ps in skills.values() for p in ps} | set(shown))
-            by_prompt = dict(zip(asked, demo.greedy_answers(model, tokenizer, asked, cfg.eval.max_new_tokens)))
-            per_item[name]["skill_correct"] = {s: [float(by_prompt[p] == demo.expected_answer(p)) for p in ps]
-                                               for s, ps in skills.items()}
-            samples[name] = [by_prompt[p] for p in shown]
+            asked = sorted({p for by_prompt in answers.values() for p in by_prompt} | set(shown))
+            generated = dict(zip(asked, greedy_answers(model, tokenizer, asked, cfg.eval.max_new_tokens)))
+            per_item[name]["skill_correct"] = {skill: [float(generated[p] == answer) for p, answer in by_prompt.items()]
+                                               for skill, by_prompt in answers.items()}
+            samples[name] = [generated[p] for p in shown]
             if model is not reference:
                 del model
             models.release_memory()
@@ -83,7 +86,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     ref_chosen = torch.tensor(heldout["ref_chosen_logps"])
     ref_rejected = torch.tensor(heldout["ref_rejected_logps"])
-    results = {name: summarize(items, name in ("merged", "annealed"), ref_chosen, ref_rejected, beta, cfg.eval)
+    results = {name: summarize(items, name in ("merged", "annealed"), ref_chosen, ref_rejected, trainer.beta,
+                               cfg.eval)
                for name, items in per_item.items()}
     comparison = {"annealed_vs_merged": compare(results["annealed"]["items"], results["merged"]["items"], cfg.eval)}
     report = {
@@ -91,7 +95,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "comparison": comparison,
         "heldout_pairs": len(heldout),
         "perplexity_on": str(corpus_path) if corpus_path else "heldout chosen completions",
-        "beta": beta,
+        "beta": trainer.beta,
         "bootstrap": {"resamples": cfg.eval.bootstrap_resamples, "seed": cfg.eval.seed, "confidence": 0.95},
         "scoring_seconds": round(scoring_seconds, 3),
     }
@@ -100,40 +104,37 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
         report["lm_eval"] = run_lm_eval(OmegaConf.to_container(cfg.eval.lm_eval, resolve=True), model_dirs)
     stage_dir = run_dir / "eval"
-    training_log = Path(anneal_entry["outputs"]["metrics"])
+    training_log = Path(anneal.outputs.metrics)
     items = item_values(results, heldout, texts)
-    replace_dir(stage_dir, lambda tmp: write_outputs(tmp, report, training_log, shown, samples, items))
-    print_table(report)
-    return {
-        "inputs": {"models": {name: str(d) for name, d in model_dirs.items()}, "reference": str(reference_dir),
-                   "reference_logps": str(store_path), "text_corpus": str(corpus_path) if corpus_path else None,
-                   "training_log": str(training_log)},
-        "outputs": {"metrics": str(stage_dir / "metrics.json"), "report": str(stage_dir / "report.md"),
-                    "plots": [str(stage_dir / name) for name in PLOTS], "items": str(stage_dir / "items.json")},
-        "config": {"eval": OmegaConf.to_container(cfg.eval, resolve=True)},
-        "summary": {"annealed_minus_merged_preference_accuracy":
-                    comparison["annealed_vs_merged"]["preference_accuracy"]},
-    }
+    publish(stage_dir, lambda tmp: write_outputs(tmp, report, training_log, shown, samples, items))
+    log.info(comparison_table(report))
+    return records.EvalRecord(
+        inputs={"models": {name: str(d) for name, d in model_dirs.items()}, "reference": str(reference_dir),
+                "reference_logps": str(store_path), "text_corpus": str(corpus_path) if corpus_path else None,
+                "training_log": str(training_log)},
+        outputs={"metrics": str(stage_dir / "metrics.json"), "report": str(stage_dir / "report.md"),
+                 "plots": [str(stage_dir / name) for name in PLOTS], "items": str(stage_dir / "items.json")},
+        config={"eval": OmegaConf.to_container(cfg.eval, resolve=True)},
+        summary={"annealed_minus_merged_preference_accuracy": comparison["annealed_vs_merged"]["preference_accuracy"]},
+    )
 
 
 # ------------------------------------------------------------------------------------------------ inputs
 
-def _truncation_mode(trainer: dict) -> str:
+def _truncation_mode(mode: str | None) -> str:
     """The anneal's truncation mode: its own setting, else DPOConfig's default."""
     from trl import DPOConfig
 
-    return trainer.get("truncation_mode") or DPOConfig.__dataclass_fields__["truncation_mode"].default
+    return mode or DPOConfig.__dataclass_fields__["truncation_mode"].default
 
 
-def text_corpus(cfg: DictConfig, anneal_entry: dict) -> Path | None:
-    """`auto`: the demo's held-out text when the data is the demo's, else none (chosen completions)."""
-    choice = cfg.eval.text_corpus
+def text_corpus(choice, heldout_text: str | None) -> Path | None:
+    """`auto`: the held-out text corpus that came with the data (`data.heldout_text`), else none (chosen
+    completions)."""
     if choice is None:
         return None
     if choice == "auto":
-        if anneal_entry["config"]["data"]["source"] != "demo":
-            return None
-        return demo.demo_dir(cfg.models.cache_dir) / "data" / "heldout_text.jsonl"
+        return Path(heldout_text) if heldout_text else None
     path = Path(choice).expanduser()
     if not path.is_file():
         raise UserError(f"eval.text_corpus={choice} is not a file. Fix: pass a .jsonl file with a `text` field, "
@@ -141,19 +142,29 @@ def text_corpus(cfg: DictConfig, anneal_entry: dict) -> Path | None:
     return path
 
 
+def exact_answers(prompts: list[str], answer_key: str | None) -> dict[str, dict[str, str]]:
+    """{skill: {prompt: exact answer}} where the data config names an answer key (`data.answer_key`,
+    `module.function(prompt) -> (skill, answer) | None`) and it knows every prompt; else {}."""
+    if not answer_key:
+        return {}
+    module_name, _, function = answer_key.rpartition(".")
+    try:
+        key = getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise UserError(f"data.answer_key={answer_key} cannot be imported ({err}). Fix: name a function as "
+                        "module.function (e.g. pipeline.demo.tasks.answer_key), or set data.answer_key=null.") from None
+    by_skill: dict[str, dict[str, str]] = {}
+    for prompt in prompts:
+        found = key(prompt)
+        if found is None:
+            return {}
+        skill, answer = found
+        by_skill.setdefault(skill, {})[prompt] = answer
+    return by_skill
+
+
 def read_texts(path: Path) -> list[str]:
     return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
-
-
-def skill_prompts(prompts: list[str]) -> dict[str, list[str]]:
-    """The held-out prompts by skill, where every prompt has an exact answer (the demo); else {}."""
-    by_skill: dict[str, list[str]] = {}
-    for prompt in prompts:
-        try:
-            by_skill.setdefault(demo.skill_of(prompt), []).append(prompt)
-        except ValueError:
-            return {}
-    return by_skill
 
 
 def load_tokenizer(model_dir: Path):
@@ -249,7 +260,8 @@ def score_model(model, reference, chosen, rejected, texts, pad_id: int, batch_si
     scored_chosen = score(model, chosen, batch_size, pad_id, reference=None if model is reference else reference)
     scored_rejected = score(model, rejected, batch_size, pad_id)
     items = {"chosen_logps": scored_chosen["logps"], "rejected_logps": scored_rejected["logps"],
-             "chosen_mean_logps": scored_chosen["mean_logps"], "chosen_tokens": scored_chosen["tokens"], "rejected_mean_logps": scored_rejected["mean_logps"],
+             "chosen_mean_logps": scored_chosen["mean_logps"], "chosen_tokens": scored_chosen["tokens"],
+             "rejected_mean_logps": scored_rejected["mean_logps"],
              "kl": scored_chosen["kl"] if "kl" in scored_chosen else torch.zeros_like(scored_chosen["logps"])}
     if texts is None:  # perplexity on the held-out chosen completions
         items["nll"], items["nll_tokens"] = -scored_chosen["logps"], scored_chosen["tokens"]
@@ -362,7 +374,8 @@ def plot_metrics(models: dict, path: Path) -> None:
     for ax, (title, panel) in zip(axes.flat, panels):
         names = list(panel)
         values = [panel[n][0] for n in names]
-        errors = [[v - panel[n][1][0] for n, v in zip(names, values)], [panel[n][1][1] - v for n, v in zip(names, values)]]
+        errors = [[v - panel[n][1][0] for n, v in zip(names, values)],
+                  [panel[n][1][1] - v for n, v in zip(names, values)]]
         ax.bar(range(len(names)), values, yerr=errors, capsize=4, color="tab:blue")
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
@@ -425,7 +438,8 @@ def report_markdown(report: dict, shown: list[str], samples: dict) -> str:
             label = f"{metric}/{skill}" if skill else metric
             lines.append(f"| {label} | {v['delta']:+.4f} | [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}] |")
             if "ratio" in v:
-                lines.append(f"| {label} ratio | {v['ratio']:.4f} | [{v['ratio_ci95'][0]:.4f}, {v['ratio_ci95'][1]:.4f}] |")
+                lo, hi = v["ratio_ci95"]
+                lines.append(f"| {label} ratio | {v['ratio']:.4f} | [{lo:.4f}, {hi:.4f}] |")
     if "lm_eval" in report:
         lines += ["", "## lm-evaluation-harness", "", "| model | task | metric | value |", "|---|---|---|---|"]
         lines += [f"| {name} | {task} | {metric} | {_fmt(value)} |" for name, tasks in report["lm_eval"].items()
@@ -438,35 +452,34 @@ def report_markdown(report: dict, shown: list[str], samples: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_table(report: dict) -> None:
-    """The comparison table on the console: rich when installed, plain text otherwise."""
+def comparison_table(report: dict) -> str:
+    """The comparison table as text (rich), for the console and the run's log."""
+    import io
+    import shutil
+
+    from rich.console import Console
+    from rich.table import Table
+
     models = report["models"]
     skills = list(next(iter(models.values()))["skill_accuracy"])
     header = ["model", "pref", "norm", "reward", "KL", "ppl", "ppl ans", *skills]
     columns = ("preference_accuracy", "preference_accuracy_normalized", "reward_accuracy", "kl_to_reference",
                "perplexity", "perplexity_heldout_chosen")
     cell = lambda m, k: "-" if k not in m else f"{m[k]:.1f}" if k.startswith("perplexity") else f"{m[k]:.3g}"
-    rows = [[name, *(cell(m, k) for k in columns), *(f"{m['skill_accuracy'][s]:.3f}" for s in skills)]
-            for name, m in models.items()]
     delta = report["comparison"]["annealed_vs_merged"]["preference_accuracy"]
     ppl = report["comparison"]["annealed_vs_merged"]["perplexity"]
     caption = (f"annealed - merged preference accuracy: {delta['delta']:+.3f} "
                f"[{delta['ci95'][0]:+.3f}, {delta['ci95'][1]:+.3f}]; annealed / merged perplexity: "
                f"{ppl['ratio']:.3f} [{ppl['ratio_ci95'][0]:.3f}, {ppl['ratio_ci95'][1]:.3f}] (95% paired bootstrap)")
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        print("\n".join(["  ".join(f"{c:>14}" for c in row) for row in [header, *rows]] + [caption]))
-        return
     table = Table(title=f"eval: {report['heldout_pairs']} held-out pairs (pref: preference accuracy, norm: "
                         "per-token normalised; reward: DPO implicit reward accuracy; ppl ans: perplexity of the "
                         "chosen answers; skills: greedy exact match)",
                   caption=caption)
     for column in header:
         table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
-    for row in rows:
-        table.add_row(*row)
-    console = Console()
-    console.width = max(console.width, 110)  # a piped console reports 80 columns
-    console.print(table)
+    for name, m in models.items():
+        table.add_row(name, *(cell(m, k) for k in columns), *(f"{m['skill_accuracy'][s]:.3f}" for s in skills))
+    text = io.StringIO()
+    # at least 110 columns: a piped console reports 80
+    Console(file=text, width=max(shutil.get_terminal_size().columns, 110), color_system=None).print(table)
+    return text.getvalue().rstrip()

@@ -7,6 +7,7 @@ version is merged once.
 """
 
 import json
+import logging
 from importlib.metadata import version
 from pathlib import Path
 
@@ -14,8 +15,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline import UserError, models
-from pipeline.artifacts import replace_dir, through_cache
+from pipeline import UserError, models, records
+from pipeline.artifacts import publish, through_cache
+
+log = logging.getLogger(__name__)
 
 # MergeOptions fields merge-anneal fixes: safetensors only; it writes the resolved YAML itself because
 # mergekit's card writer reaches for the network; the tokenizer always comes from the donor.
@@ -27,10 +30,11 @@ RUNTIME_ONLY_OPTIONS = {"quiet", "verbosity", "num_threads", "lazy_unpickle", "t
 CONFIG_NAME = "mergekit_config.yml"
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Merge the parents; returns the manifest entry (inputs, outputs, config, cache)."""
+def run(cfg: DictConfig, run_dir: Path) -> records.MergeRecord:
+    """Merge the parents; returns the stage's record (inputs with their provenance, outputs, config, cache)."""
     raw = load_merge_config(cfg)
-    merge_config = validate(localize(raw))
+    localized, sources = localize(raw)
+    merge_config = validate(localized)
     options = build_options(cfg.merge_options)
     check_compatible(merge_config, allow_crimes=options.allow_crimes)
 
@@ -40,22 +44,23 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         key = cache_key(merge_config, options, version("mergekit"))
         cached_dir = Path(cfg.pipeline.cache_dir).expanduser() / "merges" / key
         cache_state = through_cache(cached_dir, lambda entry: merge_into(merge_config, options, entry), out_dir)
-        print(f"merge: {'reused cached merge' if cache_state == 'hit' else 'merged'} {cached_dir}")
+        log.info(f"merge: {'reused cached merge' if cache_state == 'hit' else 'merged'} {cached_dir}")
     else:
         merge_into(merge_config, options, out_dir)
 
-    return {
-        "inputs": {"models": sorted(str(m.model.path) for m in merge_config.referenced_models()),
-                   "parents": parents_in_order(merge_config), "base_model": _base_path(merge_config),
-                   "config_file": str(Path(cfg.merge.config_file).resolve()) if "config_file" in cfg.merge else None},
-        "outputs": {"model": str(out_dir), "config": str(out_dir / CONFIG_NAME)},
-        "config": {"merge": merge_config.model_dump(mode="json", exclude_defaults=True),
-                   "merge_options": options.model_dump(mode="json"),
-                   "models": OmegaConf.to_container(cfg.models, resolve=True)},
-        "merge_method": merge_config.merge_method,
-        "cache": {"merge": cache_state},
-        "mergekit_version": version("mergekit"),
-    }
+    return records.MergeRecord(
+        inputs={"models": sorted(str(m.model.path) for m in merge_config.referenced_models()),
+                "parents": parents_in_order(merge_config), "base_model": _base_path(merge_config),
+                "config_file": str(Path(cfg.merge.config_file).resolve()) if "config_file" in cfg.merge else None,
+                "sources": sources},
+        outputs={"model": str(out_dir), "config": str(out_dir / CONFIG_NAME)},
+        config={"merge": merge_config.model_dump(mode="json", exclude_defaults=True),
+                "merge_options": options.model_dump(mode="json"),
+                "models": OmegaConf.to_container(cfg.models, resolve=True)},
+        merge_method=merge_config.merge_method,
+        cache={"merge": cache_state},
+        mergekit_version=version("mergekit"),
+    )
 
 
 def load_merge_config(cfg: DictConfig) -> dict:
@@ -81,10 +86,11 @@ def load_merge_config(cfg: DictConfig) -> dict:
     return loaded
 
 
-def localize(raw: dict) -> dict:
-    """Replace every model reference by an absolute local folder (hub ids are downloaded first)."""
+def localize(raw: dict) -> tuple[dict, list[records.ModelSource]]:
+    """Replace every model reference by an absolute local folder (hub ids are downloaded first); also returns
+    where each came from (`ModelSource`: folder, hub id, downloaded commit), in config order."""
     merge_config = validate(raw)
-    mapping = {}
+    resolved = {}
     for ref in ordered_references(merge_config):
         for path in (ref.model, ref.lora):
             if path is None:
@@ -92,8 +98,9 @@ def localize(raw: dict) -> dict:
             if path.revision and not models.is_hub_id(str(path)):
                 raise UserError(f"{path} has a revision but is not a hub id. Fix: use org/name@revision or a "
                                 "local folder without '@'.")
-            mapping[str(path)] = models.resolve(str(path))
-    return _replace_strings(raw, mapping)
+            resolved[str(path)] = models.resolve(str(path))
+    mapping = {ref: source.path for ref, source in resolved.items()}
+    return _replace_strings(raw, mapping), list({s.path: s for s in resolved.values()}.values())
 
 
 def _replace_strings(node, mapping: dict):
@@ -242,7 +249,7 @@ def merge_into(merge_config, options, out_dir: Path) -> None:
         (tmp / CONFIG_NAME).write_text(merge_config.to_yaml() + "\n")
         check_output(tmp)
 
-    replace_dir(out_dir, work)
+    publish(out_dir, work)
 
 
 def check_output(model_dir: Path) -> None:

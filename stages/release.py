@@ -10,6 +10,7 @@ the run. Everything is read through the manifest. Local paths appear in public f
 """
 
 import json
+import logging
 import os
 import re
 import shlex
@@ -19,8 +20,9 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import UserError, manifest, models
-from pipeline.artifacts import replace_dir
+from pipeline import UserError, artifacts, manifest, models, records
+
+log = logging.getLogger(__name__)
 
 PICKS = ("annealed", "merged", "best")
 LOWER_IS_BETTER = ("kl_to_reference", "perplexity", "perplexity_heldout_chosen")
@@ -39,31 +41,34 @@ LOCAL = "<local>"  # stands for a folder on the machine that made the release
 DEMO_DATASET = "merge-anneal-demo"
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Write the release folder (and push it with release=hub); returns the manifest entry."""
+def run(cfg: DictConfig, run_dir: Path) -> records.ReleaseRecord:
+    """Write the release folder (and push it with release=hub); returns the stage's record."""
     run_dir = Path(run_dir).resolve()
     release = cfg.release
     check_config(release)
     token = hub_token() if release.publish and not release.dry_run else None
 
-    record = manifest.load(run_dir)
-    stages = record["stages"]
-    merged_dir = manifest.stage_output(run_dir, "merge", "model")
-    annealed_dir = manifest.stage_output(run_dir, "anneal", "model")
-    metrics_path = manifest.stage_output(run_dir, "eval", "metrics")
+    merge = records.load(run_dir, records.MergeRecord)
+    anneal = records.load(run_dir, records.AnnealRecord)
+    evaluation = records.load(run_dir, records.EvalRecord)
+    merged_dir, annealed_dir = Path(merge.outputs.model), Path(anneal.outputs.model)
+    metrics_path = Path(evaluation.outputs.metrics)
     metrics = json.loads(metrics_path.read_text())
     pick = choose(release, metrics)
     model_dir = annealed_dir if pick["picked"] == "annealed" else merged_dir
     check_weights(model_dir)
-    name = release.name or f"{stages['merge']['merge_method']}-{pick['picked']}"
+    name = release.name or f"{merge.merge_method}-{pick['picked']}"
     check_name(name)
-    print(f"release: {pick['picked']} model ({pick['reason']})")
+    log.info(f"release: {pick['picked']} model ({pick['reason']})")
 
-    lineage = describe_lineage(stages)
-    commands = reproduce_commands(record.get("commands", []))
-    merge_config = public(yaml.safe_load(Path(stages["merge"]["outputs"]["config"]).read_text()))
-    dpo_settings = public({"anneal": stages["anneal"]["config"]["anneal"], "reference": lineage["reference"],
-                           "data": {**stages["anneal"]["data"], "sources": stages["anneal"]["inputs"]["data"]}})
+    names = PublicNames([*merge.inputs.sources, *([anneal.inputs.reference_source]
+                                                  if anneal.inputs.reference_source else [])])
+    lineage = describe_lineage(merge, anneal, names)
+    commands = reproduce_commands(manifest.load(run_dir).get("commands", []), names)
+    merge_config = names.public(yaml.safe_load(Path(merge.outputs.config).read_text()))
+    dpo_settings = names.public({"anneal": anneal.config.anneal.model_dump(mode="json"),
+                                 "reference": lineage["reference"],
+                                 "data": {**anneal.data, "sources": anneal.inputs.data}})
     card = model_card(name, pick, lineage, metrics, merge_config, dpo_settings, commands, release)
     private = secrets() + [str(run_dir), str(Path.home()), str(Path(cfg.pipeline.cache_dir).expanduser().resolve()),
                            str(Path(cfg.models.cache_dir).expanduser().resolve())]
@@ -80,23 +85,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         check_loads(tmp)
         check_public(tmp, private)
 
-    replace_dir(out_dir, write)
+    artifacts.publish(out_dir, write)
     files = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file())
-    print(f"release: {out_dir} ({len(files)} files)")
-    entry = {
-        "inputs": {"model": str(model_dir), "merged": str(merged_dir), "annealed": str(annealed_dir),
-                   "metrics": str(metrics_path), "mergekit_config": stages["merge"]["outputs"]["config"]},
-        "outputs": {"model": str(out_dir), "card": str(out_dir / CARD_NAME), "files": files},
-        "config": {"release": OmegaConf.to_container(release, resolve=True)},
-        "pick": pick,
-        "commands": commands,
-    }
+    log.info(f"release: {out_dir} ({len(files)} files)")
+    hub = None
     if release.publish:
         message = release.commit_message or (f"Release {name}: the {pick['picked']} model of a "
                                              f"{lineage['method']} merge of {', '.join(lineage['parents'])} "
                                              "(merge-anneal)")
-        entry["hub"] = publish(out_dir, files, release, message, token)
-    return entry
+        hub = push(out_dir, files, release, message, token)
+    return records.ReleaseRecord(
+        inputs={"model": str(model_dir), "merged": str(merged_dir), "annealed": str(annealed_dir),
+                "metrics": str(metrics_path), "mergekit_config": merge.outputs.config},
+        outputs={"model": str(out_dir), "card": str(out_dir / CARD_NAME), "files": files},
+        config={"release": OmegaConf.to_container(release, resolve=True)},
+        pick=pick,
+        commands=commands,
+        **({"hub": hub} if hub is not None else {}),
+    )
 
 
 # ------------------------------------------------------------------------------------------------- checks
@@ -197,57 +203,59 @@ def metric_value(table: dict, metric: str):
 
 # ------------------------------------------------------------------------------------------ public names
 
-def hub_id(ref: str, revision: bool = False) -> str | None:
-    """The hub id behind a reference: `org/name[@rev]` as given, or a hub cache snapshot folder
-    (`.../models--org--name/snapshots/<commit>`); with `revision`, `@<revision>` where known."""
-    if models.is_hub_id(ref):
-        return ref if revision else ref.split("@")[0]
-    parts = Path(ref).parts
-    for i, part in enumerate(parts[:-2]):
-        if part.startswith("models--") and parts[i + 1] == "snapshots":
-            repo = part.removeprefix("models--").replace("--", "/")
-            return f"{repo}@{parts[i + 2]}" if revision else repo
-    return None
+class PublicNames:
+    """How local paths appear in public files, from the models' provenance (`ModelSource`, recorded when each
+    was resolved): a hub download by its hub id (with `@<commit>` where asked), anything else by its own name."""
+
+    def __init__(self, sources: list[records.ModelSource]):
+        self.sources = {source.path: source for source in sources}
+
+    def is_hub(self, ref: str) -> bool:
+        source = self.sources.get(ref)
+        return bool(source and source.hub_id) or models.is_hub_id(ref)
+
+    def name(self, ref: str, revision: bool = False) -> str:
+        if "+" in ref and all(Path(p).is_absolute() for p in ref.split("+")):  # mergekit's model+lora
+            return "+".join(self.name(p, revision) for p in ref.split("+"))
+        if ref in self.sources:
+            return self.sources[ref].public_name(revision)
+        if models.is_hub_id(ref):
+            return ref if revision else ref.split("@")[0]
+        return Path(ref).name if Path(ref).expanduser().is_absolute() else ref
+
+    def public(self, node):
+        """A config with every local path replaced by its public name (hub downloads: `org/name@<commit>`)."""
+        if isinstance(node, dict):
+            return {k: self.public(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [self.public(v) for v in node]
+        if isinstance(node, str) and node.startswith(("/", "~")):
+            return self.name(node, revision=True)
+        return node
 
 
-def public_name(ref: str, revision: bool = False) -> str:
-    """How a model or file is named in public: its hub id where it came from the hub, else its own name."""
-    if "+" in ref and all(Path(p).is_absolute() for p in ref.split("+")):  # mergekit's model+lora
-        return "+".join(public_name(p, revision) for p in ref.split("+"))
-    return hub_id(ref, revision) or (Path(ref).name if Path(ref).expanduser().is_absolute() else ref)
-
-
-def public(node):
-    """A config with every local path replaced by its public name (hub downloads: `org/name@<commit>`)."""
-    if isinstance(node, dict):
-        return {k: public(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [public(v) for v in node]
-    if isinstance(node, str) and node.startswith(("/", "~")):
-        return public_name(node, revision=True)
-    return node
-
-
-def describe_lineage(stages: dict) -> dict:
-    merge, anneal = stages["merge"], stages["anneal"]
-    parents = merge["inputs"]["parents"]
-    base = merge["inputs"]["base_model"]
+def describe_lineage(merge: records.MergeRecord, anneal: records.AnnealRecord, names: PublicNames) -> dict:
+    parents, base = merge.inputs.parents, merge.inputs.base_model
     inputs = [*parents, *([base] if base and base not in parents else [])]
+    reference = anneal.inputs.reference_source or records.ModelSource(path=anneal.inputs.reference_path)
     return {
-        "method": merge["merge_method"],
-        "parents": [public_name(p) for p in parents],
-        "base": public_name(base) if base else None,
-        "base_model": [public_name(p) for p in inputs],
-        "hub": {public_name(p): hub_id(p) is not None for p in inputs},
-        "reference": {"model": "the merged model itself" if anneal["inputs"]["reference_label"] == "merged"
-                      else public_name(str(anneal["inputs"]["reference"])),
-                      "chosen_as": anneal["inputs"]["reference_label"],
-                      "setting": anneal["config"]["anneal"]["reference"]},
-        "mergekit_version": merge.get("mergekit_version"),
-        "data": anneal["inputs"]["data"],
-        "data_source": anneal["config"]["data"]["source"],
-        "pairs": anneal["data"],
-        "versions": anneal.get("versions", {}),
+        "method": merge.merge_method,
+        "parents": [names.name(p) for p in parents],
+        "base": names.name(base) if base else None,
+        "base_model": [names.name(p) for p in inputs],
+        "hub": {names.name(p): names.is_hub(p) for p in inputs},
+        "revisions": {names.name(p): names.sources[p].revision for p in inputs
+                      if p in names.sources and names.sources[p].revision},
+        "reference": {"model": "the merged model itself" if anneal.inputs.reference_label == "merged"
+                      else names.name(reference.path) if reference.path in names.sources
+                      else names.name(anneal.inputs.reference),
+                      "chosen_as": anneal.inputs.reference_label,
+                      "setting": anneal.config.anneal.reference},
+        "mergekit_version": merge.mergekit_version,
+        "data": anneal.inputs.data,
+        "data_source": anneal.config.data.source,
+        "pairs": anneal.data,
+        "versions": anneal.versions,
     }
 
 
@@ -255,10 +263,10 @@ def datasets(lineage: dict) -> list[str]:
     """The card's `datasets`: hub ids of the preference data, file names of local files, the demo's name."""
     if lineage["data_source"] == "demo":
         return [DEMO_DATASET]
-    return list(dict.fromkeys(public_name(str(ref)) for ref in lineage["data"].values() if ref))
+    return list(dict.fromkeys(PublicNames([]).name(str(ref)) for ref in lineage["data"].values() if ref))
 
 
-def reproduce_commands(invocations: list[dict]) -> list[str]:
+def reproduce_commands(invocations: list[dict], names: PublicNames) -> list[str]:
     """The `python -m pipeline ...` lines that made the release, oldest first: the latest invocation that ran
     each stage (one line when one command did everything). Cache locations are left out and local paths
     shown as `<local>/<name>`. Empty when a stage ran without a recorded command (driven from Python)."""
@@ -270,15 +278,15 @@ def reproduce_commands(invocations: list[dict]) -> list[str]:
     for i in chosen:
         kept = [o for o in invocations[i]["overrides"] if o.split("=", 1)[0].lstrip("+~") not in LOCATION_KEYS]
         kept += ["hydra.run.dir=<run>"] if len(chosen) > 1 else []
-        lines.append(" ".join(["python -m pipeline", *(shlex.quote(public_override(o)) for o in kept)]))
+        lines.append(" ".join(["python -m pipeline", *(shlex.quote(public_override(o, names)) for o in kept)]))
     return lines
 
 
-def public_override(override: str) -> str:
-    """An override with each absolute path replaced by `<local>/<its name>` (hub snapshots by their hub id)."""
+def public_override(override: str, names: PublicNames) -> str:
+    """An override with each absolute path replaced by `<local>/<its name>` (hub downloads by their hub id)."""
     def replace(match):
-        name = public_name(match.group(0))
-        return name if hub_id(match.group(0)) else f"{LOCAL}/{name}"
+        ref = match.group(0)
+        return names.name(ref, revision=True) if names.is_hub(ref) else f"{LOCAL}/{names.name(ref)}"
     return re.sub(r"(?<![\w.-])[~/][^\s,\[\]{}()'\"]*", replace, override)
 
 
@@ -338,7 +346,10 @@ def metrics_table(metrics: dict) -> list[str]:
 def card_body(name: str, pick: dict, lineage: dict, metrics: dict, merge_config: dict, dpo_settings: dict,
               commands: list[str], release: DictConfig) -> str:
     def model_link(model: str) -> str:
-        return f"[{model}](https://huggingface.co/{model})" if lineage["hub"].get(model) else f"`{model}` (local)"
+        if not lineage["hub"].get(model):
+            return f"`{model}` (local)"
+        revision = lineage.get("revisions", {}).get(model)
+        return f"[{model}](https://huggingface.co/{model})" + (f" at commit `{revision}`" if revision else "")
 
     trainer = dpo_settings["anneal"]["trainer"]
     reference = lineage["reference"]
@@ -373,13 +384,14 @@ def card_body(name: str, pick: dict, lineage: dict, metrics: dict, merge_config:
         f"{metrics['heldout_pairs']} held-out preference pairs, never trained on. Each value has a 95% "
         f"percentile bootstrap interval ({bootstrap['resamples']} resamples, seed {bootstrap['seed']}); "
         "annealed - merged is a paired bootstrap over the same items. Perplexity on "
-        f"{public_name(metrics['perplexity_on'])}.", "",
+        f"{PublicNames([]).name(metrics['perplexity_on'])}.", "",
         *metrics_table(metrics), "",
         "## Reproduce", "",
     ]
     if commands:
         lines += [("These commands, run in order in one run folder, made this release" if len(commands) > 1
-                   else "This command made this release") + f" (merge-anneal {lineage['versions'].get('merge-anneal', '')}"
+                   else "This command made this release")
+                  + f" (merge-anneal {lineage['versions'].get('merge-anneal', '')}"
                   f"; `{LOCAL}` stands for a folder on the machine that made it):", "", "```bash", *commands, "```"]
     else:
         lines += ["Not recorded: part of this run was not started by `python -m pipeline` (it was driven from "
@@ -424,16 +436,16 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ publish
 
-def publish(out_dir: Path, files: list[str], release: DictConfig, message: str, token: str | None) -> dict:
+def push(out_dir: Path, files: list[str], release: DictConfig, message: str, token: str | None) -> dict:
     """Push the release folder to the hub (create_repo, then upload_folder); dry_run lists what it would push."""
     target = {"repo_id": release.repo_id, "revision": release.revision or "main", "private": release.private,
               "commit_message": message, "files": files, "dry_run": bool(release.dry_run)}
     if release.dry_run:
-        print(f"release: dry run: would push {len(files)} files to {release.repo_id} (revision {target['revision']}"
-              f"{', private' if release.private else ''}) with the commit message \"{message}\":")
-        for name in files:
-            print(f"  {name}  ({(out_dir / name).stat().st_size} bytes)")
-        print("release: dry run: nothing uploaded")
+        log.info(f"release: dry run: would push {len(files)} files to {release.repo_id} (revision "
+                 f"{target['revision']}{', private' if release.private else ''}) with the commit message "
+                 f"\"{message}\":\n"
+                 + "\n".join(f"  {name}  ({(out_dir / name).stat().st_size} bytes)" for name in files))
+        log.info("release: dry run: nothing uploaded")
         return target
     from httpx2 import TransportError  # what huggingface_hub 2.4 raises when it cannot connect
     from huggingface_hub import HfApi, constants
@@ -461,7 +473,7 @@ def publish(out_dir: Path, files: list[str], release: DictConfig, message: str, 
         raise UserError(f"The upload to {release.repo_id} was interrupted ({type(err).__name__}: {err}). Fix: run "
                         "the release again (pipeline.stages=[release] release=hub in the same run folder); "
                         "files already on the hub are not uploaded twice.") from None
-    print(f"release: pushed to {commit.commit_url}")
+    log.info(f"release: pushed to {commit.commit_url}")
     return {**target, "url": str(url), "commit": commit.oid, "commit_url": commit.commit_url}
 
 

@@ -1,8 +1,17 @@
-"""Shared fixtures: the embedded demo (built once per session), Hydra composition, CLI subprocesses."""
+"""Shared fixtures, in two tiers.
 
+- Fast tier: `tiny`, random 2-layer Llamas built in milliseconds (as mergekit's tests build theirs) with the
+  demo's character tokenizer, and a few dozen preference pairs: plumbing, errors and config.
+- Demo tier (`slow`): the embedded demo's trained parents (built once per session, ~3.5 minutes on 2 CPU
+  cores) for claims that need trained parents, and the README's own command, run once.
+"""
+
+import json
 import os
+import random
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -11,12 +20,138 @@ from hydra import compose, initialize_config_dir
 from pipeline import CONF_DIR, demo
 
 REPO = Path(__file__).resolve().parents[1]
-# The demo parents are inputs, shared by every test and kept across local runs (built fresh in CI).
-TEST_CACHE = Path(os.environ.get("MERGE_ANNEAL_TEST_CACHE", REPO / "outputs" / ".test-cache")).resolve()
+# The demo parents are an input, content-addressed by their recipe: the tests use the demo where the README's
+# first command (`python -m pipeline +merge=slerp`) builds it, the user's merge-anneal cache, and build it there
+# once when it is missing. MERGE_ANNEAL_TEST_CACHE points the tests elsewhere.
+TEST_CACHE = Path(os.environ.get("MERGE_ANNEAL_TEST_CACHE") or os.environ.get("MERGE_ANNEAL_CACHE")
+                  or "~/.cache/merge-anneal").expanduser().resolve()
+# Fast-tier subprocesses run one torch thread: tiny models gain nothing from two, and two xdist workers share
+# the 2 cores (two spinning threads per process made runs up to 20x slower).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+# A short anneal: the tests check plumbing, not the annealing effect.
+SHORT = ["anneal.trainer.max_steps=4", "anneal.trainer.logging_steps=2", "anneal.trainer.save_steps=1000",
+         "anneal.trainer.disable_tqdm=true"]
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on the machine's cores: one torch thread each
+        import torch
+
+        torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Demo-tier tests share one xdist worker (the demo is built and the README command run once there); `gpu`
+    tests are skipped without CUDA."""
+    untiered = [item.nodeid for item in items if not item.get_closest_marker("slow")
+                and {"demo_path", "readme_run"} & set(getattr(item, "fixturenames", ()))]
+    if untiered:
+        raise pytest.UsageError(f"tests using the trained demo must be marked slow: {untiered}")
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            for item in gpu:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group("demo"))
+
+
+# ------------------------------------------------------------------------------------------------ fast tier
+
+@dataclass
+class Tiny:
+    """Random tiny parents (`base`, `add`, `reverse`: the demo's names) and preference data on disk, with the
+    overrides that choose them: `models` (the parents), `data` (the pairs), `overrides` (both, a short anneal)."""
+
+    root: Path
+    models: list[str] = field(default_factory=list)
+    data: list[str] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def overrides(self) -> list[str]:
+        return [*self.models, *self.data, "anneal.trainer.per_device_train_batch_size=4", *SHORT]
+
+
+def make_tiny_llama(folder: Path, seed: int, base: Path | None = None, noise: float = 0.05, **config) -> Path:
+    """A 2-layer Llama (hidden 16) with the demo's character tokenizer, random (or `base` plus seeded noise),
+    saved as safetensors; `config` overrides LlamaConfig fields."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.demo.build import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                    tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    architecture = config.pop("architecture", None)
+    model = LlamaForCausalLM(LlamaConfig(**{**settings, **config}))
+    if base is not None:
+        model.load_state_dict(LlamaForCausalLM.from_pretrained(base).state_dict())
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn(param.shape) * noise)
+    if architecture:
+        model.config.architectures = [architecture]
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_pairs(n: int, seed: int) -> list[dict]:
+    """Demo-style preference pairs (addition and reversal, a wrong answer rejected)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        if i % 2:
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            prompt, answer = f"{a}+{b}=", str(a + b)
+            wrong = str(a + b + rng.choice((-1, 1)))
+        else:
+            word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 5)))
+            prompt, answer = f"rev {word}=", word[::-1]
+            wrong = answer + answer[-1]
+        rows.append({"prompt": prompt, "chosen": answer, "rejected": wrong})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 @pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Tiny:
+    root = tmp_path_factory.mktemp("tiny")
+    base = make_tiny_llama(root / "base", seed=0)
+    make_tiny_llama(root / "add", seed=1, base=base)
+    make_tiny_llama(root / "reverse", seed=2, base=base)
+    (root / "data").mkdir()
+    train = write_jsonl(root / "data" / "train.jsonl", tiny_pairs(48, seed=0))
+    heldout = write_jsonl(root / "data" / "heldout.jsonl", tiny_pairs(16, seed=1))
+    return Tiny(root, models=["models=local", f"models.base={base}",
+                              f"models.parents=[{root / 'add'},{root / 'reverse'}]"],
+                data=["data=custom", f"data.path={train}", f"data.heldout.path={heldout}",
+                      "data.answer_key=pipeline.demo.tasks.answer_key"])
+
+
+# ------------------------------------------------------------------------------------------------ demo tier
+
+@pytest.fixture(scope="session")
 def demo_path() -> Path:
+    """The trained demo, built as a user's first run builds it: in its own process, torch's default threads."""
+    if not demo.demo_dir(TEST_CACHE).is_dir():
+        subprocess.run([sys.executable, "-m", "pipeline.demo", str(TEST_CACHE)], check=True,
+                       env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
     return demo.ensure_demo(TEST_CACHE)
 
 
@@ -45,13 +180,40 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comple
                           env={**os.environ, **(env or {})}, timeout=1800)
 
 
+def run_in_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGS` through the same entry point (Hydra's main, the app's error handling and exit
+    codes), in this process: no interpreter start and imports (8-10 s a call). For runs that set no environment
+    variables (the libraries read theirs when imported)."""
+    import contextlib
+    import io
+
+    from pipeline.app import main
+
+    out, err, argv, here = io.StringIO(), io.StringIO(), sys.argv, Path.cwd()
+    code = 0
+    try:
+        os.chdir(cwd)
+        sys.argv = ["pipeline", *args]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+    return subprocess.CompletedProcess(["pipeline", *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture
-def cli(tmp_path, cache_dir, demo_path):
-    """Run the pipeline CLI in tmp_path with the test caches; returns (CompletedProcess, run_dir)."""
-    def _run(*args: str, run_dir: Path | None = None, env: dict | None = None):
+def cli(tmp_path, cache_dir):
+    """Run the pipeline CLI in tmp_path with the test caches; returns (CompletedProcess, run_dir). In this process
+    (`run_in_process`) unless `env` is given or `process=True`: then a real subprocess (one torch thread)."""
+    def _run(*args: str, run_dir: Path | None = None, env: dict | None = None, process: bool = False):
         run_dir = run_dir or tmp_path / "run"
-        result = run_cli(*args, *base_overrides(cache_dir), f"hydra.run.dir={run_dir}", cwd=tmp_path, env=env)
-        return result, run_dir
+        args = (*args, *base_overrides(cache_dir), f"hydra.run.dir={run_dir}")
+        if env is None and not process:
+            return run_in_process(*args, cwd=tmp_path), run_dir
+        return run_cli(*args, cwd=tmp_path, env={**ONE_THREAD, **(env or {})}), run_dir
     return _run
 
 

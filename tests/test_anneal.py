@@ -1,8 +1,11 @@
-"""The anneal stage: DPO on the merged demo model, an unmerged parent as the precomputed reference."""
+"""The anneal stage: DPO on the merged model, an unmerged parent as the precomputed reference.
 
-import contextlib
+Plumbing runs on the tiny random parents (fast tier); the default budget's claims on the README's demo run
+(`slow`). The performance switches are tested in test_perf.py."""
+
 import gc
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,11 +18,10 @@ from datasets import load_dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainerCallback
 
-from pipeline import UserError, manifest, models, preferences
+from conftest import ONE_THREAD, TEST_CACHE, write_jsonl
+from pipeline import UserError, manifest, models, perf, preferences, records
 from pipeline.app import run_pipeline
 from stages import anneal
-
-SHORT = ["anneal.trainer.max_steps=4", "anneal.trainer.logging_steps=2", "anneal.trainer.save_steps=1000"]
 
 
 def completion_logps(model, tokenizer, prompts, completions) -> torch.Tensor:
@@ -48,19 +50,23 @@ def default_run(readme_run) -> Path:
 
 
 @pytest.fixture
-def make_short_cfg(shared_cache):
+def make_short_cfg(shared_cache, tiny):
+    """The tiny parents and (unless `data=custom` is among the overrides) their data, a 4-step anneal, merge and
+    anneal only."""
     from hydra import compose, initialize_config_dir
 
-    from conftest import TEST_CACHE
     from pipeline import CONF_DIR
 
     def _compose(*overrides):
+        own_data = "data=custom" in overrides
+        chosen = [o for o in tiny.overrides if not (own_data and o in tiny.data)]
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose("config", overrides=[f"pipeline.cache_dir={shared_cache}", f"models.cache_dir={TEST_CACHE}",
-                                                "pipeline.stages=[merge,anneal]", *SHORT, *overrides])
+                                                "pipeline.stages=[merge,anneal]", *chosen, *overrides])
     return _compose
 
 
+@pytest.mark.slow
 def test_default_run_output_loads_and_records_everything(default_run, demo_path):
     entry = manifest.load(default_run)["stages"]["anneal"]
     assert entry["status"] == "done"
@@ -73,6 +79,7 @@ def test_default_run_output_loads_and_records_everything(default_run, demo_path)
     # the reference: slerp's base_model, the unmerged `add` parent; never the merged model
     assert entry["inputs"]["reference"] == str(demo_path / "add")
     assert entry["reference_fingerprint"] == models.fingerprint(demo_path / "add")
+    assert entry["inputs"]["reference_source"] == {"path": str(demo_path / "add"), "hub_id": None, "revision": None}
     assert entry["precision"]["master_weights"] == "float32"
     assert entry["reference_batch_size"] == 32
     assert entry["cache"]["reference_logps"] in ("hit", "miss")
@@ -80,18 +87,21 @@ def test_default_run_output_loads_and_records_everything(default_run, demo_path)
     assert entry["data"]["dropped"]["train"] == {"empty": 0, "chosen_equals_rejected": 0, "prompt_too_long": 0}
 
 
+@pytest.mark.slow
 def test_training_log_and_it_works(default_run):
-    """On the demo with the default budget, training rewards/accuracies ends above 0.9."""
+    """On the demo with the default budget, training rewards/accuracies ends above 0.9 (the mean of the last five
+    logs, 800 pairs: one log's 160 pairs moved between 0.89 and 0.97 on one machine)."""
     rows = [json.loads(line) for line in Path(manifest.load(default_run)["stages"]["anneal"]["outputs"]["metrics"])
             .read_text().splitlines()]
     steps = [r for r in rows if "rewards/accuracies" in r]
     for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
         assert key in steps[-1]
     assert steps[-1]["step"] == 1250
-    assert steps[-1]["rewards/accuracies"] > 0.9, steps[-3:]
+    assert sum(s["rewards/accuracies"] for s in steps[-5:]) / 5 > 0.9, steps[-5:]
     assert steps[-1]["loss"] < steps[0]["loss"]
 
 
+@pytest.mark.slow
 def test_reference_logps_are_the_parents_row_by_row(default_run, demo_path):
     entry = manifest.load(default_run)["stages"]["anneal"]
     store = load_dataset("parquet", data_files=entry["outputs"]["reference_logps"], split="train")
@@ -108,23 +118,26 @@ def test_reference_logps_are_the_parents_row_by_row(default_run, demo_path):
         assert (stored - from_merged).abs().max() > 0.1
 
 
-def test_reference_pass_under_autocast_equals_trls_with_a_float32_reference(make_short_cfg, tmp_path, demo_path):
+def test_reference_pass_under_autocast_equals_trls_with_a_float32_reference(make_short_cfg, tmp_path, tiny):
     """Under bf16 autocast the reference's Linear weights are cast to bf16 once, not at every forward: the
     log-probs are bit-identical to TRL's own precompute with the float32 reference."""
     import datasets
     from trl import DPOTrainer
 
     cfg = make_short_cfg("+merge=slerp", "anneal.trainer.bf16=true", "anneal.trainer.precompute_ref_batch_size=8")
-    tokenizer = AutoTokenizer.from_pretrained(demo_path / "add")
-    args = anneal.dpo_config(cfg.anneal, tmp_path / "ckpt", 10**6)
+    tokenizer = AutoTokenizer.from_pretrained(tiny["add"])
+    precision = perf.decide_precision(cfg.anneal, n_params=10**6, cuda=False)
+    args = anneal.dpo_config(cfg.anneal, tmp_path / "ckpt", precision)
     assert args.bf16 and args.precompute_ref_batch_size == 8  # set by the user: kept
+    assert precision.reference_linear_weights == "bfloat16"
     pairs, _ = preferences.load_preferences(cfg.data)
     pairs = {"train": pairs["train"].select(range(40)), "heldout": pairs["heldout"].select(range(8))}
-    scored = anneal.score_with_reference(str(demo_path / "add"), tokenizer, pairs, args, "fingerprint")
+    scored = anneal.score_with_reference(str(tiny["add"]), tokenizer, pairs, args, precision,
+                                         perf.known_model_hash("fingerprint", True))
     datasets.disable_caching()
     try:
-        with anneal.known_model_hash("fingerprint-fp32"):
-            trl_own = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(demo_path / "add", dtype=torch.float32),
+        with perf.known_model_hash("fingerprint-fp32", True):
+            trl_own = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny["add"], dtype=torch.float32),
                                  args=args, train_dataset=pairs["train"], eval_dataset=pairs["heldout"],
                                  processing_class=tokenizer)
     finally:
@@ -134,25 +147,33 @@ def test_reference_pass_under_autocast_equals_trls_with_a_float32_reference(make
             assert scored[split][column][:] == theirs[column][:], (split, column)
 
 
+def dpo_config(anneal_cfg, output_dir):
+    return anneal.dpo_config(anneal_cfg, output_dir, perf.decide_precision(anneal_cfg, n_params=10**6, cuda=False))
+
+
 def test_reference_batch_size_fills_a_token_budget(make_short_cfg, tmp_path):
-    assert anneal.reference_batch_size(16, 64) == 32  # the demo: 32 pairs x 2 x 64 tokens = 4096
-    assert anneal.reference_batch_size(4, 134) == 15
-    assert anneal.reference_batch_size(8, 2048) == 8  # long sequences: the training batch
-    assert anneal.reference_batch_size(2, None) == 2  # TRL's max_length=None: read as 1024
-    args = anneal.dpo_config(make_short_cfg("+merge=slerp").anneal, tmp_path, 10**6)
+    assert perf.reference_batch_size(16, 64) == 32  # the demo: 32 pairs x 2 x 64 tokens = 4096
+    assert perf.reference_batch_size(4, 134) == 15
+    assert perf.reference_batch_size(8, 2048) == 8  # long sequences: the training batch
+    assert perf.reference_batch_size(2, None) == 2  # TRL's max_length=None: read as 1024
+    assert perf.reference_batch_size(4, 64, tokens=1024) == 8
+    args = dpo_config(make_short_cfg("+merge=slerp", "anneal.trainer.per_device_train_batch_size=16").anneal, tmp_path)
     assert args.precompute_ref_batch_size == 32
+    off = make_short_cfg("+merge=slerp", "anneal.perf.reference_pass_tokens=null").anneal
+    assert dpo_config(off, tmp_path).precompute_ref_batch_size is None  # TRL's own choice
 
 
-def test_reference_is_released_before_the_policy_trains(make_short_cfg, tmp_path, demo_path):
+def test_reference_is_released_before_the_policy_trains(make_short_cfg, tmp_path, tiny):
     cfg = make_short_cfg("+merge=slerp")
     run_pipeline(make_short_cfg("+merge=slerp", "pipeline.stages=[merge]"), tmp_path)
-    merged_dir = manifest.stage_output(tmp_path, "merge", "model")
+    merged_dir = Path(records.load(tmp_path, records.MergeRecord).outputs.model)
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    args = anneal.dpo_config(cfg.anneal, tmp_path / "ckpt", models.count_parameters(merged_dir))
+    precision = perf.decide_precision(cfg.anneal, models.count_parameters(merged_dir), cuda=False)
+    args = anneal.dpo_config(cfg.anneal, tmp_path / "ckpt", precision)
     pairs, _ = preferences.load_preferences(cfg.data)
-    pairs = {"train": pairs["train"].select(range(64)), "heldout": pairs["heldout"].select(range(16))}
-    with models.gc_skips_existing_objects():  # as in the stage
-        scored = anneal.score_with_reference(str(demo_path / "add"), tokenizer, pairs, args, "fingerprint")
+    with perf.gc_skips_existing_objects(True):  # as in the stage
+        scored = anneal.score_with_reference(str(tiny["add"]), tokenizer, pairs, args, precision,
+                                             perf.known_model_hash("fingerprint", True))
         gc.collect()
         assert not [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
 
@@ -163,37 +184,12 @@ def test_reference_is_released_before_the_policy_trains(make_short_cfg, tmp_path
             resident.append(sum(isinstance(o, PreTrainedModel) and hasattr(o, "lm_head") for o in gc.get_objects()))
 
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
-    trainer = anneal.make_trainer(model, tokenizer, args, scored["train"], cfg.anneal, tmp_path, "fingerprint")
+    trainer = anneal.make_trainer(model, tokenizer, args, scored["train"], cfg.anneal, tmp_path,
+                                  perf.known_model_hash("fingerprint", True))
     trainer.add_callback(CountModels())
     trainer.train()
     assert trainer.ref_model is None
     assert resident and set(resident) == {1}  # one causal LM alive: the policy alone
-
-
-def test_gc_skips_existing_objects_only_inside_the_block():
-    class Node:
-        pass
-
-    old = Node()
-    with models.gc_skips_existing_objects() as skipped:
-        assert skipped > 1000 and gc.get_freeze_count() > 1000
-        assert not any(o is old for o in gc.get_objects())  # set aside: full collections skip it
-        cycle = Node()
-        cycle.me = cycle
-        del cycle
-        assert gc.collect() >= 1  # what is made inside is still collected
-    assert gc.get_freeze_count() == 0 and any(o is old for o in gc.get_objects())
-    gc.freeze()  # a caller's own freeze is left alone
-    try:
-        with models.gc_skips_existing_objects() as skipped:
-            assert skipped == 0
-        assert gc.get_freeze_count() > 0
-    finally:
-        gc.unfreeze()
-
-
-def test_malloc_keeps_freed_memory_on_glibc():
-    assert models.keep_freed_memory() is True  # Linux with glibc: the settings are taken
 
 
 def test_reference_logps_shared_across_merges(make_short_cfg, tmp_path):
@@ -219,7 +215,7 @@ def test_every_loss_type_trains(loss, make_short_cfg, tmp_path):
     assert all(torch.isfinite(t).all() for t in after.values())
 
 
-def test_lora_adapter_is_merged_into_the_saved_model(make_short_cfg, tmp_path, demo_path):
+def test_lora_adapter_is_merged_into_the_saved_model(make_short_cfg, tmp_path, tiny):
     entry = run_pipeline(make_short_cfg("+merge=slerp", "anneal=lora"), tmp_path)["stages"]["anneal"]
     model_dir = Path(entry["outputs"]["model"])
     assert not (model_dir / "adapter_config.json").exists()
@@ -227,7 +223,7 @@ def test_lora_adapter_is_merged_into_the_saved_model(make_short_cfg, tmp_path, d
     before = load_file(tmp_path / "merge" / "model" / "model.safetensors")
     assert set(after) == set(before)  # plain weights, no lora_A / lora_B
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    assert entry["inputs"]["reference"] == str(demo_path / "add")
+    assert entry["inputs"]["reference"] == str(tiny["add"])  # slerp's base model
     AutoModelForCausalLM.from_pretrained(model_dir)
 
 
@@ -253,121 +249,6 @@ def test_lora_under_bf16_autocast_keeps_frozen_weights_in_bf16_and_saves_fp32(ma
     assert torch.equal(after[untouched], before[untouched])
 
 
-def test_frozen_bf16_linears_compute_what_autocast_computes(demo_path):
-    from peft import LoraConfig, get_peft_model
-    from peft.helpers import disable_input_dtype_casting
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(demo_path / "add", dtype=torch.float32),
-                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        reference = model(input_ids=ids).logits
-        assert anneal.frozen_linears_to_bf16(model) == 2 * 7 + 1  # q k v o gate up down per layer, lm_head
-        cast = model(input_ids=ids).logits
-        with anneal.frozen_base_in_bf16(model, False) as applied:
-            assert not applied
-        with disable_input_dtype_casting(model):  # what frozen_base_in_bf16 adds
-            uncast = model(input_ids=ids).logits
-    torch.testing.assert_close(cast, reference, rtol=0, atol=0)
-    torch.testing.assert_close(uncast, reference, rtol=0, atol=0)
-    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
-
-
-def test_float32_attention_under_cpu_autocast(demo_path, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(demo_path / "add", dtype=torch.float32)
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [0, 0, 7, 8, 9, 10, 11, 12]])
-    mask = torch.tensor([[1] * 8, [0, 0] + [1] * 6])  # left padding: SDPA gets a mask
-
-    def run(autocast):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            return model(input_ids=ids, attention_mask=mask).logits
-
-    with torch.no_grad():
-        plain, bf16_attention = run(False), run(True)
-        with anneal.float32_attention(model, True) as applied:
-            assert applied and model.config._attn_implementation == anneal.FLOAT32_SDPA
-            same_in_fp32, fp32_attention = run(False), run(True)
-    torch.testing.assert_close(same_in_fp32, plain, rtol=0, atol=0)  # transformers' SDPA, inputs already float32
-    assert not torch.equal(fp32_attention, bf16_attention)  # under autocast the attention ran in float32
-    assert model.config._attn_implementation == "sdpa"  # restored: a saved config names a standard attention
-    model.save_pretrained(tmp_path)
-    assert anneal.FLOAT32_SDPA not in (tmp_path / "config.json").read_text()
-    with anneal.float32_attention(model, False) as applied:
-        assert not applied and model.config._attn_implementation == "sdpa"
-
-
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointing"])
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-@pytest.mark.parametrize("autocast", [True, False], ids=["bf16-autocast", "fp32"])
-def test_lean_saved_tensors_give_bit_identical_gradients(lora, autocast, checkpointing, demo_path):
-    """The anneal stage's saved-tensor hooks store less for backward; loss and gradients do not change a bit,
-    with gradient checkpointing too."""
-    from peft import LoraConfig, get_peft_model
-    from peft.helpers import disable_input_dtype_casting
-
-    model = AutoModelForCausalLM.from_pretrained(demo_path / "add", dtype=torch.float32)
-    if checkpointing:
-        model.gradient_checkpointing_enable()
-        model.train()
-    if lora:
-        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-        if autocast:
-            anneal.frozen_linears_to_bf16(model)
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]] * 2)
-
-    def loss_and_grads(hooks):
-        model.zero_grad(set_to_none=True)
-        with contextlib.ExitStack() as stack:
-            if hooks:
-                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack))
-            if lora and autocast:
-                stack.enter_context(disable_input_dtype_casting(model))
-            with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False, enabled=autocast):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    plain_loss, plain_grads = loss_and_grads(None)
-    hooks = anneal.LeanSavedTensors()
-    loss, grads = loss_and_grads(hooks)
-    assert torch.equal(loss, plain_loss)
-    assert grads.keys() == plain_grads.keys() and grads
-    for name, grad in grads.items():
-        assert torch.equal(grad, plain_grads[name]), name
-    if checkpointing:  # the layers' tensors are saved by checkpointing's own hooks (innermost hooks win)
-        return
-    layers = 2
-    assert hooks.counts["silu_recomputed"] == hooks.counts["gated_product_recomputed"] == layers
-    if autocast:  # each weight's bf16 copy: q k v o gate up down per layer, lm_head. LoRA: the adapters' (the
-        # frozen weights are bf16 already), less layer 0's q k v gate up lora_A, whose input needs no gradient
-        assert hooks.counts["parameter_cast_recomputed"] == (2 * (layers * 7 + 1) - 5 if lora else layers * 7 + 1)
-        # k and v share q's input cast, up shares gate's; with LoRA not in layer 0's attention, whose input
-        # needs no gradient (its casts are not traced)
-        assert hooks.counts["equal_cast_shared"] == 3 * layers - (2 if lora else 0)
-    else:
-        assert hooks.counts.keys() == {"silu_recomputed", "gated_product_recomputed"}
-
-
-def test_lean_saved_tensors_keep_a_product_whose_factor_needs_no_gradient(demo_path):
-    """LoRA on gate_proj and down_proj: down's adapter saves the product silu(gate) * up, and in layer 0 up's
-    output needs no gradient, so the product keeps only that factor and must be stored as it is (a recompute
-    would find the other factor missing); the gradients stay bit-identical."""
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(demo_path / "add", dtype=torch.float32),
-                           LoraConfig(r=4, target_modules=["gate_proj", "down_proj"], init_lora_weights=False))
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]] * 2)
-    grads = []
-    for hooks in (None, anneal.LeanSavedTensors()):
-        model.zero_grad(set_to_none=True)
-        with (torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack) if hooks
-              else contextlib.nullcontext()):
-            model(input_ids=ids, labels=ids).loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert hooks.counts["gated_product_recomputed"] == 1  # layer 1 only
-    assert grads[0].keys() == grads[1].keys() and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
-
-
 @pytest.mark.parametrize("bf16", ["auto", "true"])
 def test_bf16_merge_trains_with_fp32_master_weights(bf16, make_short_cfg, tmp_path):
     entry = run_pipeline(make_short_cfg("+merge=linear", "merge.dtype=bfloat16", f"anneal.trainer.bf16={bf16}"),
@@ -376,36 +257,31 @@ def test_bf16_merge_trains_with_fp32_master_weights(bf16, make_short_cfg, tmp_pa
         "lm_head.weight"].dtype == torch.bfloat16
     model_dir = Path(entry["anneal"]["outputs"]["model"])
     assert load_file(model_dir / "model.safetensors")["lm_head.weight"].dtype == torch.float32
-    autocast = bf16 == "true"  # auto: the demo is too small for autocast to pay
+    autocast = bf16 == "true"  # auto: a tiny model is too small for autocast to pay
     assert entry["anneal"]["precision"] == {
         "master_weights": "float32", "autocast": "bfloat16" if autocast else None, "frozen_linear_weights": "float32",
         "autocast_weight_cache": False if autocast else None, "attention": "float32",  # CPU: float32 under autocast
         "reference_linear_weights": "bfloat16" if autocast else "float32"}
-    assert anneal.FLOAT32_SDPA not in (model_dir / "config.json").read_text()
+    assert perf.FLOAT32_SDPA not in (model_dir / "config.json").read_text()
 
 
-def test_reference_choices(make_short_cfg, tmp_path, demo_path):
-    merge_entry = {"inputs": {"parents": ["/p/add", "/p/reverse"], "base_model": "/p/base"}}
+def test_reference_choices(make_short_cfg, tmp_path, tiny):
+    parents, base = ["/p/add", "/p/reverse"], "/p/base"
     merged = tmp_path / "merged"
-    assert anneal.choose_reference("auto", merge_entry, merged) == ("/p/base", "base_model")
-    no_base = {"inputs": {"parents": ["/p/add", "/p/reverse"], "base_model": None}}
-    assert anneal.choose_reference("auto", no_base, merged) == ("/p/add", "parent:0")
-    assert anneal.choose_reference("1", merge_entry, merged) == ("/p/reverse", "parent:1")
-    assert anneal.choose_reference("reverse", merge_entry, merged) == ("/p/reverse", "parent:reverse")
-    assert anneal.choose_reference("merged", merge_entry, merged) == (str(merged), "merged")
-    assert anneal.choose_reference("/elsewhere", merge_entry, merged) == ("/elsewhere", "explicit")
+    assert anneal.choose_reference("auto", parents, base, merged) == ("/p/base", "base_model")
+    assert anneal.choose_reference("auto", parents, None, merged) == ("/p/add", "parent:0")
+    assert anneal.choose_reference("1", parents, base, merged) == ("/p/reverse", "parent:1")
+    assert anneal.choose_reference("reverse", parents, base, merged) == ("/p/reverse", "parent:reverse")
+    assert anneal.choose_reference("merged", parents, base, merged) == (str(merged), "merged")
+    assert anneal.choose_reference("/elsewhere", parents, base, merged) == ("/elsewhere", "explicit")
     with pytest.raises(UserError, match="2 parents"):
-        anneal.choose_reference("5", merge_entry, merged)
+        anneal.choose_reference("5", parents, base, merged)
     entry = run_pipeline(make_short_cfg("+merge=ties", "anneal.reference=reverse"), tmp_path)["stages"]["anneal"]
-    assert entry["inputs"]["reference"] == str(demo_path / "reverse")
+    assert entry["inputs"]["reference"] == str(tiny["reverse"])
+    assert entry["inputs"]["reference_source"] == {"path": str(tiny["reverse"]), "hub_id": None, "revision": None}
 
 
 # ------------------------------------------------------------------------------------------------ data
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
 
 def data_cfg(make_short_cfg, path: Path, *overrides):
     return make_short_cfg("+merge=slerp", "data=custom", f"data.path={path}", *overrides).data
@@ -475,32 +351,33 @@ def test_bad_trainer_settings_are_clear(make_short_cfg, tmp_path):
                              (["+anneal.trainer.max_prompt_length=10"], "DPOConfig rejected"),
                              (["+anneal.trainer.output_dir=/tmp/x"], "set by merge-anneal")):
         with pytest.raises(UserError, match=phrase):
-            anneal.dpo_config(make_short_cfg("+merge=slerp", *override).anneal, tmp_path, 1000)
-    assert anneal.dpo_config(cfg.anneal, tmp_path, 1000).precompute_ref_log_probs
+            dpo_config(make_short_cfg("+merge=slerp", *override).anneal, tmp_path)
+    assert dpo_config(cfg.anneal, tmp_path).precompute_ref_log_probs
 
 
-def test_missing_columns_and_nothing_left(cli, tmp_path):
+def test_missing_columns_and_nothing_left(cli, tmp_path, tiny):
     path = write_jsonl(tmp_path / "q.jsonl", PAIRS)
-    result, run_dir = cli("+merge=slerp", "data=custom", f"data.path={path}")
+    result, run_dir = cli("+merge=slerp", *tiny.models, "data=custom", f"data.path={path}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "lacks column(s)" in result.stderr and "data.columns.prompt" in result.stderr
     assert manifest.load(run_dir)["stages"]["anneal"]["status"] == "failed"
     path = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "1+1=", "chosen": "2", "rejected": "2"}] * 5)
-    result, run_dir = cli("+merge=slerp", "data=custom", f"data.path={path}", "data.heldout.fraction=0.4",
-                          run_dir=tmp_path / "run2")
+    result, run_dir = cli("+merge=slerp", *tiny.models, "data=custom", f"data.path={path}",
+                          "data.heldout.fraction=0.4", run_dir=tmp_path / "run2")
     assert result.returncode == 2 and "No train preference pairs are left" in " ".join(result.stderr.split())
     assert not (run_dir / "anneal" / "model").exists()
 
 
-def test_reference_with_another_vocabulary_is_refused(cli, tmp_path, demo_path):
+def test_reference_with_another_vocabulary_is_refused(cli, tmp_path, tiny):
     other = tmp_path / "other-vocab"
-    tokenizer = AutoTokenizer.from_pretrained(demo_path / "add")
+    tokenizer = AutoTokenizer.from_pretrained(tiny["add"])
     tokenizer.add_tokens(["<extra>"])
-    model = AutoModelForCausalLM.from_pretrained(demo_path / "add")
+    model = AutoModelForCausalLM.from_pretrained(tiny["add"])
     model.resize_token_embeddings(len(tokenizer))
     model.save_pretrained(other)
     tokenizer.save_pretrained(other)
-    result, run_dir = cli("+merge=slerp", f"anneal.reference={other}")
+    result, run_dir = cli("+merge=slerp", *tiny.overrides, "pipeline.stages=[merge,anneal]",
+                          f"anneal.reference={other}")
     message = " ".join(result.stderr.split())
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "does not share the merged model's vocabulary" in message and "anneal.reference=auto" in message
@@ -509,31 +386,29 @@ def test_reference_with_another_vocabulary_is_refused(cli, tmp_path, demo_path):
 
 # ----------------------------------------------------------------------------------------------- resume
 
-def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, shared_cache, demo_path):
-    from conftest import TEST_CACHE
-
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, shared_cache, tiny):
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "pipeline", "+merge=slerp", "pipeline.stages=[merge,anneal]",
+    args = [sys.executable, "-m", "pipeline", "+merge=slerp", "pipeline.stages=[merge,anneal]", *tiny.overrides,
             f"pipeline.cache_dir={shared_cache}", f"models.cache_dir={TEST_CACHE}", f"hydra.run.dir={run_dir}",
-            "anneal.trainer.max_steps=600", "anneal.trainer.save_steps=20", "anneal.trainer.logging_steps=20"]
-    process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            "anneal.trainer.max_steps=80", "anneal.trainer.save_steps=10", "anneal.trainer.logging_steps=10"]
+    env = {**os.environ, **ONE_THREAD}
+    process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     checkpoints = run_dir / "anneal" / "checkpoints"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(checkpoints.glob("checkpoint-*")):
-        time.sleep(0.5)
-    time.sleep(1.0)
+    while time.time() < deadline and not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+        time.sleep(0.05)  # killed as soon as its first checkpoint is complete
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert list(checkpoints.glob("checkpoint-*")), "no checkpoint was written before the kill"
     before = manifest.load(run_dir)["stages"]
     assert before["merge"]["status"] == "done" and before["anneal"]["status"] == "running"
 
-    result = subprocess.run([*args, "pipeline.resume=true"], cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run([*args, "pipeline.resume=true"], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     after = manifest.load(run_dir)["stages"]
     assert after["merge"] == before["merge"]  # the merge is not redone
     assert "merge: done in an earlier attempt" in result.stdout
     resumed = after["anneal"]["resumed_from"]
-    assert resumed and int(resumed.rsplit("-", 1)[1]) >= 20
+    assert resumed and int(resumed.rsplit("-", 1)[1]) >= 10
     logged = [json.loads(line)["step"] for line in (run_dir / "anneal" / "metrics.jsonl").read_text().splitlines()]
-    assert logged[-1] == 600 and min(s for s in logged if s > int(resumed.rsplit("-", 1)[1])) > 0
+    assert logged[-1] == 80 and min(s for s in logged if s > int(resumed.rsplit("-", 1)[1])) > 0

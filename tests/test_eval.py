@@ -91,13 +91,13 @@ def test_paired_perplexity_bootstrap():
     assert out == M.paired_bootstrap_perplexity(nll_a, nll_b, tokens, 1000, seed=0)
 
 
-def test_tokenization_matches_trl(demo_path):
+def test_tokenization_matches_trl(tiny):
     """The stored reference log-probs are TRL's: scoring the reference with the eval's tokenisation gives them."""
     from transformers import AutoTokenizer
 
     from stages import eval as eval_stage
 
-    tokenizer = AutoTokenizer.from_pretrained(demo_path / "add")
+    tokenizer = AutoTokenizer.from_pretrained(tiny["add"])
     ids, mask = eval_stage.tokenize_completion(tokenizer, "12+34=", "46", 64, "keep_start")
     assert tokenizer.decode(ids) == "12+34=46<eos>" and mask == [0] * 6 + [1] * 3
     ids, mask = eval_stage.tokenize_completion(tokenizer, "12+34=", "46", 7, "keep_start")
@@ -115,6 +115,7 @@ def eval_run(readme_run):
     return run_dir, work, cache, result
 
 
+@pytest.mark.slow
 def test_metrics_schema_and_demo_claims(eval_run):
     run_dir, _, _, result = eval_run
     entry = manifest.load(run_dir)["stages"]["eval"]
@@ -153,6 +154,7 @@ def test_metrics_schema_and_demo_claims(eval_run):
     assert report["scoring_seconds"] < 60 and entry["seconds"] < 120
 
 
+@pytest.mark.slow
 def test_eval_only_reevaluates_without_retraining(eval_run):
     from conftest import TEST_CACHE, run_cli
 
@@ -175,6 +177,7 @@ def test_eval_only_reevaluates_without_retraining(eval_run):
     assert new["comparison"] == old["comparison"]  # deterministic: same seed, same numbers
 
 
+@pytest.mark.slow
 def test_lm_eval_block_scores_every_model_offline(eval_run, tmp_path):
     """eval.lm_eval runs lm-evaluation-harness on a local custom task: the demo's held-out addition pairs as
     two-way multiple choice (the answer vs the rejected one)."""

@@ -25,7 +25,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from pipeline import UserError, demo  # noqa: E402
+from pipeline import UserError  # noqa: E402
+from pipeline.demo.build import build_tokenizer  # noqa: E402
 from pipeline.harness import run_lm_eval  # noqa: E402
 
 TASK = "copy_last_char"
@@ -90,7 +91,7 @@ def task_env(tmp_path_factory):
         "metadata": {"version": 1.0},
     }))
 
-    tok = demo.build_tokenizer()
+    tok = build_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
                       tie_word_embeddings=False, initializer_range=0.5, pad_token_id=tok.pad_token_id,

@@ -1,12 +1,13 @@
-"""The merge stage: every mergekit method on the demo parents, custom YAML, cache, determinism, bad input."""
+"""The merge stage: every mergekit method on the tiny random parents (fast tier), custom YAML, cache, determinism,
+bad input."""
 
 import os
 import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -19,9 +20,9 @@ MERGE_ONLY = "pipeline.stages=[merge]"
 
 
 @pytest.fixture
-def make_cfg(make_cfg):
-    """These tests exercise the merge stage alone."""
-    return lambda *overrides: make_cfg(MERGE_ONLY, *overrides)
+def make_cfg(make_cfg, tiny):
+    """These tests exercise the merge stage alone, on the tiny parents (overrides may choose others)."""
+    return lambda *overrides: make_cfg(MERGE_ONLY, *([] if "models=local" in overrides else tiny.models), *overrides)
 
 
 def mergekit_methods() -> list[str]:
@@ -36,21 +37,21 @@ def test_one_merge_option_per_mergekit_method():
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
-def test_every_option_composes_and_validates(method, make_cfg, demo_path):
+def test_every_option_composes_and_validates(method, make_cfg, tiny):
     cfg = make_cfg(f"+merge={method}")
-    config = merge.validate(merge.localize(merge.load_merge_config(cfg)))
+    config = merge.validate(merge.localize(merge.load_merge_config(cfg))[0])
     assert config.merge_method == method
     referenced = {Path(m.model.path) for m in config.referenced_models()}
-    assert referenced <= {demo_path / "base", demo_path / "add", demo_path / "reverse"}
+    assert referenced <= {tiny["base"], tiny["add"], tiny["reverse"]}
     assert merge.build_options(cfg.merge_options).write_model_card is False
 
 
-def test_model_stock_uses_base_and_both_children(make_cfg, demo_path):
+def test_model_stock_uses_base_and_both_children(make_cfg, tiny):
     config = merge.validate(merge.load_merge_config(make_cfg("+merge=model_stock")))
     assert {Path(m.model.path).name for m in config.referenced_models()} == {"base", "add", "reverse"}
 
 
-def test_override_speaks_mergekit(make_cfg, demo_path):
+def test_override_speaks_mergekit(make_cfg, tiny):
     cfg = make_cfg("+merge=slerp", "merge.parameters.t=0.3")
     assert merge.validate(merge.load_merge_config(cfg)).parameters["t"] == 0.3
 
@@ -62,8 +63,8 @@ def load_merged(model_dir: Path):
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
-def test_every_method_merges_the_demo(method, make_cfg, tmp_path, demo_path):
-    before = {name: models.fingerprint(demo_path / name) for name in ("base", "add", "reverse")}
+def test_every_method_merges_the_demo(method, make_cfg, tmp_path, tiny):
+    before = {name: models.fingerprint(tiny[name]) for name in ("base", "add", "reverse")}
     run_dir = tmp_path / "run"
     result = run_pipeline(make_cfg(f"+merge={method}"), run_dir)
 
@@ -72,29 +73,29 @@ def test_every_method_merges_the_demo(method, make_cfg, tmp_path, demo_path):
     model_dir = Path(entry["outputs"]["model"])
     assert model_dir == run_dir.resolve() / "merge" / "model"
     assert all(Path(p).is_absolute() for p in entry["inputs"]["models"])
-    assert set(entry["inputs"]["models"]) <= {str(demo_path / n) for n in before}
+    assert set(entry["inputs"]["models"]) <= {str(tiny[n]) for n in before}
     assert entry["config"]["merge"]["merge_method"] == method
     assert entry["versions"]["mergekit"] and entry["seconds"] >= 0
 
     model, tokenizer = load_merged(model_dir)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    donor = AutoTokenizer.from_pretrained(demo_path / "add")
+    donor = AutoTokenizer.from_pretrained(tiny["add"])
     assert tokenizer.get_vocab() == donor.get_vocab()
     assert tokenizer.chat_template and tokenizer.chat_template == donor.chat_template
     written = yaml.safe_load((model_dir / "mergekit_config.yml").read_text())
     assert written["merge_method"] == method and "modules" not in written  # as configured, not mergekit's internals
     assert not list(model_dir.glob("*.bin"))
     # the parents are never modified
-    assert before == {name: models.fingerprint(demo_path / name) for name in before}
+    assert before == {name: models.fingerprint(tiny[name]) for name in before}
 
 
-def test_slerp_interpolates_between_the_parents(make_cfg, tmp_path, demo_path):
+def test_slerp_interpolates_between_the_parents(make_cfg, tmp_path, tiny):
     """t=0 gives the base_model endpoint, t=0.5 something strictly between: the parameter reaches mergekit."""
     def merged(t):
         run = run_pipeline(make_cfg("+merge=slerp", f"merge.parameters.t={t}"), tmp_path / f"t{t}")
         return load_file(Path(run["stages"]["merge"]["outputs"]["model"]) / "model.safetensors")
 
-    parent = load_file(demo_path / "add" / "model.safetensors")
+    parent = load_file(tiny["add"] / "model.safetensors")
     name = "model.layers.0.mlp.down_proj.weight"
     assert torch.equal(merged(0.0)[name], parent[name])
     assert not torch.equal(merged(0.5)[name], parent[name])
@@ -105,7 +106,7 @@ def weight_files(model_dir: Path) -> dict:
                                                                                          ".jinja", ".yml")}
 
 
-def test_cache_hit_reuses_the_identical_merge(make_cfg, tmp_path, demo_path):
+def test_cache_hit_reuses_the_identical_merge(make_cfg, tmp_path, tiny):
     first = run_pipeline(make_cfg("+merge=ties"), tmp_path / "a")["stages"]["merge"]
     second = run_pipeline(make_cfg("+merge=ties"), tmp_path / "b")["stages"]["merge"]
     changed = run_pipeline(make_cfg("+merge=ties", "+merge.parameters.lambda=0.8"),
@@ -119,11 +120,11 @@ def test_cache_hit_reuses_the_identical_merge(make_cfg, tmp_path, demo_path):
     assert weight_files(out["a"]) != weight_files(Path(changed["outputs"]["model"]))
 
 
-def test_cache_key_follows_parent_contents(make_cfg, tmp_path, demo_path):
+def test_cache_key_follows_parent_contents(make_cfg, tmp_path, tiny):
     """Same config over changed parent files is a different merge."""
     parents = tmp_path / "parents"
     for name in ("base", "add", "reverse"):
-        shutil.copytree(demo_path / name, parents / name)
+        shutil.copytree(tiny[name], parents / name)
     local = ["models=local", f"models.base={parents / 'base'}",
              f"models.parents=[{parents / 'add'},{parents / 'reverse'}]", "+merge=task_arithmetic"]
     assert run_pipeline(make_cfg(*local), tmp_path / "a")["stages"]["merge"]["cache"]["merge"] == "miss"
@@ -133,11 +134,11 @@ def test_cache_key_follows_parent_contents(make_cfg, tmp_path, demo_path):
     assert run_pipeline(make_cfg(*local), tmp_path / "c")["stages"]["merge"]["cache"]["merge"] == "miss"
 
 
-def test_local_folders_as_parents(make_cfg, tmp_path, demo_path):
+def test_local_folders_as_parents(make_cfg, tmp_path, tiny):
     """models=local takes user folders (relative paths too) exactly like the demo."""
     user = tmp_path / "checkpoints"
     for name in ("base", "add", "reverse"):
-        shutil.copytree(demo_path / name, user / f"my-{name}")
+        shutil.copytree(tiny[name], user / f"my-{name}")
     cfg = make_cfg("models=local", f"models.base={user / 'my-base'}",
                    f"models.parents=[{user / 'my-add'},{user / 'my-reverse'}]", "+merge=model_stock")
     entry = run_pipeline(cfg, tmp_path / "run")["stages"]["merge"]
@@ -146,17 +147,18 @@ def test_local_folders_as_parents(make_cfg, tmp_path, demo_path):
     load_merged(Path(entry["outputs"]["model"]))
 
 
-def test_custom_mergekit_yaml_runs_verbatim(cli, tmp_path, demo_path):
+def test_custom_mergekit_yaml_runs_verbatim(cli, tmp_path, tiny):
     config_path = tmp_path / "my-merge.yml"
     config_path.write_text(
         "merge_method: task_arithmetic\n"
-        f"base_model: {demo_path / 'base'}\n"
+        f"base_model: {tiny['base']}\n"
         "models:\n"
-        f"  - model: {demo_path / 'add'}\n    parameters: {{weight: 0.7}}\n"
-        f"  - model: {demo_path / 'reverse'}\n    parameters: {{weight: 0.3}}\n"
+        f"  - model: {tiny['add']}\n    parameters: {{weight: 0.7}}\n"
+        f"  - model: {tiny['reverse']}\n    parameters: {{weight: 0.3}}\n"
         "dtype: float32\n"
     )
-    result, run_dir = cli("+merge=custom", f"merge.config_file={config_path}", MERGE_ONLY)
+    result, run_dir = cli("+merge=custom", f"merge.config_file={config_path}", MERGE_ONLY, *tiny.models, *tiny.data,
+                          process=True)  # a real `python -m pipeline`
     assert result.returncode == 0, result.stderr
     entry = manifest.load(run_dir)["stages"]["merge"]
     assert entry["status"] == "done"
@@ -165,16 +167,17 @@ def test_custom_mergekit_yaml_runs_verbatim(cli, tmp_path, demo_path):
     load_merged(Path(entry["outputs"]["model"]))
 
 
-def test_same_config_is_byte_identical_across_hash_seeds(tmp_path, cache_dir, demo_path):
+def test_same_config_is_byte_identical_across_hash_seeds(tmp_path, cache_dir, tiny):
     """Methods without a base model and random ones (DARE, DELLA) give the same bytes whatever PYTHONHASHSEED."""
-    from conftest import base_overrides, run_cli
+    from conftest import ONE_THREAD, base_overrides, run_cli
 
     methods = "linear,karcher,multislerp,passthrough,dare_ties,della"
     outputs = {}
     for seed in ("1", "2"):
         sweep_dir = tmp_path / f"seed{seed}"
-        result = run_cli("-m", f"+merge={methods}", "pipeline.cache=false", MERGE_ONLY, *base_overrides(cache_dir),
-                         f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, env={"PYTHONHASHSEED": seed})
+        result = run_cli("-m", f"+merge={methods}", "pipeline.cache=false", MERGE_ONLY, *tiny.models,
+                         *base_overrides(cache_dir),
+                         f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, env={"PYTHONHASHSEED": seed, **ONE_THREAD})
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[seed] = {job.name: weight_files(job / "merge" / "model") for job in sorted(sweep_dir.iterdir())
                          if job.is_dir() and (job / "merge").is_dir()}
@@ -211,7 +214,7 @@ def assert_clean_failure(result, run_dir: Path, *phrases: str) -> None:
 
 
 def test_missing_merge_lists_the_options_before_creating_a_run_folder(cli):
-    result, run_dir = cli()
+    result, run_dir = cli(process=True)
     assert result.returncode == 2
     assert "+merge=<option>" in result.stderr and "slerp" in result.stderr and "model_stock" in result.stderr
     assert "Traceback" not in result.stderr
@@ -223,15 +226,15 @@ def test_unknown_method_group_option(cli):
     assert_clean_failure(result, run_dir, "Could not find 'merge/slurp'", "slerp")
 
 
-def test_unknown_merge_method_name(cli):
-    result, run_dir = cli("+merge=linear", "merge.merge_method=frobnicate")
+def test_unknown_merge_method_name(cli, tiny):
+    result, run_dir = cli("+merge=linear", "merge.merge_method=frobnicate", *tiny.models, *tiny.data)
     assert_clean_failure(result, run_dir, "Unknown merge method 'frobnicate'", "slerp")
     assert manifest.load(run_dir)["stages"]["merge"]["status"] == "failed"
 
 
-def test_missing_parent_folder(cli, tmp_path):
+def test_missing_parent_folder(cli, tmp_path, tiny):
     missing = tmp_path / "no-such-model"
-    result, run_dir = cli("+merge=slerp", "models=local", f"models.parents=[{missing},{missing}-2]")
+    result, run_dir = cli("+merge=slerp", "models=local", f"models.parents=[{missing},{missing}-2]", *tiny.data)
     assert_clean_failure(result, run_dir, "Model folder not found", str(missing), "models.parents")
 
 
@@ -240,50 +243,50 @@ def test_local_without_parents_names_the_fix(make_cfg):
         merge.load_merge_config(make_cfg("+merge=slerp", "models=local"))
 
 
-def test_method_needing_a_base_without_one(make_cfg, demo_path):
-    cfg = make_cfg("+merge=ties", "models=local", f"models.parents=[{demo_path / 'add'},{demo_path / 'reverse'}]")
+def test_method_needing_a_base_without_one(make_cfg, tiny):
+    cfg = make_cfg("+merge=ties", "models=local", f"models.parents=[{tiny['add']},{tiny['reverse']}]")
     with pytest.raises(UserError, match="needs a base model"):
         merge.validate(merge.load_merge_config(cfg))
 
 
-def test_hub_id_without_network_fails_cleanly(cli):
-    result, run_dir = cli("+merge=slerp", "models=local", "models.parents=[no-such-org/no-such-model,x/y]",
+def test_hub_id_without_network_fails_cleanly(cli, tiny):
+    result, run_dir = cli("+merge=slerp", "models=local", "models.parents=[no-such-org/no-such-model,x/y]", *tiny.data,
                           env={"HF_HUB_OFFLINE": "1"})
     assert_clean_failure(result, run_dir, "Could not fetch no-such-org/no-such-model", "HF_TOKEN")
 
 
-def test_different_architectures(cli, tmp_path, demo_path):
-    other = make_variant(demo_path / "reverse", tmp_path / "mistral", architecture="MistralForCausalLM")
-    result, run_dir = cli("+merge=slerp", "models=local", f"models.parents=[{demo_path / 'add'},{other}]")
+def test_different_architectures(cli, tmp_path, tiny):
+    other = make_variant(tiny["reverse"], tmp_path / "mistral", architecture="MistralForCausalLM")
+    result, run_dir = cli("+merge=slerp", "models=local", f"models.parents=[{tiny['add']},{other}]", *tiny.data)
     assert_clean_failure(result, run_dir, "different architectures", "MistralForCausalLM", "allow_crimes")
 
 
-def test_different_tensor_shapes(cli, tmp_path, demo_path):
-    other = make_variant(demo_path / "reverse", tmp_path / "wide", intermediate_size=256)
-    result, run_dir = cli("+merge=linear", "models=local", f"models.parents=[{demo_path / 'add'},{other}]")
+def test_different_tensor_shapes(cli, tmp_path, tiny):
+    other = make_variant(tiny["reverse"], tmp_path / "wide", intermediate_size=256)
+    result, run_dir = cli("+merge=linear", "models=local", f"models.parents=[{tiny['add']},{other}]", *tiny.data)
     assert_clean_failure(result, run_dir, "Tensor shapes differ", "mlp", "same base model")
 
 
-def test_config_mergekit_rejects(cli):
-    result, run_dir = cli("+merge=slerp", "~merge.parameters")
+def test_config_mergekit_rejects(cli, tiny):
+    result, run_dir = cli("+merge=slerp", "~merge.parameters", *tiny.models, *tiny.data)
     assert_clean_failure(result, run_dir, "needs parameter 't'", "merge.parameters.t")
-    result, run_dir = cli("+merge=slerp", "+merge.parameters.density=0.5")
+    result, run_dir = cli("+merge=slerp", "+merge.parameters.density=0.5", *tiny.models, *tiny.data)
     assert_clean_failure(result, run_dir, "has no parameter(s) ['density']")
-    result, run_dir = cli("+merge=slerp", "~merge.models")
+    result, run_dir = cli("+merge=slerp", "~merge.models", *tiny.models, *tiny.data)
     assert_clean_failure(result, run_dir, "mergekit rejected the merge config", "Exactly one of")
 
 
-def test_missing_config_file(cli, tmp_path):
-    result, run_dir = cli("+merge=custom", f"merge.config_file={tmp_path / 'nope.yml'}")
+def test_missing_config_file(cli, tmp_path, tiny):
+    result, run_dir = cli("+merge=custom", f"merge.config_file={tmp_path / 'nope.yml'}", *tiny.models, *tiny.data)
     assert_clean_failure(result, run_dir, "does not exist", "merge.config_file")
-    result, run_dir = cli("+merge=custom")
+    result, run_dir = cli("+merge=custom", *tiny.models, *tiny.data)
     assert_clean_failure(result, run_dir, "merge.config_file")
 
 
 def test_help_works_from_any_directory(tmp_path):
-    from conftest import run_cli
+    from conftest import ONE_THREAD, run_cli
 
-    result = run_cli("--help", cwd=tmp_path)
+    result = run_cli("--help", cwd=tmp_path, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
     assert "merge: " in result.stdout and "slerp" in result.stdout and "+merge=<method>" in result.stdout
 

@@ -1,5 +1,6 @@
-"""The release stage: a real demo run (short anneal), the released folder and its model card, pick=best, and
-the publishing paths (dry run, no token, no network), all without reaching the hub."""
+"""The release stage: a real run on the tiny random parents (short anneal), the released folder and its model
+card, pick=best, and the publishing paths (dry run, no token, no network), all without reaching the hub; the
+README's demo run's card (slow tier)."""
 
 import json
 import shutil
@@ -10,10 +11,8 @@ import yaml
 
 from pipeline import UserError, manifest
 
-# A short anneal (as in test_anneal.py) and a big reference batch: the reference pass over the demo's 4300 pairs
-# takes seconds instead of minutes.
-SHORT = ["anneal.trainer.max_steps=4", "anneal.trainer.logging_steps=2", "anneal.trainer.save_steps=1000",
-         "anneal.trainer.precompute_ref_batch_size=512"]
+# A short anneal (as in test_anneal.py).
+SHORT = ["anneal.trainer.max_steps=4", "anneal.trainer.logging_steps=2", "anneal.trainer.save_steps=1000"]
 SENTINEL = "hf_releaseTestSentinel0123456789abcdef"  # a fake token: must never reach a released file
 UNREACHABLE = {"HF_ENDPOINT": "http://127.0.0.1:9"}  # fails at once, deterministically, whatever the network
 # One torch thread: on a shared 2-core machine two spinning threads per process made eval 20x slower (measured
@@ -24,14 +23,16 @@ HUB = ["pipeline.stages=[release]", "release=hub", "release.repo_id=someone/demo
 
 
 @pytest.fixture(scope="module")
-def release_run(tmp_path_factory, demo_path):
-    """`python -m pipeline +merge=slerp` (short anneal) with a token in the environment: all four stages."""
+def release_run(tmp_path_factory, tiny):
+    """`python -m pipeline +merge=slerp` (tiny parents, short anneal) with a token in the environment: all four
+    stages."""
     from conftest import TEST_CACHE, run_cli
 
     work = tmp_path_factory.mktemp("release-run")
     run_dir = work / "run"
-    result = run_cli("+merge=slerp", *SHORT, f"pipeline.cache_dir={work / 'cache'}", f"models.cache_dir={TEST_CACHE}",
-                     f"hydra.run.dir={run_dir}", cwd=work, env={"HF_TOKEN": SENTINEL, **UNREACHABLE, **ONE_THREAD})
+    result = run_cli("+merge=slerp", *SHORT, *tiny.models, *tiny.data, f"pipeline.cache_dir={work / 'cache'}",
+                     f"models.cache_dir={TEST_CACHE}", f"hydra.run.dir={run_dir}", cwd=work,
+                     env={"HF_TOKEN": SENTINEL, **UNREACHABLE, **ONE_THREAD})
     assert result.returncode == 0, result.stderr[-4000:]
     return run_dir, work
 
@@ -98,10 +99,10 @@ def test_release_folder_holds_the_annealed_model_and_loads(release_run):
     assert [m["model"] for m in merge_config["models"]] == ["add", "reverse"]
     dpo = yaml.safe_load((folder / "dpo_settings.yaml").read_text())
     assert dpo["anneal"]["trainer"]["max_steps"] == 4 and dpo["reference"]["model"] == "add"
-    assert dpo["data"]["train_pairs"] == 4000
+    assert dpo["data"]["train_pairs"] == 48
 
 
-def test_model_card_front_matter_numbers_and_command(release_run):
+def test_model_card_front_matter_numbers_and_command(release_run, tiny):
     from huggingface_hub import ModelCard
 
     from conftest import TEST_CACHE
@@ -111,9 +112,9 @@ def test_model_card_front_matter_numbers_and_command(release_run):
     folder = Path(stages["release"]["outputs"]["model"])
     card = ModelCard.load(folder / "README.md")
     data = card.data
-    assert data.base_model == ["add", "reverse"]  # the demo's parents are local: their names
+    assert data.base_model == ["add", "reverse"]  # local parents: their names
     assert {"merge", "mergekit", "dpo", "trl", "slerp"} <= set(data.tags)
-    assert data.datasets == ["merge-anneal-demo"] and data.license == "unknown"
+    assert data.datasets == ["train.jsonl", "heldout.jsonl"] and data.license == "unknown"  # local files: names
     assert data.library_name == "transformers" and data.model_name == "slerp-annealed"
 
     metrics = json.loads(Path(stages["eval"]["outputs"]["metrics"]).read_text())["models"]["annealed"]
@@ -122,11 +123,13 @@ def test_model_card_front_matter_numbers_and_command(release_run):
     assert {r.metric_type: r.metric_value for r in data.eval_results} == expected
 
     text = card.text
-    assert "python -m pipeline +merge=slerp " + " ".join(SHORT) in text  # the cache overrides are left out
+    assert "python -m pipeline +merge=slerp " + " ".join(SHORT) + " models=local 'models.base=<local>/base'" in text
+    assert "pipeline.cache_dir" not in text  # the cache overrides are left out
     assert "## Lineage" in text and "`add` (local)" in text and "t=0.5" in text and "beta 0.3" in text
     assert "| preference_accuracy | " in text and "annealed - merged" in text
     readme = (folder / "README.md").read_text()
-    for private in (str(run_dir), str(run_dir.resolve()), str(work), str(TEST_CACHE), "/work", str(Path.home())):
+    for private in (str(run_dir), str(run_dir.resolve()), str(work), str(TEST_CACHE), str(tiny.root), "/work",
+                    str(Path.home())):
         assert private not in readme, private
     for file in folder.rglob("*"):  # the token in the environment is in no released file
         assert SENTINEL.encode() not in file.read_bytes(), file
@@ -141,7 +144,7 @@ def test_pick_best_picks_the_better_by_the_objective_and_says_why(run_copy, make
         merged, annealed = metrics["merged"][objective], metrics["annealed"][objective]
         better_merged = merged > annealed if higher_is_better else merged < annealed
         entry = release.run(make_cfg("release.pick=best", f"release.objective={objective}",
-                                     f"release.name=best-{objective}"), run_dir)
+                                     f"release.name=best-{objective}"), run_dir).model_dump()
         pick = entry["pick"]
         assert pick["picked"] == ("merged" if better_merged else "annealed"), pick
         assert pick["values"] == {"merged": merged, "annealed": annealed}
@@ -195,13 +198,13 @@ def test_bad_release_settings_exit_2_and_leave_no_folder(run_copy, overrides, ph
 
 # ------------------------------------------------------------------------------------------------ the files
 
-def test_generation_config_written_when_missing_and_pickles_refused(demo_path, tmp_path):
+def test_generation_config_written_when_missing_and_pickles_refused(tiny, tmp_path):
     from transformers import AutoConfig, GenerationConfig
 
     from stages import release
 
     source = tmp_path / "model"
-    shutil.copytree(demo_path / "add", source, ignore=shutil.ignore_patterns("generation_config.json"))
+    shutil.copytree(tiny["add"], source, ignore=shutil.ignore_patterns("generation_config.json"))
     release.copy_model(source, tmp_path / "out")
     written = GenerationConfig.from_pretrained(tmp_path / "out")
     assert written.eos_token_id == AutoConfig.from_pretrained(source).eos_token_id
@@ -216,15 +219,53 @@ def test_generation_config_written_when_missing_and_pickles_refused(demo_path, t
 
 
 def test_reproduce_commands_hide_local_paths_and_span_invocations():
+    from pipeline.records import ModelSource
     from stages import release
 
+    snapshot = "/home/me/.cache/huggingface/hub/models--org--base/snapshots/abc"
+    names = release.PublicNames([ModelSource(path=snapshot, hub_id="org/base", revision="abc"),
+                                 ModelSource(path="/ckpt/math")])
     full = {"overrides": ["+merge=ties", "models=local", "models.parents=[/ckpt/math,org/code@v1]",
-                          "models.base=/home/me/.cache/huggingface/hub/models--org--base/snapshots/abc",
-                          "pipeline.cache_dir=/tmp/c", "models.cache_dir=/tmp/m"],
+                          f"models.base={snapshot}", "pipeline.cache_dir=/tmp/c", "models.cache_dir=/tmp/m"],
             "stages": ["merge", "anneal", "eval", "release"]}
-    assert release.reproduce_commands([full]) == [
-        "python -m pipeline +merge=ties models=local 'models.parents=[<local>/math,org/code@v1]' models.base=org/base"]
+    assert release.reproduce_commands([full], names) == [  # a hub download by its hub id and commit
+        "python -m pipeline +merge=ties models=local 'models.parents=[<local>/math,org/code@v1]' "
+        "models.base=org/base@abc"]
     again = {"overrides": ["pipeline.stages=[release]", "release.pick=best"], "stages": ["release"]}
-    assert release.reproduce_commands([full, again])[1] == \
+    assert release.reproduce_commands([full, again], names)[1] == \
         "python -m pipeline 'pipeline.stages=[release]' release.pick=best 'hydra.run.dir=<run>'"
-    assert release.reproduce_commands([again]) == []  # the rest was driven from Python: nothing to show
+    assert release.reproduce_commands([again], names) == []  # the rest was driven from Python: nothing to show
+    # a snapshot path that did not come through the hub download is just a local folder
+    assert release.reproduce_commands([full], release.PublicNames([]))[0].endswith("'models.base=<local>/abc'")
+
+
+def test_public_names_come_from_provenance_not_paths():
+    """Hub downloads are named by the id and commit recorded when they were resolved; nothing is parsed out of a
+    cache path."""
+    from pipeline.records import ModelSource
+    from stages import release
+
+    names = release.PublicNames([ModelSource(path="/cache/snapshots/0123abc", hub_id="org/model", revision="0123abc"),
+                                 ModelSource(path="/ckpt/my-model")])
+    assert names.name("/cache/snapshots/0123abc") == "org/model"
+    assert names.name("/cache/snapshots/0123abc", revision=True) == "org/model@0123abc"
+    assert names.name("/ckpt/my-model") == "my-model" and not names.is_hub("/ckpt/my-model")
+    assert names.is_hub("/cache/snapshots/0123abc") and names.is_hub("org/other")
+    assert names.name("/x/models--org--name/snapshots/abc") == "abc"  # not reverse-engineered
+    assert names.public({"base_model": "/cache/snapshots/0123abc", "models": [{"model": "/ckpt/my-model"}],
+                         "t": 0.5}) == {"base_model": "org/model@0123abc", "models": [{"model": "my-model"}], "t": 0.5}
+
+
+@pytest.mark.slow
+def test_the_readme_runs_release_names_the_demo(readme_run):
+    """The README's own run releases the annealed demo merge: its card names the demo's parents and data set."""
+    from huggingface_hub import ModelCard
+
+    run_dir = readme_run[0]
+    entry = manifest.load(run_dir)["stages"]["release"]
+    assert entry["status"] == "done" and entry["pick"]["picked"] == "annealed"
+    data = ModelCard.load(Path(entry["outputs"]["card"])).data
+    assert data.base_model == ["add", "reverse"]  # the demo's parents are local: their names
+    assert data.datasets == ["merge-anneal-demo"]
+    dpo = yaml.safe_load((Path(entry["outputs"]["model"]) / "dpo_settings.yaml").read_text())
+    assert dpo["data"]["train_pairs"] == 4000 and dpo["reference"]["model"] == "add"

@@ -1,4 +1,4 @@
-"""Sweeps: real `python -m pipeline -m ...` multiruns on the demo parents (a subset of the demo's pairs, a short
+"""Sweeps: real `python -m pipeline -m ...` multiruns on the tiny random parents and pairs (fast tier, a short
 anneal), their summaries, the presets (conf/sweep/), the Optuna search and the submitit launcher."""
 
 import json
@@ -7,26 +7,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TEST_CACHE, run_cli
+from conftest import ONE_THREAD, TEST_CACHE, run_cli
 from pipeline import UserError, manifest, sweep
 
 # A short anneal (the summary, not the annealing effect, is under test); release is another stage's business.
 SHORT = ["anneal.trainer.max_steps=10", "anneal.trainer.logging_steps=5", "anneal.trainer.save_steps=1000",
          "anneal.trainer.disable_tqdm=true", "pipeline.stages=[merge,anneal,eval]", "eval.samples=1"]
-# One torch thread per job: on a shared 2-core machine two threads per process run many times slower (measured:
-# eval 53 s with two threads vs 11 s with one, same jobs) and make the timings erratic.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
-def demo_subset(tmp_path_factory, demo_path) -> list[str]:
-    """The demo's parents and data, a tenth of its training pairs and a third of its held-out pairs (both
-    skills): every job scores its reference and evaluates in a fraction of the time."""
-    folder = tmp_path_factory.mktemp("demo-subset")
-    for name, step in (("train.jsonl", 10), ("heldout.jsonl", 3)):
-        lines = (demo_path / "data" / name).read_text().splitlines()[::step]
-        (folder / name).write_text("\n".join(lines) + "\n")
-    return [f"data.path={folder / 'train.jsonl'}", f"data.heldout.path={folder / 'heldout.jsonl'}"]
+def demo_subset(tiny) -> list[str]:
+    """The tiny parents and their demo-style pairs (both skills, exact answers): every job merges, anneals and
+    evaluates in seconds."""
+    return [*tiny.models, *tiny.data, "anneal.trainer.per_device_train_batch_size=4"]
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +74,13 @@ def test_sweep_over_slerp_t_ranks_jobs_and_computes_shared_work_once(tmp_path, c
     assert "merge-anneal: sweep done: 2 of 2 jobs finished" in result.stdout
 
 
-def test_failed_job_is_listed_and_the_sweep_goes_on(tmp_path, shared_cache, demo_path):
+def test_failed_job_is_listed_and_the_sweep_goes_on(tmp_path, shared_cache, tiny):
     """A job that fails (here: slerp takes t from 0 to 1) is listed as failed; the other job still runs."""
     sweep_dir = tmp_path / "sweep"
     result = run_cli("-m", "+merge=slerp", "merge.parameters.t=0.3,oops", *SHORT, "pipeline.stages=[merge]",
+                     *tiny.models,
                      f"pipeline.cache_dir={shared_cache}", f"models.cache_dir={TEST_CACHE}",
-                     f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+                     f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, env=ONE_THREAD)
     assert result.returncode == 1  # Hydra's exit code for a sweep with a failed job
     summary = json.loads((sweep_dir / sweep.SUMMARY_JSON).read_text())
     status = {r["label"]: (r["status"], r["error"]) for r in summary["runs"]}

@@ -1,6 +1,7 @@
-"""Embedded demo: three tiny character-level Llama models plus preference data.
+"""Build of the embedded demo: three tiny character-level Llama models plus preference data.
 
-``ensure_demo(cache_dir)`` builds, deterministically from the fixed seeds in ``RECIPE``:
+``build_into(folder)`` builds, deterministically from the fixed seeds in ``RECIPE`` (``pipeline.demo``'s
+``ensure_demo`` calls it once per recipe and keeps the result):
 
 * ``base/``    -- a Llama briefly trained on a 50/50 mix of two skills ("add", "reverse");
 * ``add/``     -- ``base`` fully fine-tuned on addition only;
@@ -12,28 +13,27 @@
 * ``accuracy.json`` (greedy exact match of each model on each skill, held-out prompts) and
   ``recipe.json`` (``RECIPE`` plus its hash).
 
-Merging the two children (SLERP t=0.5, base_model = the add child) damages both skills, which is what
-makes DPO annealing of the merge worth demonstrating (see shared NOTES, last section).
+The tasks themselves (prompts, answers, wrong answers) live in ``tasks.py``. Merging the two children
+(SLERP t=0.5, base_model = the add child) damages both skills, which is what makes DPO annealing of the
+merge worth demonstrating (see shared NOTES, last section).
 
-The build lands in ``<cache>/demo/<recipe_hash()>``; it is written into a sibling temp folder and
-renamed into place at the end, so a folder that exists is complete. Heavy imports (torch,
-transformers, tokenizers) happen inside the functions that need them: importing this module is instant.
+The build lands in ``<cache>/demo/<recipe_hash()>``, keyed by ``RECIPE`` and the source of this file and
+``tasks.py`` alone (not by the cache handling in ``pipeline/demo/__init__.py``, nor by the generation code
+that only evaluates). Heavy imports (torch, transformers, tokenizers) happen inside the functions that need
+them: importing this module is instant.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 import random
-import re
-import shutil
 import sys
-import tempfile
 import time
 
-SKILLS = ("add", "reverse")
+from pipeline.demo import tasks
+from pipeline.demo.tasks import SKILLS, expected_answer, make_prompt, skill_of
 
 RECIPE: dict = {
     "version": 2,
@@ -57,7 +57,7 @@ RECIPE: dict = {
     },
     "skills": {
         "add": {"operand_min": 10, "operand_max": 99},
-        "reverse": {"min_len": 3, "max_len": 6, "alphabet": "abcdefghijklmnopqrstuvwxyz"},
+        "reverse": {"min_len": 3, "max_len": 6, "alphabet": tasks.ALPHABET},
     },
     "optimizer": {"name": "AdamW", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
     # Base: trained only briefly on the mix (a fully trained base makes the merge too good to anneal).
@@ -73,8 +73,6 @@ RECIPE: dict = {
 }
 
 _MODEL_NAMES = ("base",) + SKILLS
-_ADD_RE = re.compile(r"^(\d+)\+(\d+)=$")
-_REV_RE = re.compile(r"^rev ([a-z]+)=$")
 _CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['content'] }}"
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
@@ -84,56 +82,21 @@ _CHAT_TEMPLATE = (
 # --------------------------------------------------------------------------------------------------
 # identity of a build
 # --------------------------------------------------------------------------------------------------
+def _hashed_sources() -> list[pathlib.Path]:
+    """The source files that key the build: this one and the tasks it trains on."""
+    return [pathlib.Path(__file__), pathlib.Path(tasks.__file__)]
+
+
 def recipe_hash() -> str:
-    """16 hex chars: sha256 of the canonical RECIPE JSON plus this module's source text."""
+    """16 hex chars: sha256 of the canonical RECIPE JSON plus the source bytes of build.py and tasks.py."""
     h = hashlib.sha256()
     h.update(json.dumps(RECIPE, sort_keys=True).encode())
-    h.update(b"\0")
-    h.update(pathlib.Path(__file__).read_bytes())
+    for path in _hashed_sources():
+        h.update(b"\0")
+        h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 
-def demo_dir(cache_dir) -> pathlib.Path:
-    """Where the demo for the current recipe lives (or would live). Builds nothing."""
-    return pathlib.Path(cache_dir).expanduser().resolve() / "demo" / recipe_hash()
-
-
-# --------------------------------------------------------------------------------------------------
-# pure task helpers (eval reuses them)
-# --------------------------------------------------------------------------------------------------
-def make_prompt(skill: str, operand) -> str:
-    """add: operand = (a, b) -> "ab+cd="; reverse: operand = "xyz" -> "rev xyz="."""
-    if skill == "add":
-        a, b = operand
-        return f"{int(a)}+{int(b)}="
-    if skill == "reverse":
-        if not isinstance(operand, str) or not re.fullmatch(r"[a-z]+", operand):
-            raise ValueError(f"reverse operand must be lowercase letters, got {operand!r}")
-        return f"rev {operand}="
-    raise ValueError(f"unknown skill {skill!r}; expected one of {SKILLS}")
-
-
-def skill_of(prompt: str) -> str:
-    if _ADD_RE.match(prompt):
-        return "add"
-    if _REV_RE.match(prompt):
-        return "reverse"
-    raise ValueError(f"not a demo prompt: {prompt!r}")
-
-
-def expected_answer(prompt: str) -> str:
-    m = _ADD_RE.match(prompt)
-    if m:
-        return str(int(m.group(1)) + int(m.group(2)))
-    m = _REV_RE.match(prompt)
-    if m:
-        return m.group(1)[::-1]
-    raise ValueError(f"not a demo prompt: {prompt!r}")
-
-
-# --------------------------------------------------------------------------------------------------
-# tokenizer
-# --------------------------------------------------------------------------------------------------
 def _vocab() -> list[str]:
     return list(RECIPE["tokenizer"]["specials"]) + [chr(i) for i in range(32, 127)] + ["\n"]
 
@@ -190,47 +153,14 @@ def _heldout_set() -> set:
     return {p for ps in heldout_prompts().values() for p in ps}
 
 
-def _rejected(prompt: str, kind: str, rng: random.Random) -> str:
-    """A plausible wrong answer of the given kind (the merge's real failure kinds included)."""
-    ans = expected_answer(prompt)
-    skill = skill_of(prompt)
-    alphabet = RECIPE["skills"]["reverse"]["alphabet"]
-
-    def offby1() -> str:
-        if skill == "add":
-            v = int(ans)
-            return str(v + rng.choice((-1, 1)))
-        i = rng.randrange(len(ans))
-        c = ans[i]
-        k = alphabet.index(c)
-        choices = [j for j in (k - 1, k + 1) if 0 <= j < len(alphabet)]
-        return ans[:i] + alphabet[rng.choice(choices)] + ans[i + 1:]
-
-    if kind == "extra":  # not stopping: an extra digit appended / the last letter repeated
-        out = ans + (str(rng.randrange(10)) if skill == "add" else ans[-1])
-    elif kind == "drop":  # stopping too early: last digit / letter dropped
-        out = ans[:-1]
-    elif kind == "offby1":
-        out = offby1()
-    elif kind == "swap":  # two adjacent, different characters swapped
-        pos = [i for i in range(len(ans) - 1) if ans[i] != ans[i + 1]]
-        if pos:
-            i = rng.choice(pos)
-            out = ans[:i] + ans[i + 1] + ans[i] + ans[i + 2:]
-        else:
-            out = offby1()
-    else:
-        raise ValueError(kind)
-    assert out != ans and out, (prompt, kind, out)
-    return out
-
-
 def _pairs(prompts: list[str], rng: random.Random) -> list[dict]:
     kinds = RECIPE["data"]["rejected_kinds"]
+    alphabet = RECIPE["skills"]["reverse"]["alphabet"]
     rows = []
     for i, p in enumerate(prompts):
         rows.append({"prompt": p, "chosen": expected_answer(p),
-                     "rejected": _rejected(p, kinds[i % len(kinds)], rng), "skill": skill_of(p)})
+                     "rejected": tasks.rejected_answer(p, kinds[i % len(kinds)], rng, alphabet),
+                     "skill": skill_of(p)})
     return rows
 
 
@@ -255,8 +185,7 @@ def build_data() -> dict[str, list[dict]]:
 def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+        f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,7 +219,7 @@ def _encode_batch(prompts: list[str], ids: dict, eos_id: int, pad_id: int):
     L = max(len(s) for s in seqs)
     x = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     y = torch.full((len(seqs), L), -100, dtype=torch.long)
-    for i, (s, lab) in enumerate(zip(seqs, labs)):
+    for i, (s, lab) in enumerate(zip(seqs, labs, strict=True)):
         x[i, : len(s)] = torch.tensor(s)
         y[i, : len(lab)] = torch.tensor(lab)
     return x, y
@@ -324,43 +253,12 @@ def _train(model, steps, batch_size, lr, counts_fn, sample_seed, exclude, ids, e
 # --------------------------------------------------------------------------------------------------
 # evaluation
 # --------------------------------------------------------------------------------------------------
-def greedy_answers(model, tok, prompts: list[str], max_new_tokens: int = 8) -> list[str]:
-    """Greedy answers (decoded new tokens up to, not including, the first EOS).
-
-    Prompts are grouped by token length so no padding is needed.
-    """
-    import torch
-
-    eos = tok.eos_token_id
-    enc = [tok(p, add_special_tokens=False).input_ids for p in prompts]
-    groups: dict[int, list[int]] = {}
-    for i, e in enumerate(enc):
-        groups.setdefault(len(e), []).append(i)
-    answers = [""] * len(prompts)
-    model.eval()
-    with torch.inference_mode():
-        for _, idx in sorted(groups.items()):
-            x = torch.tensor([enc[i] for i in idx], dtype=torch.long)
-            start = x.shape[1]
-            done = torch.zeros(len(idx), dtype=torch.bool)
-            for _ in range(max_new_tokens):
-                nxt = model(input_ids=x).logits[:, -1, :].argmax(-1)
-                x = torch.cat([x, nxt[:, None]], dim=1)
-                done |= nxt == eos
-                if bool(done.all()):
-                    break
-            for row, i in enumerate(idx):
-                new = x[row, start:].tolist()
-                if eos in new:
-                    new = new[: new.index(eos)]
-                answers[i] = tok.decode(new, skip_special_tokens=False)
-    return answers
-
-
 def exact_match(model_dir, prompts, max_new_tokens: int = 8) -> float:
     """Fraction of prompts whose greedy answer equals expected_answer(prompt) exactly."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.generation import greedy_answers
 
     prompts = list(prompts)
     if not prompts:
@@ -368,7 +266,7 @@ def exact_match(model_dir, prompts, max_new_tokens: int = 8) -> float:
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     got = greedy_answers(model, tok, prompts, max_new_tokens)
-    return sum(g == expected_answer(p) for g, p in zip(got, prompts)) / len(prompts)
+    return sum(g == expected_answer(p) for g, p in zip(got, prompts, strict=True)) / len(prompts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -399,7 +297,7 @@ def _save(model, tok, path: pathlib.Path) -> None:
     tok.save_pretrained(str(path))
 
 
-def _build(out: pathlib.Path) -> dict:
+def build_into(out: pathlib.Path) -> dict:
     import copy
 
     import torch
@@ -465,36 +363,3 @@ def _print_table(acc: dict, times: dict) -> None:
         lines.append(f"  {name:<8}" + "".join(f"{acc[name][s]:>9.3f}" for s in SKILLS))
     lines.append("  build time: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
     print("\n".join(lines), file=sys.stderr, flush=True)
-
-
-def ensure_demo(cache_dir) -> pathlib.Path:
-    """Build the demo if it is missing; return demo_dir(cache_dir). Never rebuilds one that exists."""
-    final = demo_dir(cache_dir)
-    if final.is_dir():
-        return final
-    from filelock import FileLock
-
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final.parent / f".{final.name}.lock")):
-        if final.is_dir():  # someone else built it while we waited
-            return final
-        # Under the lock no other builder of this hash runs: leftovers of killed builds are stale.
-        for stale in final.parent.glob(f".{final.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        try:
-            print(f"building demo models into {final} (one-off, ~2 min on 2 CPU cores)",
-                  file=sys.stderr, flush=True)
-            _build(tmp)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return final
-
-
-if __name__ == "__main__":  # python -m pipeline.demo [cache_dir]
-    print(ensure_demo(sys.argv[1] if len(sys.argv) > 1 else "~/.cache/merge-anneal"))

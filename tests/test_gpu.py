@@ -1,0 +1,27 @@
+"""The GPU path (`gpu` marker): a CUDA merge and a bf16-autocast anneal on the tiny parents. Skipped cleanly
+without CUDA (conftest.py); run on a GPU machine with `pytest -m gpu -p no:xdist`."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.app import run_pipeline
+
+pytestmark = pytest.mark.gpu
+
+
+def test_cuda_merge_and_bf16_anneal(make_cfg, tiny, tmp_path):
+    cfg = make_cfg("+merge=slerp", *tiny.overrides, "pipeline.stages=[merge,anneal,eval]", "merge_options.cuda=true",
+                   "anneal.trainer.bf16=auto")
+    stages = run_pipeline(cfg, tmp_path)["stages"]
+    assert all(stages[name]["status"] == "done" for name in ("merge", "anneal", "eval"))
+    # bf16 autocast on a CUDA GPU with bf16, attention left in bf16 there, float32 master weights saved
+    assert stages["anneal"]["precision"]["autocast"] == "bfloat16"
+    assert stages["anneal"]["precision"]["attention"] == "bfloat16"
+    merged = load_file(Path(stages["merge"]["outputs"]["model"]) / "model.safetensors")
+    annealed = load_file(Path(stages["anneal"]["outputs"]["model"]) / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in [*merged.values(), *annealed.values()])
+    assert all(t.dtype == torch.float32 for t in annealed.values())
+    assert any(not torch.equal(merged[k], annealed[k]) for k in merged)
