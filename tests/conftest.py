@@ -2,8 +2,9 @@
 
 - Fast tier: `tiny`, random 2-layer Llamas built in milliseconds (as mergekit's tests build theirs) with the
   demo's character tokenizer, and a few dozen preference pairs: plumbing, errors and config.
-- Demo tier (`slow`): the embedded demo's trained parents (built once per session, ~3.5 minutes on 2 CPU
-  cores) for claims that need trained parents, and the README's own command, run once.
+- Demo tier (`slow`): the embedded demo's trained parents (built once where the README's first command builds
+  them, ~3.5-6 minutes on 2 CPU cores) for claims that need trained parents, and the README's own command, run
+  once per session (`run_once`: xdist workers share it).
 """
 
 import json
@@ -40,10 +41,8 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Demo-tier tests share one xdist worker (the demo is built and the README command run once there); `gpu`
-    tests are skipped without CUDA."""
+    """Tests that use the trained demo must be in the demo tier (`slow`); `gpu` tests are skipped without CUDA."""
     untiered = [item.nodeid for item in items if not item.get_closest_marker("slow")
                 and {"demo_path", "readme_run"} & set(getattr(item, "fixturenames", ()))]
     if untiered:
@@ -55,9 +54,6 @@ def pytest_collection_modifyitems(config, items):
         if not torch.cuda.is_available():
             for item in gpu:
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
-    for item in items:
-        if item.get_closest_marker("slow") and not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group("demo"))
 
 
 # ------------------------------------------------------------------------------------------------ fast tier
@@ -129,18 +125,30 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def session_root(tmp_path_factory) -> Path:
+    """This test session's temporary folder that every xdist worker shares."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Tiny:
-    root = tmp_path_factory.mktemp("tiny")
-    base = make_tiny_llama(root / "base", seed=0)
-    make_tiny_llama(root / "add", seed=1, base=base)
-    make_tiny_llama(root / "reverse", seed=2, base=base)
-    (root / "data").mkdir()
-    train = write_jsonl(root / "data" / "train.jsonl", tiny_pairs(48, seed=0))
-    heldout = write_jsonl(root / "data" / "heldout.jsonl", tiny_pairs(16, seed=1))
-    return Tiny(root, models=["models=local", f"models.base={base}",
+    """Built once per session (xdist workers share it, under a file lock)."""
+    from filelock import FileLock
+
+    root = session_root(tmp_path_factory) / "tiny"
+    with FileLock(str(root) + ".lock"):
+        if not (root / "data" / "heldout.jsonl").is_file():
+            base = make_tiny_llama(root / "base", seed=0)
+            make_tiny_llama(root / "add", seed=1, base=base)
+            make_tiny_llama(root / "reverse", seed=2, base=base)
+            (root / "data").mkdir()
+            write_jsonl(root / "data" / "train.jsonl", tiny_pairs(48, seed=0))
+            write_jsonl(root / "data" / "heldout.jsonl", tiny_pairs(16, seed=1))
+    data = root / "data"
+    return Tiny(root, models=["models=local", f"models.base={root / 'base'}",
                               f"models.parents=[{root / 'add'},{root / 'reverse'}]"],
-                data=["data=custom", f"data.path={train}", f"data.heldout.path={heldout}",
+                data=["data=custom", f"data.path={data / 'train.jsonl'}", f"data.heldout.path={data / 'heldout.jsonl'}",
                       "data.answer_key=pipeline.demo.tasks.answer_key"])
 
 
@@ -217,12 +225,30 @@ def cli(tmp_path, cache_dir):
     return _run
 
 
+def run_once(tmp_path_factory, name: str, *args: str, env: dict | None = None):
+    """`python -m pipeline ARGS` run once for the whole test session, xdist workers included (under a file lock in
+    the session's shared temporary folder; the others wait and reuse it). Returns (work_dir, completed process):
+    the run folder is `work_dir / "run"`, its result cache `work_dir / "cache"`."""
+    from filelock import FileLock
+
+    root = session_root(tmp_path_factory)
+    work, record = root / name, root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not record.is_file():
+            work.mkdir()
+            result = run_cli(*args, f"pipeline.cache_dir={work / 'cache'}", f"models.cache_dir={TEST_CACHE}",
+                             f"hydra.run.dir={work / 'run'}", cwd=work, env=env)
+            record.write_text(json.dumps({"returncode": result.returncode, "stdout": result.stdout,
+                                          "stderr": result.stderr}))
+    saved = json.loads(record.read_text())
+    result = subprocess.CompletedProcess(list(args), saved["returncode"], saved["stdout"], saved["stderr"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    return work, result
+
+
 @pytest.fixture(scope="session")
 def readme_run(tmp_path_factory, demo_path):
     """The README's command, `python -m pipeline +merge=slerp`: every stage with the default budget, run once
     for the whole session. Returns (run_dir, work_dir, cache_dir, completed process); tests only read it."""
-    work = tmp_path_factory.mktemp("readme-run")
-    result = run_cli("+merge=slerp", f"pipeline.cache_dir={work / 'cache'}", f"models.cache_dir={TEST_CACHE}",
-                     f"hydra.run.dir={work / 'run'}", cwd=work)
-    assert result.returncode == 0, result.stderr[-4000:]
+    work, result = run_once(tmp_path_factory, "readme-run", "+merge=slerp")
     return work / "run", work, work / "cache", result

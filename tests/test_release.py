@@ -25,16 +25,12 @@ HUB = ["pipeline.stages=[release]", "release=hub", "release.repo_id=someone/demo
 @pytest.fixture(scope="module")
 def release_run(tmp_path_factory, tiny):
     """`python -m pipeline +merge=slerp` (tiny parents, short anneal) with a token in the environment: all four
-    stages."""
-    from conftest import TEST_CACHE, run_cli
+    stages, run once for the session."""
+    from conftest import run_once
 
-    work = tmp_path_factory.mktemp("release-run")
-    run_dir = work / "run"
-    result = run_cli("+merge=slerp", *SHORT, *tiny.models, *tiny.data, f"pipeline.cache_dir={work / 'cache'}",
-                     f"models.cache_dir={TEST_CACHE}", f"hydra.run.dir={run_dir}", cwd=work,
-                     env={"HF_TOKEN": SENTINEL, **UNREACHABLE, **ONE_THREAD})
-    assert result.returncode == 0, result.stderr[-4000:]
-    return run_dir, work
+    work, _ = run_once(tmp_path_factory, "release-run", "+merge=slerp", *SHORT, *tiny.models, *tiny.data,
+                       env={"HF_TOKEN": SENTINEL, **UNREACHABLE, **ONE_THREAD})
+    return work / "run", work
 
 
 @pytest.fixture
