@@ -15,9 +15,10 @@ def _remove(path: Path) -> None:
 
 def publish(target: Path, fill) -> Path:
     """The one way merge-anneal publishes a file or a folder: `fill(tmp)` writes it at a temporary sibling path,
-    which replaces `target` only once `fill` has returned. A reader never sees a half-written `target`: a
-    killed or failed writer leaves the old one (or none) and a hidden `.partial` sibling that the next publish
-    of the same target removes. Returns `target`."""
+    which replaces `target` only once `fill` has returned. A reader never sees a half-written `target`: a failed
+    writer leaves the old one (or none) and removes its temporary; a killed one leaves a hidden
+    `.<name>.partial-<pid>-<thread>` sibling, which the next publish does not clean up (the demo build does,
+    under its lock). Returns `target`."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{threading.get_ident()}"
