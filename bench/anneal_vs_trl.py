@@ -111,6 +111,9 @@ def prepare(size: str, case_dir: Path, steps: int, batch: int) -> Path:
         f"anneal.trainer.max_steps={steps}", f"anneal.trainer.per_device_train_batch_size={batch}",
         f"anneal.trainer.max_length={max_length}", "anneal.trainer.save_strategy=no",
         f"anneal.trainer.logging_steps={max(1, steps // 4)}", "anneal.trainer.disable_tqdm=true",
+        # fixed here, not left to the defaults (TRL's, for real models): the settings every earlier figure used
+        "anneal.trainer.learning_rate=3e-4", "anneal.trainer.lr_scheduler_type=cosine", "anneal.trainer.seed=0",
+        "anneal.trainer.activation_checkpointing=false",
     ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, "pipeline.stages=[merge]"])

@@ -63,10 +63,22 @@ def check_stages(names) -> list[str]:
     return sorted(names, key=STAGES.index)
 
 
+def check_data_fits_models(cfg: DictConfig, stages: list[str]) -> None:
+    """The demo's pairs (arithmetic and word reversal, with the demo's recipe) anneal the demo parents only."""
+    if (cfg.data.source == "demo" and cfg.models.source != "demo" and "anneal" in stages
+            and not cfg.data.get("with_other_models")):
+        raise UserError("These parents would be annealed on the embedded demo's preference pairs (two-digit sums "
+                        "and reversed words, with the demo's recipe: learning rate 3e-4, max_length 64), since no "
+                        "data was chosen. Fix: name your preference data, data=custom data.path=prefs.jsonl (a local "
+                        "file or a hub data set id; conf/data/custom.yaml). For a smoke test on the demo's pairs: "
+                        "data.with_other_models=true.")
+
+
 def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict:
     """Run the configured stages in `run_dir`; returns the manifest. Raises UserError on bad input."""
     run_dir = Path(run_dir).resolve()
     stages = check_stages(cfg.pipeline.stages)
+    check_data_fits_models(cfg, stages)
     if "demo" in (cfg.models.source, cfg.data.source) and {"merge", "anneal"} & set(stages):
         demo.ensure_demo(cfg.models.cache_dir)  # built on first use, never rebuilt while present
     for name in stages:

@@ -53,7 +53,8 @@ def decide_precision(anneal, n_params: int, cuda: bool | None = None) -> Precisi
     return Precision(
         master_weights="float32",
         autocast="bfloat16" if bf16 else None,
-        frozen_linear_weights="bfloat16" if bf16 and lora and perf.frozen_weights_bf16 else "float32",
+        frozen_linear_weights=("nf4" if anneal.get("quantization") else
+                               "bfloat16" if bf16 and lora and perf.frozen_weights_bf16 else "float32"),
         # CPU only (CUDA's bf16 attention is fast), full fine-tuning only (LoRA's peak is its activations)
         attention="float32" if not bf16 or (perf.float32_attention and not cuda and not lora) else "bfloat16",
         autocast_weight_cache=(not perf.lean_saved_tensors) if bf16 else None,

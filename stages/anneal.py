@@ -11,30 +11,32 @@
 What makes it fast and lean sits in `pipeline/perf.py`, each piece behind a switch in `anneal.perf`.
 """
 
-import hashlib
-import json
 import logging
+import os
 import shutil
-from importlib.metadata import version
+from functools import partial
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import UserError, models, perf, preferences, records
-from pipeline.artifacts import publish, through_cache
+from pipeline import UserError, launch, logs, memory, models, perf, preferences, records
+from pipeline.artifacts import publish
+from pipeline.reference import REF_COLUMNS, reference_logps
 
 log = logging.getLogger(__name__)
 
 # TRL 1.16's DPO loss types (dpo_trainer.py, `_compute_loss`).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 # DPOConfig fields the stage owns: where things are written, and the precomputed reference.
 OWNED_FIELDS = {"output_dir", "precompute_ref_log_probs"}
 
 
 def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
-    """Anneal the merged model; returns the stage's record."""
+    """Anneal the merged model; returns the stage's record. With `distributed=...` this same function runs on
+    every process under accelerate (`pipeline/launch.py`); the main process alone writes run outputs."""
+    if launch.wanted(cfg):
+        return launch.run(cfg, run_dir)
     switches, clock = cfg.anneal.perf, perf.PhaseClock()
     stage_dir = Path(run_dir) / "anneal"
     merge = records.load(run_dir, records.MergeRecord)
@@ -42,10 +44,13 @@ def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
     choice, label = choose_reference(cfg.anneal.reference, merge.inputs.parents, merge.inputs.base_model, merged_dir)
     reference = merge.source(choice) if choice in merge.inputs.models else models.resolve(choice)
     with perf.fingerprint_in_background(reference.path, switches.fingerprint_in_background) as hashing:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
+        from transformers import AutoTokenizer
         from trl import DPOTrainer  # noqa: F401  (imported before garbage collection skips the libraries' objects)
     reference_fingerprint = hashing.result()
+    ranks = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # this process's rank (of one, or more)
+    main = ranks.is_main_process
     clock.lap("imports_and_fingerprint")
 
     with (perf.malloc_keeps_freed_memory(switches.malloc_keeps_freed_memory) as malloc_kept,
@@ -56,30 +61,37 @@ def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
             tokenizer, merged_dir, reference.path, "The reference model",
             "use a parent with the same tokenizer (anneal.reference=auto or a parent name), or merge without changing "
             "the vocabulary.")
-        precision = perf.decide_precision(cfg.anneal, models.count_parameters(merged_dir))
+        n_params = models.count_parameters(merged_dir)
+        precision = perf.decide_precision(cfg.anneal, n_params)
         args = dpo_config(cfg.anneal, stage_dir / "checkpoints", precision)
+        models.check_quantization(cfg.anneal)
+        plan = memory.for_anneal(cfg, merged_dir, args, precision, n_params, ranks.num_processes)
+        log.info(f"anneal: {plan.describe() if plan else 'no memory plan for this architecture'}")
+        if plan and cfg.anneal.memory_check:
+            memory.check(plan)
         pairs, dropped = preferences.load_preferences(cfg.data)
         clock.lap("setup")
 
-        # Score every pair with the reference, once (cached across runs).
+        # Score every pair with the reference, once (cached across runs; split across processes).
         store_path, cache_state = reference_logps(reference.path, reference_fingerprint, tokenizer, pairs, args,
-                                                  precision, cfg, stage_dir)
+                                                  precision, cfg, stage_dir, ranks)
         scored = preferences.read_store(store_path)
         for split in scored:  # TRL drops pairs whose prompt alone fills max_length: counted, never silent
             dropped[split]["prompt_too_long"] = len(pairs[split]) - len(scored[split])
-            if len(scored[split]) == 0:
-                raise UserError(f"Every {split} prompt fills anneal.trainer.max_length={args.max_length} tokens, so "
-                                "no pair is left to train on. Fix: raise anneal.trainer.max_length.")
+        if dropped["train"]["prompt_too_long"]:
+            log.warning(f"anneal: {dropped['train']['prompt_too_long']} of {len(pairs['train'])} training pairs have a "
+                        f"prompt of at least anneal.trainer.max_length={args.max_length} tokens and are left out")
         clock.lap("reference_logps")
         log.info(f"anneal: {len(scored['train'])} train / {len(scored['heldout'])} held-out pairs; dropped "
                  f"{dropped}; reference {label} ({reference.public_name()}); reference log-probs: cache {cache_state}")
 
         # Train the merged model against the stored reference log-probs.
         checkpoint = last_checkpoint(args.output_dir) if cfg.pipeline.resume else None
-        if checkpoint is None:  # a fresh start: no stale checkpoints or metrics from an earlier attempt
+        if checkpoint is None and main:  # a fresh start: no stale checkpoints or metrics from an earlier attempt
             shutil.rmtree(args.output_dir, ignore_errors=True)
             (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
-        model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)  # fp32 master weights
+        ranks.wait_for_everyone()
+        model = models.load_policy(merged_dir, cfg.anneal, precision.frozen_linear_weights, ranks.local_process_index)
         trainer = make_trainer(model, tokenizer, args, scored["train"], cfg.anneal, stage_dir,
                                perf.known_model_hash(reference_fingerprint, switches.skip_trl_model_hash))
         with perf.training(trainer, model, precision, switches) as applied:
@@ -90,14 +102,17 @@ def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
 
         # Save: full weights, or the adapter on its own and merged into the float32 merged weights.
         out_dir, adapter_dir = stage_dir / "model", stage_dir / "adapter"
-        if cfg.anneal.peft is None:
-            save_model(trainer.model, tokenizer, out_dir)
-        else:
-            publish(adapter_dir, trainer.model.save_pretrained)  # PEFT format, safetensors
-        del trainer, model
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathered (FSDP, ZeRO-3) on main
+        trained = trainer.accelerator.unwrap_model(trainer.model)
+        if main and cfg.anneal.peft is None:
+            models.save_model(trained, tokenizer, out_dir, state_dict)
+        elif main:  # PEFT format, safetensors
+            publish(adapter_dir, partial(trained.save_pretrained, state_dict=state_dict))
+        del trainer, model, trained, state_dict
         models.release_memory()
-        if cfg.anneal.peft is not None:
-            save_model(merge_adapter(merged_dir, adapter_dir), tokenizer, out_dir)
+        if main and cfg.anneal.peft is not None:
+            models.save_model(models.merge_adapter(merged_dir, adapter_dir), tokenizer, out_dir)
+        ranks.wait_for_everyone()
         clock.lap("save")
 
     return records.AnnealRecord(
@@ -110,6 +125,8 @@ def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
         config={"anneal": OmegaConf.to_container(cfg.anneal, resolve=True),
                 "data": OmegaConf.to_container(cfg.data, resolve=True)},
         precision=precision.record(),
+        memory_plan=plan.record() if plan else None,
+        processes=ranks.num_processes,
         process={"malloc_keeps_freed_memory": malloc_kept, "gc_skipped_objects": gc_skipped},
         perf={"switches": OmegaConf.to_container(switches), "applied": {name: bool(applied[name]) for name in
                                                                          ("frozen_base_in_bf16", "float32_attention")}},
@@ -152,8 +169,8 @@ def dpo_config(anneal: DictConfig, output_dir: Path, precision: perf.Precision):
 
     fields = OmegaConf.to_container(anneal.trainer, resolve=True)
     fields["bf16"] = precision.autocast == "bfloat16"
-    if fields["bf16"] and not torch.cuda.is_available():
-        fields.setdefault("use_cpu", True)  # transformers refuses bf16 on CPU unless told it is meant
+    if (fields["bf16"] and not torch.cuda.is_available()) or os.environ.get("ACCELERATE_USE_CPU") == "true":
+        fields.setdefault("use_cpu", True)  # bf16 on CPU is meant; CPU processes under accelerate launch
     owned = sorted(set(fields) & OWNED_FIELDS)
     if owned:
         raise UserError(f"anneal.trainer.{owned[0]} is set by merge-anneal. Fix: remove it.")
@@ -176,71 +193,6 @@ def dpo_config(anneal: DictConfig, output_dir: Path, precision: perf.Precision):
     return args
 
 
-def reference_logps(reference_dir: str, reference_fingerprint: str, tokenizer, pairs, args, precision, cfg,
-                    stage_dir: Path):
-    """Score every pair with the reference once; cached by (reference weights, tokenizer, data, lengths)."""
-    local = stage_dir / "reference_logps"
-    switches = cfg.anneal.perf
-
-    def compute(tmp: Path) -> None:
-        scored = score_with_reference(reference_dir, tokenizer, pairs, args, precision,
-                                      perf.known_model_hash(reference_fingerprint, switches.skip_trl_model_hash))
-        tmp.mkdir(parents=True)
-        preferences.write_store(scored, tmp / "data.parquet")
-
-    if not cfg.pipeline.cache:
-        publish(local, compute)
-        return local / "data.parquet", "miss"
-    key = hashlib.sha256(json.dumps({
-        "reference": reference_fingerprint,
-        "tokenizer": models.tokenizer_fingerprint(tokenizer),
-        "data_rows": {split: preferences.rows_fingerprint(pairs[split]) for split in pairs},
-        "max_length": args.max_length, "truncation_mode": args.truncation_mode, "ld_alpha": args.ld_alpha,
-        "autocast": bool(args.bf16), "trl": version("trl"),
-    }, sort_keys=True).encode()).hexdigest()[:32]
-    cached = Path(cfg.pipeline.cache_dir).expanduser() / "reference_logps" / key
-    state = through_cache(cached, lambda entry: publish(entry, compute), local)
-    return local / "data.parquet", state
-
-
-def score_with_reference(reference_dir: str, tokenizer, pairs, args, precision, trl_model_hash):
-    """One batched no-grad pass of the reference through TRL's own precompute (tokenisation, masks, log-probs),
-    over the train and held-out pairs. The reference is freed before this returns."""
-    import datasets
-    import torch
-    from datasets import DatasetDict
-    from transformers import AutoModelForCausalLM
-    from trl import DPOTrainer
-
-    reference = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).requires_grad_(False)
-    if precision.reference_linear_weights == "bfloat16":  # autocast would cast each weight at every forward
-        perf.frozen_linears_to_bf16(reference)
-    indexed = {split: ds.add_column("row", list(range(len(ds)))) for split, ds in pairs.items()}
-    caching = datasets.is_caching_enabled()
-    datasets.disable_caching()  # TRL's own precompute cache would outlive pipeline.cache=false; ours is the cache
-    try:
-        with trl_model_hash:
-            trainer = DPOTrainer(model=reference, args=args, train_dataset=indexed["train"],
-                                 eval_dataset=indexed["heldout"], processing_class=tokenizer)
-    finally:
-        if caching:
-            datasets.enable_caching()
-    scored = DatasetDict({"train": _attach(pairs["train"], trainer.train_dataset),
-                          "heldout": _attach(pairs["heldout"], trainer.eval_dataset)})
-    del trainer, reference
-    models.release_memory()  # the reference is gone before the policy is loaded
-    return scored
-
-
-def _attach(original, scored):
-    """Original rows (untouched text) with the reference log-probs, matched by row index; rows TRL dropped
-    (prompt alone fills max_length) are left out."""
-    column = lambda name: scored[name][:]  # a list at once (iterating a datasets Column goes row by row)
-    kept = original.select(column("row"))
-    return (kept.add_column("ref_chosen_logps", column("ref_chosen_logps"))
-            .add_column("ref_rejected_logps", column("ref_rejected_logps")))
-
-
 def make_trainer(model, tokenizer, args, train_dataset, anneal: DictConfig, stage_dir: Path, trl_model_hash):
     """TRL's DPOTrainer, reading the reference log-probs from the dataset's columns instead of computing them:
     no reference model is loaded or kept (TRL 1.16 has no option for log-probs computed elsewhere)."""
@@ -261,43 +213,10 @@ def make_trainer(model, tokenizer, args, train_dataset, anneal: DictConfig, stag
     with trl_model_hash:  # TRL names its (unused) precompute cache by a hash of the model
         return PrecomputedReferenceDPOTrainer(model=model, ref_model=None, args=args, train_dataset=train_dataset,
                                               processing_class=tokenizer, peft_config=peft_config,
-                                              callbacks=[JsonlLogger(stage_dir / "metrics.jsonl")])
-
-
-def JsonlLogger(path: Path):
-    """A TrainerCallback writing every log (loss, rewards/*, logps/*) as one JSON line."""
-    from transformers import TrainerCallback
-
-    class _JsonlLogger(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs:
-                with open(path, "a") as handle:
-                    handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-    return _JsonlLogger()
+                                              callbacks=[logs.JsonlLogger(stage_dir / "metrics.jsonl")])
 
 
 def last_checkpoint(output_dir: str):
     from transformers.trainer_utils import get_last_checkpoint
 
     return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-
-
-def merge_adapter(merged_dir: Path, adapter_dir: Path):
-    """The merged model in float32, read back from disk, with the trained LoRA adapter merged in."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
-    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-
-
-def save_model(model, tokenizer, out_dir: Path) -> None:
-    """safetensors + tokenizer + chat template."""
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-
-    publish(out_dir, write)

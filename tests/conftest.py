@@ -72,7 +72,9 @@ class Tiny:
 
     @property
     def overrides(self) -> list[str]:
-        return [*self.models, *self.data, "anneal.trainer.per_device_train_batch_size=4", *SHORT]
+        # the pairs are a few dozen characters: a length limit to match (the reference pass batches by tokens)
+        return [*self.models, *self.data, "anneal.trainer.per_device_train_batch_size=4",
+                "anneal.trainer.max_length=64", *SHORT]
 
 
 def make_tiny_llama(folder: Path, seed: int, base: Path | None = None, noise: float = 0.05, **config) -> Path:

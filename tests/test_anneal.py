@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import PartialState
 from datasets import load_dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainerCallback
 
-from conftest import ONE_THREAD, TEST_CACHE, write_jsonl
-from pipeline import UserError, manifest, models, perf, preferences, records
+from conftest import ONE_THREAD, SHORT, TEST_CACHE, write_jsonl
+from pipeline import UserError, manifest, models, perf, preferences, records, reference
 from pipeline.app import run_pipeline
 from stages import anneal
 
@@ -132,8 +133,8 @@ def test_reference_pass_under_autocast_equals_trls_with_a_float32_reference(make
     assert precision.reference_linear_weights == "bfloat16"
     pairs, _ = preferences.load_preferences(cfg.data)
     pairs = {"train": pairs["train"].select(range(40)), "heldout": pairs["heldout"].select(range(8))}
-    scored = anneal.score_with_reference(str(tiny["add"]), tokenizer, pairs, args, precision,
-                                         perf.known_model_hash("fingerprint", True))
+    scored = reference.score_with_reference(str(tiny["add"]), tokenizer, pairs, args, precision,
+                                            perf.known_model_hash("fingerprint", True), tmp_path, PartialState())
     datasets.disable_caching()
     try:
         with perf.known_model_hash("fingerprint-fp32", True):
@@ -143,7 +144,7 @@ def test_reference_pass_under_autocast_equals_trls_with_a_float32_reference(make
     finally:
         datasets.enable_caching()
     for split, theirs in (("train", trl_own.train_dataset), ("heldout", trl_own.eval_dataset)):
-        for column in anneal.REF_COLUMNS:
+        for column in reference.REF_COLUMNS:
             assert scored[split][column][:] == theirs[column][:], (split, column)
 
 
@@ -157,7 +158,8 @@ def test_reference_batch_size_fills_a_token_budget(make_short_cfg, tmp_path):
     assert perf.reference_batch_size(8, 2048) == 8  # long sequences: the training batch
     assert perf.reference_batch_size(2, None) == 2  # TRL's max_length=None: read as 1024
     assert perf.reference_batch_size(4, 64, tokens=1024) == 8
-    args = dpo_config(make_short_cfg("+merge=slerp", "anneal.trainer.per_device_train_batch_size=16").anneal, tmp_path)
+    args = dpo_config(make_short_cfg("+merge=slerp", "anneal.trainer.per_device_train_batch_size=16",
+                                     "anneal.trainer.max_length=64").anneal, tmp_path)
     assert args.precompute_ref_batch_size == 32
     off = make_short_cfg("+merge=slerp", "anneal.perf.reference_pass_tokens=null").anneal
     assert dpo_config(off, tmp_path).precompute_ref_batch_size is None  # TRL's own choice
@@ -172,8 +174,8 @@ def test_reference_is_released_before_the_policy_trains(make_short_cfg, tmp_path
     args = anneal.dpo_config(cfg.anneal, tmp_path / "ckpt", precision)
     pairs, _ = preferences.load_preferences(cfg.data)
     with perf.gc_skips_existing_objects(True):  # as in the stage
-        scored = anneal.score_with_reference(str(tiny["add"]), tokenizer, pairs, args, precision,
-                                             perf.known_model_hash("fingerprint", True))
+        scored = reference.score_with_reference(str(tiny["add"]), tokenizer, pairs, args, precision,
+                                                perf.known_model_hash("fingerprint", True), tmp_path, PartialState())
         gc.collect()
         assert not [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
 
@@ -228,7 +230,8 @@ def test_lora_adapter_is_merged_into_the_saved_model(make_short_cfg, tmp_path, t
 
 
 def test_lora_under_bf16_autocast_keeps_frozen_weights_in_bf16_and_saves_fp32(make_short_cfg, tmp_path):
-    entry = run_pipeline(make_short_cfg("+merge=slerp", "anneal=lora", "anneal.trainer.bf16=true"),
+    entry = run_pipeline(make_short_cfg("+merge=slerp", "anneal=lora", "anneal.trainer.bf16=true",
+                                        "anneal.trainer.activation_checkpointing=false"),  # what is saved, unrecomputed
                          tmp_path)["stages"]["anneal"]
     assert entry["precision"] == {"master_weights": "float32", "autocast": "bfloat16",
                                   "frozen_linear_weights": "bfloat16", "autocast_weight_cache": False,
@@ -331,15 +334,46 @@ def test_trl_formats_and_file_types_train(fmt, make_short_cfg, tmp_path):
     assert entry["data"]["train_pairs"] == 40 and entry["data"]["heldout_pairs"] == 10
 
 
-def test_prompts_longer_than_the_limit_are_counted(make_short_cfg, tmp_path):
-    rows = [{"prompt": r["question"], "chosen": r["good"], "rejected": r["bad"]} for r in PAIRS]
-    rows += [{"prompt": "9" * 80 + "+1=", "chosen": "1", "rejected": "2"}] * 3
-    path = write_jsonl(tmp_path / "long.jsonl", rows)
-    cfg = make_short_cfg("+merge=slerp", "data=custom", f"data.path={path}", "data.heldout.fraction=0.1",
+def length_limited(fmt: str, n_long: int) -> list[dict]:
+    """The standard pairs, `n_long` of them with a prompt far over 32 tokens: a long prompt (standard format) or a
+    long system prompt (conversational, as a chat model's template adds one)."""
+    rows = []
+    for i, r in enumerate(PAIRS):
+        long = i < n_long
+        if fmt == "standard":
+            rows.append({"prompt": ("9" * 80 if long else "") + r["question"], "chosen": r["good"],
+                         "rejected": r["bad"]})
+        else:
+            system = [{"role": "system", "content": "be exact " * 10}] if long else []
+            rows.append({"prompt": [*system, {"role": "user", "content": r["question"]}],
+                         "chosen": [{"role": "assistant", "content": r["good"]}],
+                         "rejected": [{"role": "assistant", "content": r["bad"]}]})
+    return rows
+
+
+@pytest.mark.parametrize("fmt", ["standard", "conversational"])
+def test_pairs_whose_prompt_fills_the_limit_are_dropped_counted_and_the_rest_train(fmt, make_short_cfg, tmp_path):
+    path = write_jsonl(tmp_path / "long.jsonl", length_limited(fmt, n_long=20))
+    cfg = make_short_cfg("+merge=slerp", "data=custom", f"data.path={path}", "data.heldout.fraction=0.2",
                          "anneal.trainer.max_length=32")
     entry = run_pipeline(cfg, tmp_path / "run")["stages"]["anneal"]
     dropped = entry["data"]["dropped"]
-    assert dropped["train"]["prompt_too_long"] + dropped["heldout"]["prompt_too_long"] == 3
+    assert entry["status"] == "done"
+    assert dropped["train"]["prompt_too_long"] + dropped["heldout"]["prompt_too_long"] == 20
+    assert entry["data"]["train_pairs"] + entry["data"]["heldout_pairs"] == 30
+
+
+@pytest.mark.parametrize("fmt", ["standard", "conversational"])
+def test_a_split_emptied_by_the_limit_is_refused_with_its_count_and_the_fix(fmt, cli, tiny, tmp_path):
+    path = write_jsonl(tmp_path / "long.jsonl", length_limited(fmt, n_long=len(PAIRS)))
+    result, run_dir = cli("+merge=slerp", *tiny.models, "data=custom", f"data.path={path}",
+                          "data.heldout.fraction=0.2", *SHORT, "anneal.trainer.max_length=32")
+    assert result.returncode == 2, result.stderr[-3000:]
+    message = result.stderr.split("merge-anneal: error:")[-1]
+    assert "Every one of the 40 train pairs" in " ".join(message.split()) and "Traceback" not in message
+    assert "anneal.trainer.max_length" in message
+    assert manifest.load(run_dir)["stages"]["anneal"]["status"] == "failed"
+    assert not (run_dir / "anneal" / "model").exists()
 
 
 # ------------------------------------------------------------------------------------------- bad input

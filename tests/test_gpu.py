@@ -25,3 +25,25 @@ def test_cuda_merge_and_bf16_anneal(make_cfg, tiny, tmp_path):
     assert all(torch.isfinite(t).all() for t in [*merged.values(), *annealed.values()])
     assert all(t.dtype == torch.float32 for t in annealed.values())
     assert any(not torch.equal(merged[k], annealed[k]) for k in merged)
+
+
+def test_qlora_anneal_on_a_4bit_base(make_cfg, tiny, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    cfg = make_cfg("+merge=slerp", *tiny.overrides, "anneal=qlora", "anneal.peft.r=4")
+    entry = run_pipeline(cfg, tmp_path)["stages"]["anneal"]
+    assert entry["status"] == "done" and entry["precision"]["frozen_linear_weights"] == "nf4"
+    assert entry["memory_plan"]["settings"]["mode"] == "qlora" and entry["memory_plan"]["device"] == "cuda"
+    annealed = load_file(Path(entry["outputs"]["model"]) / "model.safetensors")
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in annealed.values())
+
+
+@pytest.mark.parametrize("preset", ["ddp", "fsdp2"])
+def test_two_gpus(preset, make_cfg, tiny, tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    cfg = make_cfg("+merge=slerp", *tiny.overrides, f"distributed={preset}", "distributed.num_processes=2",
+                   "anneal.trainer.bf16=true")
+    entry = run_pipeline(cfg, tmp_path)["stages"]["anneal"]
+    assert entry["status"] == "done" and entry["processes"] == 2
+    annealed = load_file(Path(entry["outputs"]["model"]) / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in annealed.values())

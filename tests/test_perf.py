@@ -3,8 +3,9 @@ switch off the stage trains exactly as plain TRL with precomputed reference colu
 and the process-wide settings restored. All on the tiny random parents (fast tier)."""
 
 import contextlib
-import ctypes
 import gc
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import TEST_CACHE
+from conftest import REPO, TEST_CACHE
 from pipeline import models, perf
 from pipeline.app import run_pipeline
 from stages import anneal
@@ -38,6 +39,9 @@ def make_short_cfg(shared_cache, tiny):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose("config", overrides=[f"pipeline.cache_dir={shared_cache}", f"models.cache_dir={TEST_CACHE}",
                                                 "pipeline.stages=[merge,anneal]", "pipeline.cache=false",
+                                                # the switches were measured without recomputation (it would
+                                                # recompute what LeanSavedTensors stores leaner)
+                                                "anneal.trainer.activation_checkpointing=false",
                                                 *tiny.overrides, *overrides])
     return _compose
 
@@ -179,33 +183,43 @@ def test_gc_skips_existing_objects_only_inside_the_block():
         gc.unfreeze()
 
 
+MALLOC_CHECK = """
+import ctypes
+from pipeline import perf
+
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
 
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Mallinfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+def mmapped(size):
+    libc.malloc_trim(0)  # no free heap memory left over: the allocation needs new memory
+    before = libc.mallinfo2().hblks
+    pointer = libc.malloc(size)
+    after = libc.mallinfo2().hblks
+    libc.free(pointer)
+    return after - before
+
+with perf.malloc_keeps_freed_memory(True) as taken:
+    assert taken is True  # Linux with glibc: the settings are taken
+    assert mmapped(1 << 20) == 0
+assert mmapped(1 << 20) == 1
+with perf.malloc_keeps_freed_memory(False) as taken:
+    assert taken is False and mmapped(1 << 20) == 1
+print("ok")
+"""
+
 
 def test_malloc_keeps_freed_memory_and_restores_the_defaults():
     """Inside the block a 1 MiB allocation comes from the heap (kept for reuse); after it glibc's default 128 KiB
-    mmap threshold is back, so the same allocation is mmapped (and handed back to the OS when freed)."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = Mallinfo2
-    libc.malloc.restype = ctypes.c_void_p
-    libc.free.argtypes = [ctypes.c_void_p]
-
-    def mmapped(size: int) -> int:
-        libc.malloc_trim(0)  # no free heap memory left over: the allocation needs new memory
-        before = libc.mallinfo2().hblks
-        pointer = libc.malloc(size)
-        after = libc.mallinfo2().hblks
-        libc.free(pointer)
-        return after - before
-
-    with perf.malloc_keeps_freed_memory(True) as taken:
-        assert taken is True  # Linux with glibc: the settings are taken
-        assert mmapped(1 << 20) == 0
-    assert mmapped(1 << 20) == 1
-    with perf.malloc_keeps_freed_memory(False) as taken:
-        assert taken is False and mmapped(1 << 20) == 1
+    mmap threshold is back, so the same allocation is mmapped (and handed back to the OS when freed). In a fresh
+    process: a heap fragmented by earlier tests could serve 1 MiB from a free chunk without asking for memory."""
+    out = subprocess.run([sys.executable, "-c", MALLOC_CHECK], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 def test_frozen_bf16_linears_compute_what_autocast_computes(tiny):

@@ -121,7 +121,7 @@ def test_model_card_front_matter_numbers_and_command(release_run, tiny):
     text = card.text
     assert "python -m pipeline +merge=slerp " + " ".join(SHORT) + " models=local 'models.base=<local>/base'" in text
     assert "pipeline.cache_dir" not in text  # the cache overrides are left out
-    assert "## Lineage" in text and "`add` (local)" in text and "t=0.5" in text and "beta 0.3" in text
+    assert "## Lineage" in text and "`add` (local)" in text and "t=0.5" in text and "beta 0.1" in text
     assert "| preference_accuracy | " in text and "annealed - merged" in text
     readme = (folder / "README.md").read_text()
     for private in (str(run_dir), str(run_dir.resolve()), str(work), str(TEST_CACHE), str(tiny.root), "/work",

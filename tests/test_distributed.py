@@ -1,0 +1,122 @@
+"""The anneal on more than one process (`distributed=...`): two CPU processes with the gloo backend under
+accelerate launch, against one process; the presets as accelerate reads them; the machine checks."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ONE_THREAD, write_jsonl
+from pipeline import launch, manifest, preferences
+from pipeline.app import run_pipeline
+
+TWO_CPU_PROCESSES = ["distributed=ddp", "distributed.use_cpu=true", "distributed.num_processes=2"]
+
+
+@pytest.fixture
+def compose_cfg(make_cfg, tiny):
+    return lambda *overrides: make_cfg("+merge=slerp", "pipeline.stages=[merge,anneal]", "pipeline.cache=false",
+                                       *tiny.overrides, *overrides)
+
+
+def test_two_cpu_processes_anneal_as_one_with_the_same_global_batch(compose_cfg, tmp_path, monkeypatch):
+    for name, value in ONE_THREAD.items():  # the launched processes: one thread each, as this one
+        monkeypatch.setenv(name, value)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a matrix product's summation order depends on the threads
+    try:
+        one = run_pipeline(compose_cfg("anneal.trainer.per_device_train_batch_size=8"), tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
+    two = run_pipeline(compose_cfg("anneal.trainer.per_device_train_batch_size=4", *TWO_CPU_PROCESSES),
+                       tmp_path / "two")
+    a, b = one["stages"]["anneal"], two["stages"]["anneal"]
+    assert a["status"] == b["status"] == "done" and a["processes"] == 1 and b["processes"] == 2
+    # the reference pass, split over two processes, makes the one-process store
+    stores = [preferences.read_store(Path(s["outputs"]["reference_logps"])) for s in (a, b)]
+    for split in ("train", "heldout"):
+        assert stores[0][split].to_dict() == stores[1][split].to_dict()
+    # data-parallel training with the same global batch (2 x 4 = 8) trains the same weights
+    weights = [load_file(Path(s["outputs"]["model"]) / "model.safetensors") for s in (a, b)]
+    merged = load_file(tmp_path / "one" / "merge" / "model" / "model.safetensors")
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(weights[1][k], merged[k]) for k in merged)
+    # one process wrote the outputs: one log line per logging step, one record, no error reports
+    lines = [json.loads(line) for line in Path(b["outputs"]["metrics"]).read_text().splitlines()]
+    steps = [line["step"] for line in lines if "loss" in line]
+    assert steps and len(steps) == len(set(steps))
+    launched = tmp_path / "two" / "anneal" / "launch"
+    assert (launched / "record.json").is_file() and not list(launched.glob("error-rank*.json"))
+    assert (launched / "accelerate.yaml").is_file() and (launched / "processes.log").stat().st_size > 0
+
+
+def test_a_failure_on_one_process_fails_the_run_with_its_message(cli, tiny, monkeypatch):
+    monkeypatch.setenv(launch.FAULT, "1")  # read by the launched processes
+    result, run_dir = cli("+merge=slerp", *tiny.overrides, *TWO_CPU_PROCESSES)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "failed on rank 1 of 2" in result.stderr and "fault injected" in result.stderr
+    assert "Traceback" not in result.stderr.split("merge-anneal: error:")[-1]
+    stages = manifest.load(run_dir)["stages"]
+    assert stages["merge"]["status"] == "done" and stages["anneal"]["status"] == "failed"
+    assert "eval" not in stages and not (run_dir / "anneal" / "model").exists()
+
+
+def test_more_processes_than_pairs_is_refused(cli, tiny, tmp_path):
+    pairs = [json.loads(line) for line in (tiny.root / "data" / "train.jsonl").read_text().splitlines()]
+    write_jsonl(tmp_path / "one.jsonl", pairs[:1])
+    data = ["data=custom", f"data.path={tmp_path / 'one.jsonl'}", f"data.heldout.path={tiny.root}/data/heldout.jsonl"]
+    result, run_dir = cli("+merge=slerp", *tiny.models, *data, "anneal.trainer.max_length=64", *TWO_CPU_PROCESSES)
+    assert result.returncode == 2
+    assert "2 processes but has only 1 training pairs" in result.stderr and "distributed.num_processes" in result.stderr
+    assert manifest.load(run_dir)["stages"]["anneal"]["status"] == "failed"
+
+
+@pytest.mark.parametrize("preset, message", [
+    ("distributed=ddp", "this machine has 0 CUDA device(s)"),
+    ("distributed=ddp distributed.num_processes=all", "this machine has 0 CUDA device(s)"),
+    ("distributed=zero3", "needs DeepSpeed, which is not installed"),
+    ("distributed=fsdp2 distributed.use_cpu=true", "not FSDP"),
+])
+def test_a_preset_this_machine_cannot_run_is_refused(preset, message, cli, tiny):
+    if torch.cuda.is_available():
+        pytest.skip("a machine without CUDA")
+    processes = [] if "num_processes" in preset else ["distributed.num_processes=2"]
+    result, run_dir = cli("+merge=slerp", *tiny.overrides, *preset.split(), *processes)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert manifest.load(run_dir)["stages"]["anneal"]["status"] == "failed"
+
+
+@pytest.mark.parametrize("preset", ["ddp", "fsdp2", "zero3", "slurm"])
+def test_presets_are_accelerate_config_files(preset, make_cfg, tmp_path):
+    """Each preset, written as the stage writes it, loads through accelerate's own config class."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    dist = make_cfg("+merge=slerp", f"distributed={preset}").distributed
+    fields = launch.accelerate_config(dist, 8)
+    (tmp_path / "accelerate.yaml").write_text(json.dumps(fields))
+    config = ClusterConfig.from_yaml_file(tmp_path / "accelerate.yaml")
+    assert config.num_processes == 8 and config.distributed_type.value == {
+        "ddp": "MULTI_GPU", "fsdp2": "FSDP", "zero3": "DEEPSPEED", "slurm": "MULTI_GPU"}[preset]
+    if preset == "fsdp2":
+        assert config.fsdp_config["fsdp_version"] == 2
+    if preset == "zero3":
+        assert config.deepspeed_config["zero_stage"] == 3
+
+
+def test_slurm_runs_accelerate_once_per_node(make_cfg, tmp_path):
+    dist = make_cfg("+merge=slerp", "distributed=slurm", "distributed.num_machines=2", "distributed.gpus_per_node=4",
+                    "distributed.srun=['--cpus-per-task=16']").distributed
+    assert launch.total_processes(dist, cuda_devices=0) == 8
+    command = launch.launch_command(dist, tmp_path / "accelerate.yaml", tmp_path / "run", head="node-a")
+    assert command[:4] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=16"]
+    assert command[4:6] == ["bash", "-c"]
+    per_node = command[6]
+    assert "accelerate.commands.launch" in per_node and "--num_machines 2" in per_node
+    assert "--machine_rank $SLURM_NODEID" in per_node and "--main_process_ip node-a" in per_node
+    assert per_node.endswith(f"-m pipeline.launch {tmp_path / 'run'}")
+    assert launch.accelerate_config(dist, 8)["num_machines"] == 2
+    assert "srun" not in launch.accelerate_config(dist, 8)  # merge-anneal's own keys stay out of accelerate's file
