@@ -163,10 +163,11 @@ def check(plan: MemoryPlan) -> None:
                     "`anneal.memory_check=false`.")
 
 
-def for_anneal(cfg, merged_dir, args, precision, n_params: int, local_processes: int) -> MemoryPlan | None:
+def for_anneal(cfg, merged_dir, args, precision, n_params: int) -> MemoryPlan | None:
     """The anneal stage's plan from its config, its DPOConfig (`args`) and the merged model's config.json (None
     for an architecture without Llama-style fields)."""
     import json
+    import os
     from pathlib import Path
 
     import torch
@@ -175,8 +176,8 @@ def for_anneal(cfg, merged_dir, args, precision, n_params: int, local_processes:
     anneal, dist = cfg.anneal, cfg.distributed
     device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
     available = available_memory(device)
-    if device == "cpu" and available:
-        available //= local_processes  # the processes of one machine share its memory
+    if device == "cpu" and available:  # the processes of one machine share its memory
+        available //= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     sharding = {"FSDP": "fsdp2", "DEEPSPEED": "zero3"}.get(dist.get("distributed_type") if dist.launcher else None,
                                                             "none")
     try:

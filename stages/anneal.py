@@ -65,7 +65,7 @@ def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
         precision = perf.decide_precision(cfg.anneal, n_params)
         args = dpo_config(cfg.anneal, stage_dir / "checkpoints", precision)
         models.check_quantization(cfg.anneal)
-        plan = memory.for_anneal(cfg, merged_dir, args, precision, n_params, ranks.num_processes)
+        plan = memory.for_anneal(cfg, merged_dir, args, precision, n_params)
         log.info(f"anneal: {plan.describe() if plan else 'no memory plan for this architecture'}")
         if plan and cfg.anneal.memory_check:
             memory.check(plan)
