@@ -87,10 +87,16 @@ def check_machine(dist: DictConfig, processes: int) -> None:
         raise UserError("distributed=zero3 needs DeepSpeed, which is not installed. Fix: pip install deepspeed "
                         "(on a CUDA machine), or use distributed=fsdp2 (PyTorch's own sharding) or distributed=ddp.")
     if dist.get("use_cpu"):
-        if kind != "MULTI_GPU":
-            raise UserError(f"distributed.use_cpu=true runs data-parallel CPU processes (gloo), not {kind}. Fix: "
-                            "distributed=ddp distributed.use_cpu=true.")
+        if kind != "MULTI_GPU":  # accelerate runs FSDP on CPU processes as plain data parallelism
+            raise UserError(f"distributed.use_cpu=true runs data-parallel CPU processes (gloo), not {kind} "
+                            "(accelerate would run it as plain data parallelism). Fix: distributed=ddp "
+                            "distributed.use_cpu=true, or a CUDA machine for sharding.")
         return
+    if dist.launcher == "slurm" and not (os.environ.get("SLURM_JOB_ID") and shutil.which("srun")):
+        raise UserError("distributed=slurm starts the anneal with srun inside a Slurm allocation, and this process is "
+                        "not in one. Fix: run the pipeline as a job (e.g. sbatch --nodes=2 --gpus-per-node=8 --wrap "
+                        "\"python -m pipeline ... distributed=slurm distributed.num_machines=2\"), or distributed=ddp "
+                        "on one machine.")
     if dist.launcher == "accelerate" and not 0 < processes <= cuda:
         raise UserError(f"distributed.num_processes={processes} but this machine has {cuda} CUDA device(s). Fix: "
                         f"distributed.num_processes={cuda or 1} (one per GPU), distributed=none for one process, or "

@@ -99,6 +99,7 @@ def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
             trainer.train(resume_from_checkpoint=checkpoint)
         clock.lap("train")
         final = dict(trainer.state.log_history[-1]) if trainer.state.log_history else {}
+        engine = trainer.accelerator.distributed_type.value  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
 
         # Save: full weights, or the adapter on its own and merged into the float32 merged weights.
         out_dir, adapter_dir = stage_dir / "model", stage_dir / "adapter"
@@ -127,6 +128,7 @@ def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
         precision=precision.record(),
         memory_plan=plan.record() if plan else None,
         processes=ranks.num_processes,
+        distributed_type=engine,
         process={"malloc_keeps_freed_memory": malloc_kept, "gc_skipped_objects": gc_skipped},
         perf={"switches": OmegaConf.to_container(switches), "applied": {name: bool(applied[name]) for name in
                                                                          ("frozen_base_in_bf16", "float32_attention")}},

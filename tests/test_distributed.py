@@ -22,6 +22,9 @@ def compose_cfg(make_cfg, tiny):
 
 
 def test_two_cpu_processes_anneal_as_one_with_the_same_global_batch(compose_cfg, tmp_path, monkeypatch):
+    """Data-parallel over two gloo CPU processes against one process, the same global batch: the same reference
+    store, the same trained weights. (accelerate runs FSDP on CPU processes as plain data parallelism: the
+    sharded presets are checked on GPUs, tests/test_gpu.py.)"""
     for name, value in ONE_THREAD.items():  # the launched processes: one thread each, as this one
         monkeypatch.setenv(name, value)
     threads = torch.get_num_threads()
@@ -30,28 +33,33 @@ def test_two_cpu_processes_anneal_as_one_with_the_same_global_batch(compose_cfg,
         one = run_pipeline(compose_cfg("anneal.trainer.per_device_train_batch_size=8"), tmp_path / "one")
     finally:
         torch.set_num_threads(threads)
-    two = run_pipeline(compose_cfg("anneal.trainer.per_device_train_batch_size=4", *TWO_CPU_PROCESSES),
-                       tmp_path / "two")
-    a, b = one["stages"]["anneal"], two["stages"]["anneal"]
-    assert a["status"] == b["status"] == "done" and a["processes"] == 1 and b["processes"] == 2
-    # the reference pass, split over two processes, makes the one-process store
-    stores = [preferences.read_store(Path(s["outputs"]["reference_logps"])) for s in (a, b)]
-    for split in ("train", "heldout"):
-        assert stores[0][split].to_dict() == stores[1][split].to_dict()
-    # data-parallel training with the same global batch (2 x 4 = 8) trains the same weights
-    weights = [load_file(Path(s["outputs"]["model"]) / "model.safetensors") for s in (a, b)]
+    a = one["stages"]["anneal"]
+    assert a["status"] == "done" and a["processes"] == 1 and a["distributed_type"] == "NO"
     merged = load_file(tmp_path / "one" / "merge" / "model" / "model.safetensors")
-    assert weights[0].keys() == weights[1].keys()
-    for name in weights[0]:
-        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-6)
-    assert any(not torch.equal(weights[1][k], merged[k]) for k in merged)
-    # one process wrote the outputs: one log line per logging step, one record, no error reports
-    lines = [json.loads(line) for line in Path(b["outputs"]["metrics"]).read_text().splitlines()]
-    steps = [line["step"] for line in lines if "loss" in line]
-    assert steps and len(steps) == len(set(steps))
-    launched = tmp_path / "two" / "anneal" / "launch"
-    assert (launched / "record.json").is_file() and not list(launched.glob("error-rank*.json"))
-    assert (launched / "accelerate.yaml").is_file() and (launched / "processes.log").stat().st_size > 0
+    expected = load_file(Path(a["outputs"]["model"]) / "model.safetensors")
+    store = preferences.read_store(Path(a["outputs"]["reference_logps"]))
+    for preset, engine in (("ddp", "MULTI_CPU"),):
+        run_dir = tmp_path / preset
+        b = run_pipeline(compose_cfg("anneal.trainer.per_device_train_batch_size=4", f"distributed={preset}",
+                                     *TWO_CPU_PROCESSES[1:]), run_dir)["stages"]["anneal"]
+        assert b["status"] == "done" and b["processes"] == 2 and b["distributed_type"] == engine
+        # the reference pass, split over two processes, makes the one-process store
+        two_store = preferences.read_store(Path(b["outputs"]["reference_logps"]))
+        for split in ("train", "heldout"):
+            assert two_store[split].to_dict() == store[split].to_dict(), (preset, split)
+        # the same global batch (2 x 4 = 8) trains the same weights
+        weights = load_file(Path(b["outputs"]["model"]) / "model.safetensors")
+        assert weights.keys() == expected.keys()
+        for name in weights:
+            torch.testing.assert_close(weights[name], expected[name], rtol=1e-4, atol=1e-6, msg=f"{preset} {name}")
+        assert any(not torch.equal(weights[k], merged[k]) for k in merged)
+        # one process wrote the outputs: one log line per logging step, one record, no error reports
+        lines = [json.loads(line) for line in Path(b["outputs"]["metrics"]).read_text().splitlines()]
+        steps = [line["step"] for line in lines if "loss" in line]
+        assert steps and len(steps) == len(set(steps))
+        launched = run_dir / "anneal" / "launch"
+        assert (launched / "record.json").is_file() and not list(launched.glob("error-rank*.json"))
+        assert (launched / "processes.log").stat().st_size > 0
 
 
 def test_a_failure_on_one_process_fails_the_run_with_its_message(cli, tiny, monkeypatch):
@@ -80,6 +88,7 @@ def test_more_processes_than_pairs_is_refused(cli, tiny, tmp_path):
     ("distributed=ddp distributed.num_processes=all", "this machine has 0 CUDA device(s)"),
     ("distributed=zero3", "needs DeepSpeed, which is not installed"),
     ("distributed=fsdp2 distributed.use_cpu=true", "not FSDP"),
+    ("distributed=slurm", "not in one"),
 ])
 def test_a_preset_this_machine_cannot_run_is_refused(preset, message, cli, tiny):
     if torch.cuda.is_available():
