@@ -5,12 +5,15 @@ import ctypes
 import functools
 import gc
 import hashlib
+import logging
 import re
 from pathlib import Path
 
 from pipeline import UserError
 from pipeline.artifacts import publish
 from pipeline.records import ModelSource
+
+log = logging.getLogger(__name__)
 
 # What a merge needs from a hub repo: config, safetensors weights, tokenizer files and the chat template
 # (mergekit's own download filter skips `chat_template.jinja`).
@@ -39,14 +42,59 @@ def resolve(ref: str) -> ModelSource:
 
 
 def check_checkpoint(path: Path) -> None:
-    """A Hugging Face model folder with safetensors weights; pickled .bin weights are refused."""
-    if not (path / "config.json").is_file():
+    """A Hugging Face model folder whose files are whole: config.json parses, every shard the index lists is
+    there, and every safetensors file is as long as its header says (a truncated download or a full disk shows
+    here, not as a traceback inside mergekit or transformers). Pickled .bin weights are refused."""
+    import json
+
+    config = path / "config.json"
+    if not config.is_file():
         raise UserError(f"{path} is not a Hugging Face model folder (no config.json). Fix: point at the folder "
                         "that holds config.json and the *.safetensors weights.")
-    if not any(path.glob("*.safetensors")):
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
         hint = (" It holds pickled .bin weights, which merge-anneal does not load: convert them to safetensors "
                 "first (e.g. load with transformers and save_pretrained).") if any(path.glob("*.bin")) else ""
         raise UserError(f"{path} has no *.safetensors weights.{hint} Fix: use a checkpoint saved as safetensors.")
+    damaged = "Fix: download or copy the checkpoint again (for a hub model, delete its snapshot folder)."
+    for name in (config, *path.glob("*.safetensors.index.json")):
+        try:
+            content = json.loads(name.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise UserError(f"{name} does not parse as JSON ({err}): the checkpoint is damaged. {damaged}") from None
+        if name.name.endswith(".index.json"):
+            missing = sorted(set(content.get("weight_map", {}).values()) - {f.name for f in files})
+            if missing:
+                raise UserError(f"{name} lists weight shards that are not in {path}: {', '.join(missing)} (an "
+                                f"interrupted download?). {damaged}")
+    for file in files:
+        problem = safetensors_problem(file)
+        if problem:
+            raise UserError(f"{file} is {problem}. {damaged}")
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """Why a safetensors file cannot be whole (read from its header alone), or None: the 8-byte header length,
+    the JSON header, and the file's length against the end of the last tensor it declares."""
+    import json
+
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"truncated ({size} bytes, no safetensors header)"
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            return f"truncated or not a safetensors file (its header claims {length} bytes, the file has {size})"
+        try:
+            header = json.loads(handle.read(length))
+        except (ValueError, UnicodeDecodeError):
+            return "corrupt (its safetensors header does not parse)"
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    expected = 8 + length + max(ends, default=0)
+    if size != expected:
+        return f"truncated or corrupt ({size} bytes where its header accounts for {expected})"
+    return None
 
 
 def download(ref: str) -> ModelSource:
@@ -67,7 +115,14 @@ def download(ref: str) -> ModelSource:
             f"Could not fetch {ref} from the Hugging Face hub ({type(err).__name__}: {err}). Fix: check the id "
             "and revision, the network, and HF_TOKEN for gated or private repos, or pass a local folder."
         ) from None
-    check_checkpoint(Path(folder))
+    try:
+        check_checkpoint(Path(folder))
+    except UserError:  # a partial or damaged snapshot is fetched again, not trusted
+        if constants.HF_HUB_OFFLINE:
+            raise
+        log.warning(f"{ref}: the cached snapshot is damaged; downloading it again")
+        folder = snapshot_download(repo_id, revision=commit, allow_patterns=HUB_PATTERNS, force_download=True)
+        check_checkpoint(Path(folder))
     return ModelSource(path=str(Path(folder).resolve()), hub_id=repo_id, revision=commit)
 
 

@@ -105,6 +105,7 @@ def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
         out_dir, adapter_dir = stage_dir / "model", stage_dir / "adapter"
         state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathered (FSDP, ZeRO-3) on main
         trained = trainer.accelerator.unwrap_model(trainer.model)
+        check_finite(trained, trainer.state.global_step, args)
         if main and cfg.anneal.peft is None:
             models.save_model(trained, tokenizer, out_dir, state_dict)
         elif main:  # PEFT format, safetensors
@@ -197,7 +198,9 @@ def dpo_config(anneal: DictConfig, output_dir: Path, precision: perf.Precision):
 
 def make_trainer(model, tokenizer, args, train_dataset, anneal: DictConfig, stage_dir: Path, trl_model_hash):
     """TRL's DPOTrainer, reading the reference log-probs from the dataset's columns instead of computing them:
-    no reference model is loaded or kept (TRL 1.16 has no option for log-probs computed elsewhere)."""
+    no reference model is loaded or kept (TRL 1.16 has no option for log-probs computed elsewhere). A loss that
+    stops being finite stops training at that step."""
+    import torch
     from trl import DPOTrainer
 
     class PrecomputedReferenceDPOTrainer(DPOTrainer):
@@ -206,6 +209,12 @@ def make_trainer(model, tokenizer, args, train_dataset, anneal: DictConfig, stag
             if missing:
                 raise RuntimeError(f"{name} dataset lacks precomputed reference columns {missing}")
             return dataset
+
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            if not torch.isfinite(loss):
+                raise UserError(diverged(f"the DPO loss became {loss.item()}", self.state.global_step + 1, self.args))
+            return loss
 
     peft_config = None
     if anneal.peft is not None:
@@ -216,6 +225,21 @@ def make_trainer(model, tokenizer, args, train_dataset, anneal: DictConfig, stag
         return PrecomputedReferenceDPOTrainer(model=model, ref_model=None, args=args, train_dataset=train_dataset,
                                               processing_class=tokenizer, peft_config=peft_config,
                                               callbacks=[logs.JsonlLogger(stage_dir / "metrics.jsonl")])
+
+
+def diverged(what: str, step: int, args) -> str:
+    return (f"Training diverged: {what} at step {step}, so no weights were saved. Fix: a lower "
+            f"anneal.trainer.learning_rate (now {args.learning_rate:g}), gradient clipping "
+            f"(anneal.trainer.max_grad_norm, now {args.max_grad_norm}), or a smaller beta (now {args.beta:g}).")
+
+
+def check_finite(model, step: int, args) -> None:
+    """Non-finite weights are never saved (a step can turn them NaN with a finite loss, e.g. the last one)."""
+    import torch
+
+    bad = [name for name, param in model.named_parameters() if not torch.isfinite(param).all()]
+    if bad:
+        raise UserError(diverged(f"{len(bad)} weight tensors hold NaN or inf (e.g. {bad[0]})", step, args))
 
 
 def last_checkpoint(output_dir: str):
