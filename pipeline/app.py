@@ -38,11 +38,19 @@ def needs_merge_config(cfg: DictConfig) -> bool:
 
 
 class RequireMerge(Callback):
-    """Refuses a run without `+merge=...` before Hydra creates the run folder."""
+    """Refuses a run without `+merge=...`, or in a run folder another live run holds, before Hydra creates the run
+    folder or writes into it."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         if needs_merge_config(config):
             fail(missing_merge_message())
+        run_dir = Path(config.hydra.run.dir)
+        try:  # a run folder a live run holds: refused before Hydra writes its files there
+            if run_dir.is_dir():
+                with manifest.owned(run_dir):
+                    pass
+        except UserError as err:
+            fail(str(err))
 
 
 def fail(message: str) -> None:
@@ -79,6 +87,13 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir = Path(run_dir).resolve()
     stages = check_stages(cfg.pipeline.stages)
     check_data_fits_models(cfg, stages)
+    with manifest.owned(run_dir):
+        for name in manifest.check_interrupted(run_dir, cfg.pipeline.resume):
+            log.warning(f"{name}: interrupted in an earlier attempt; resuming (pipeline.resume=true)")
+        return _run_stages(cfg, run_dir, stages)
+
+
+def _run_stages(cfg: DictConfig, run_dir: Path, stages: list[str]) -> dict:
     if "demo" in (cfg.models.source, cfg.data.source) and {"merge", "anneal"} & set(stages):
         demo.ensure_demo(cfg.models.cache_dir)  # built on first use, never rebuilt while present
     for name in stages:
@@ -125,11 +140,13 @@ def main(cfg: DictConfig) -> float | None:
     logs.route_library_logs(cfg.pipeline.library_logs)
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    # The command line, for the release's model card: stages themselves never read HydraConfig.
-    manifest.record_command(run_dir, HydraConfig.get().overrides.task, cfg.pipeline.stages)
     try:
-        sweep.check_settings(cfg.pipeline)
-        outcome = run_pipeline(cfg, run_dir)
+        with manifest.owned(run_dir):
+            manifest.check_interrupted(run_dir, cfg.pipeline.resume)
+            # The command line, for the release's model card: stages themselves never read HydraConfig.
+            manifest.record_command(run_dir, HydraConfig.get().overrides.task, cfg.pipeline.stages)
+            sweep.check_settings(cfg.pipeline)
+            outcome = run_pipeline(cfg, run_dir)
         objective = sweep.run_objective(outcome, cfg.pipeline.objective.metric) if sweeping else None
     except Exception as err:
         free_job_memory(err)

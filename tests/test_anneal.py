@@ -19,7 +19,7 @@ from datasets import load_dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainerCallback
 
-from conftest import ONE_THREAD, SHORT, TEST_CACHE, write_jsonl
+from conftest import ONE_THREAD, SHORT, TEST_CACHE, run_in_process, write_jsonl
 from pipeline import UserError, manifest, models, perf, preferences, records, reference
 from pipeline.app import run_pipeline
 from stages import anneal
@@ -431,11 +431,23 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, shared_cache, tin
     deadline = time.time() + 300
     while time.time() < deadline and not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
         time.sleep(0.05)  # killed as soon as its first checkpoint is complete
+    # while it lives, the folder is its own: a second run there is refused, naming it
+    second = run_in_process(*args[3:], "pipeline.resume=true", cwd=tmp_path)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    assert second.returncode == 2 and f"in use by another merge-anneal process (pid {process.pid}" in " ".join(
+        second.stderr.split())
     assert list(checkpoints.glob("checkpoint-*")), "no checkpoint was written before the kill"
     before = manifest.load(run_dir)["stages"]
     assert before["merge"]["status"] == "done" and before["anneal"]["status"] == "running"
+    assert before["anneal"]["pid"] == process.pid
+    # once it is gone, the stage it left running is reported as interrupted, with the command that resumes it
+    again = run_in_process(*args[3:], cwd=tmp_path)
+    message = " ".join(again.stderr.split())
+    assert again.returncode == 2 and "anneal stage" in message and "was interrupted" in message
+    assert f"pid {process.pid}" in message and "pipeline.resume=true" in message
+    assert f"hydra.run.dir={run_dir}" in message
+    assert manifest.load(run_dir)["stages"] == before  # the refused runs wrote nothing
 
     result = subprocess.run([*args, "pipeline.resume=true"], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
