@@ -131,6 +131,18 @@ def test_model_card_front_matter_numbers_and_command(release_run, tiny):
         assert SENTINEL.encode() not in file.read_bytes(), file
 
 
+def test_the_token_in_the_environment_is_written_nowhere(release_run):
+    """A whole pipeline run with HF_TOKEN set: not in the run folder (manifest, configs, logs, models, release),
+    not in the result cache it filled, not on the console."""
+    run_dir, work = release_run
+    files = [f for root in (run_dir, work / "cache") for f in root.rglob("*") if f.is_file()]
+    assert len(files) > 20 and (run_dir / "merge-anneal.log").is_file()
+    for file in files:
+        assert SENTINEL.encode() not in file.read_bytes(), file
+    console = json.loads((work.parent / f"{work.name}.json").read_text())
+    assert SENTINEL not in console["stdout"] + console["stderr"]
+
+
 def test_pick_best_picks_the_better_by_the_objective_and_says_why(run_copy, make_cfg):
     from stages import release
 
