@@ -156,7 +156,7 @@ def test_metrics_schema_and_demo_claims(eval_run):
 
 @pytest.mark.slow
 def test_eval_only_reevaluates_without_retraining(eval_run):
-    from conftest import TEST_CACHE, run_cli
+    from conftest import TEST_CACHE, run_in_process
 
     run_dir, work, cache, _ = eval_run
     stages = manifest.load(run_dir)["stages"]
@@ -165,8 +165,8 @@ def test_eval_only_reevaluates_without_retraining(eval_run):
     metrics_path = Path(stages["eval"]["outputs"]["metrics"])
     old_metrics = metrics_path.stat().st_mtime_ns
     old = json.loads(metrics_path.read_text())
-    result = run_cli("pipeline.stages=[eval]", f"pipeline.cache_dir={cache}",
-                     f"models.cache_dir={TEST_CACHE}", f"hydra.run.dir={run_dir}", cwd=work)
+    result = run_in_process("pipeline.stages=[eval]", f"pipeline.cache_dir={cache}",
+                            f"models.cache_dir={TEST_CACHE}", f"hydra.run.dir={run_dir}", cwd=work)
     assert result.returncode == 0, result.stderr[-4000:]
     after = manifest.load(run_dir)["stages"]
     assert after["anneal"] == stages["anneal"] and after["merge"] == stages["merge"]
@@ -184,7 +184,7 @@ def test_lm_eval_block_scores_every_model_offline(eval_run, tmp_path):
     pytest.importorskip("lm_eval")
     import yaml
 
-    from conftest import TEST_CACHE, run_cli
+    from conftest import TEST_CACHE, run_in_process
 
     run_dir, work, cache, _ = eval_run
     store = manifest.load(run_dir)["stages"]["anneal"]["outputs"]["reference_logps"]
@@ -202,10 +202,10 @@ def test_lm_eval_block_scores_every_model_offline(eval_run, tmp_path):
         "metadata": {"version": 1.0}}))
     out = tmp_path / "run"
     shutil.copytree(run_dir, out)  # leave the shared run as it is
-    result = run_cli("pipeline.stages=[eval]", f"pipeline.cache_dir={cache}",
-                     f"models.cache_dir={TEST_CACHE}", f"hydra.run.dir={out}",
-                     f"eval.lm_eval={{tasks: [demo_add_mc], include_path: {tmp_path / 'tasks'}, batch_size: 8}}",
-                     cwd=work)
+    result = run_in_process("pipeline.stages=[eval]", f"pipeline.cache_dir={cache}",
+                            f"models.cache_dir={TEST_CACHE}", f"hydra.run.dir={out}",
+                            f"eval.lm_eval={{tasks: [demo_add_mc], include_path: {tmp_path / 'tasks'}, batch_size: 8}}",
+                            cwd=work)
     assert result.returncode == 0, result.stderr[-4000:]
     scores = json.loads((out / "eval" / "metrics.json").read_text())["lm_eval"]
     assert set(scores) == {"merged", "annealed", "parent:add", "parent:reverse"}

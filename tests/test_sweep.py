@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ONE_THREAD, TEST_CACHE, run_cli
+from conftest import ONE_THREAD, TEST_CACHE, run_cli, run_in_process
 from pipeline import UserError, manifest, sweep
 
 # A short anneal (the summary, not the annealing effect, is under test); release is another stage's business.
@@ -29,8 +29,10 @@ def shared_cache(tmp_path_factory) -> Path:
 
 
 def sweep_cli(sweep_dir: Path, cache: Path, data: list[str], *args: str):
-    result = run_cli(*args, *SHORT, *data, f"pipeline.cache_dir={cache}", f"models.cache_dir={TEST_CACHE}",
-                     f"hydra.sweep.dir={sweep_dir}", cwd=sweep_dir.parent, env=ONE_THREAD)
+    """`python -m pipeline` with a sweep, through the same entry point in this process (one torch thread, as the
+    xdist workers run): Hydra's basic launcher runs every job in one process anyway."""
+    result = run_in_process(*args, *SHORT, *data, f"pipeline.cache_dir={cache}", f"models.cache_dir={TEST_CACHE}",
+                            f"hydra.sweep.dir={sweep_dir}", cwd=sweep_dir.parent)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return json.loads((sweep_dir / sweep.SUMMARY_JSON).read_text()), result
 
