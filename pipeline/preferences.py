@@ -61,10 +61,37 @@ def _load(path, split: str, key: str):
     except UserError:
         raise
     except Exception as err:  # unreadable file, unknown split, no network
+        bad = _bad_json_line(local) if local.is_file() else None
+        if bad:
+            raise UserError(f"{key}={path}: line {bad[0]} is not a JSON object ({bad[1]}). Fix: repair or remove that "
+                            "line (each line of a .jsonl file is one pair).") from None
         raise UserError(f"Could not load preference data {path} (split {split}): {type(err).__name__}: {err}. "
                         f"Fix: check {key} and the split name.") from None
     raise UserError(f"{key}={path} is neither a file nor a hub data set id. Fix: pass a local json/jsonl/parquet/"
                     "csv file or org/name.")
+
+
+def _bad_json_line(file: Path) -> tuple[int, str] | None:
+    """The first line of a JSON Lines file that is not a JSON object (number, reason), or None."""
+    import json
+
+    if file.suffix.lower() not in (".jsonl", ".json"):
+        return None
+    with open(file, encoding="utf-8", errors="replace") as handle:
+        first = handle.read(1)
+        if file.suffix.lower() == ".json" and first == "[":
+            return None  # one JSON array: not line by line
+        handle.seek(0)
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                return number, str(err)
+            if not isinstance(row, dict):
+                return number, f"a {type(row).__name__}"
+    return None
 
 
 def map_columns(ds, columns: dict, split: str):

@@ -66,3 +66,15 @@ def test_a_diverging_anneal_stops_at_that_step_and_saves_nothing(cli, tiny):
     stages = manifest.load(run_dir)["stages"]
     assert stages["anneal"]["status"] == "failed" and "eval" not in stages
     assert not (run_dir / "anneal" / "model").exists()
+
+
+def test_a_malformed_preference_line_is_named(cli, tiny, tmp_path):
+    lines = (tiny.root / "data" / "train.jsonl").read_text().splitlines()
+    lines[6] = lines[6][:-5]  # a line cut short, as by an interrupted write
+    (tmp_path / "prefs.jsonl").write_text("\n".join(lines) + "\n")
+    result, run_dir = cli("+merge=slerp", *tiny.models, "data=custom", f"data.path={tmp_path / 'prefs.jsonl'}",
+                          "data.heldout.fraction=0.2", "pipeline.stages=[merge,anneal]")
+    assert result.returncode == 2, result.stderr[-2000:]
+    message = " ".join(result.stderr.split("merge-anneal: error:")[-1].split())
+    assert "line 7 is not a JSON object" in message and "prefs.jsonl" in message and "Traceback" not in message
+    assert manifest.load(run_dir)["stages"]["anneal"]["status"] == "failed"
