@@ -11,6 +11,7 @@
 What makes it fast and lean sits in `pipeline/perf.py`, each piece behind a switch in `anneal.perf`.
 """
 
+import json
 import logging
 import os
 import shutil
@@ -243,6 +244,13 @@ def check_finite(model, step: int, args) -> None:
 
 
 def last_checkpoint(output_dir: str):
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    """The newest complete checkpoint. The Trainer writes `trainer_state.json` last, so a folder without a readable
+    one was cut short (a kill while saving) and is skipped for the one before it."""
+    steps = lambda folder: int(folder.name.rsplit("-", 1)[1]) if folder.name.rsplit("-", 1)[1].isdigit() else -1
+    for folder in sorted(Path(output_dir).glob("checkpoint-*"), key=steps, reverse=True):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            return str(folder)
+        except (OSError, ValueError):
+            log.warning(f"anneal: {folder.name} was cut short while saving (no readable trainer_state.json); skipped")
+    return None

@@ -78,3 +78,19 @@ def test_a_malformed_preference_line_is_named(cli, tiny, tmp_path):
     message = " ".join(result.stderr.split("merge-anneal: error:")[-1].split())
     assert "line 7 is not a JSON object" in message and "prefs.jsonl" in message and "Traceback" not in message
     assert manifest.load(run_dir)["stages"]["anneal"]["status"] == "failed"
+
+
+def test_resume_skips_a_checkpoint_cut_short_while_saving(tmp_path):
+    """A kill while the Trainer saves leaves a checkpoint folder without its trainer_state.json (written last):
+    resuming takes the complete one before it."""
+    from stages import anneal
+
+    assert anneal.last_checkpoint(str(tmp_path / "none")) is None
+    for step in (10, 20, 30):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text('{"global_step": 10}')
+    (tmp_path / "checkpoint-20" / "trainer_state.json").write_text('{"global_step": 2')  # torn write
+    (tmp_path / "checkpoint-30" / "model.safetensors").write_bytes(b"partial")
+    assert anneal.last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    (tmp_path / "checkpoint-30" / "trainer_state.json").write_text('{"global_step": 30}')
+    assert anneal.last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-30")
