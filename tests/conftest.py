@@ -151,7 +151,9 @@ def tiny(tmp_path_factory) -> Tiny:
     return Tiny(root, models=["models=local", f"models.base={root / 'base'}",
                               f"models.parents=[{root / 'add'},{root / 'reverse'}]"],
                 data=["data=custom", f"data.path={data / 'train.jsonl'}", f"data.heldout.path={data / 'heldout.jsonl'}",
-                      "data.answer_key=pipeline.demo.tasks.answer_key"])
+                      "data.answer_key=pipeline.demo.tasks.answer_key",
+                      # demo-style answers of a few characters, short sequences: eval as the demo's recipe does
+                      "eval.max_new_tokens=8", "eval.batch_size=64"])
 
 
 # ------------------------------------------------------------------------------------------------ demo tier

@@ -29,6 +29,10 @@ def test_anyones_data_gets_trls_defaults_and_the_demo_its_own_recipe(make_cfg, t
             if not (anneal == "lora" and name == "learning_rate"):  # LoRA's step: lora.yaml says why
                 assert real[name] == getattr(trl, name), name
         assert real.num_train_epochs == 1 and real.learning_rate == (1e-6 if anneal == "dpo" else 5e-6)
+    real_eval = make_cfg("+merge=slerp", "data=custom", "data.path=prefs.jsonl").eval
+    assert (real_eval.batch_size, real_eval.max_new_tokens) == (8, 128)  # a chat model's answers, long sequences
+    demo_eval = make_cfg("+merge=slerp").eval
+    assert (demo_eval.batch_size, demo_eval.max_new_tokens) == (64, 8)
     demo = make_cfg("+merge=slerp").anneal.trainer  # the README's command: the demo's recipe, as before
     assert (demo.learning_rate, demo.beta, demo.max_length, demo.max_steps, demo.seed) == (3e-4, 0.3, 64, 1250, 0)
     assert not demo.activation_checkpointing and demo.lr_scheduler_type == "cosine"
