@@ -82,14 +82,17 @@ def check_data_fits_models(cfg: DictConfig, stages: list[str]) -> None:
                         "data.with_other_models=true.")
 
 
-def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict:
-    """Run the configured stages in `run_dir`; returns the manifest. Raises UserError on bad input."""
+def run_pipeline(cfg: DictConfig, run_dir: Path, command=None) -> dict:
+    """Run the configured stages in `run_dir`, owning it; returns the manifest. Raises UserError on bad input.
+    `command`: the invocation's Hydra overrides, recorded for the model card once the folder is ours."""
     run_dir = Path(run_dir).resolve()
     stages = check_stages(cfg.pipeline.stages)
     check_data_fits_models(cfg, stages)
     with manifest.owned(run_dir):
         for name in manifest.check_interrupted(run_dir, cfg.pipeline.resume):
             log.warning(f"{name}: interrupted in an earlier attempt; resuming (pipeline.resume=true)")
+        if command is not None:
+            manifest.record_command(run_dir, command, cfg.pipeline.stages)
         return _run_stages(cfg, run_dir, stages)
 
 
@@ -141,12 +144,9 @@ def main(cfg: DictConfig) -> float | None:
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        with manifest.owned(run_dir):
-            manifest.check_interrupted(run_dir, cfg.pipeline.resume)
-            # The command line, for the release's model card: stages themselves never read HydraConfig.
-            manifest.record_command(run_dir, HydraConfig.get().overrides.task, cfg.pipeline.stages)
-            sweep.check_settings(cfg.pipeline)
-            outcome = run_pipeline(cfg, run_dir)
+        sweep.check_settings(cfg.pipeline)
+        # The command line, for the release's model card: stages themselves never read HydraConfig.
+        outcome = run_pipeline(cfg, run_dir, command=HydraConfig.get().overrides.task)
         objective = sweep.run_objective(outcome, cfg.pipeline.objective.metric) if sweeping else None
     except Exception as err:
         free_job_memory(err)

@@ -3,6 +3,7 @@
 import os
 import shutil
 import threading
+from contextlib import nullcontext
 from pathlib import Path
 
 
@@ -50,17 +51,32 @@ def link_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=link_or_copy)
 
 
-def through_cache(entry: Path, build, target: Path) -> str:
+def through_cache(entry: Path, build, target: Path, ranks=None) -> str:
     """Put cache entry `entry`'s files at `target` (hard links), replacing what was there; `build(entry)` makes a
     missing entry first. A file lock beside the entry makes parallel jobs (e.g. +launcher=submitit_local) wait
-    for the one building it, then find it, instead of building it twice. Returns "hit" or "miss"."""
+    for the one building it, then find it, instead of building it twice. Returns "hit" or "miss".
+
+    Under several processes (`ranks`: accelerate's PartialState; every rank calls this) the main rank holds the
+    lock and decides hit or miss for all, `build` runs on every rank (it may be collective; it publishes from the
+    main rank), and only the main rank links the entry to `target`."""
     from filelock import FileLock
 
     entry = Path(entry)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(entry.with_name(f".{entry.name}.lock"))):
+    main = ranks is None or ranks.is_main_process
+    lock = nullcontext()
+    if main:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(entry.with_name(f".{entry.name}.lock")))
+    with lock:
         state = "hit" if entry.is_dir() else "miss"
+        if ranks is not None and ranks.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            state = broadcast_object_list([state], from_process=0)[0]  # the main rank's view
         if state == "miss":
             build(entry)
-    publish(target, lambda tmp: link_tree(entry, tmp))
+    if main:
+        publish(target, lambda tmp: link_tree(entry, tmp))
+    if ranks is not None:
+        ranks.wait_for_everyone()
     return state

@@ -16,6 +16,7 @@ import codecs
 import json
 import logging
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -66,13 +67,7 @@ def launch_command(dist: DictConfig, config_file: Path, run_dir: Path, head: str
     per_node = [*accelerate, "--num_machines", str(nodes), "--machine_rank", "$SLURM_NODEID",
                 "--main_process_ip", head, "--main_process_port", str(dist.main_process_port), *script]
     return ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", *dist.get("srun", []),
-            "bash", "-c", " ".join(a if a.startswith("$") else _quote(a) for a in per_node)]
-
-
-def _quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
+            "bash", "-c", " ".join(a if a.startswith("$") else shlex.quote(a) for a in per_node)]
 
 
 def check_machine(dist: DictConfig, processes: int) -> None:

@@ -68,7 +68,6 @@ def versions() -> dict:
     return found
 
 
-
 def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %Z")
 

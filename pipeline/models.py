@@ -5,6 +5,7 @@ import ctypes
 import functools
 import gc
 import hashlib
+import json
 import logging
 import re
 from pathlib import Path
@@ -45,8 +46,6 @@ def check_checkpoint(path: Path) -> None:
     """A Hugging Face model folder whose files are whole: config.json parses, every shard the index lists is
     there, and every safetensors file is as long as its header says (a truncated download or a full disk shows
     here, not as a traceback inside mergekit or transformers). Pickled .bin weights are refused."""
-    import json
-
     config = path / "config.json"
     if not config.is_file():
         raise UserError(f"{path} is not a Hugging Face model folder (no config.json). Fix: point at the folder "
@@ -76,8 +75,6 @@ def check_checkpoint(path: Path) -> None:
 def safetensors_problem(file: Path) -> str | None:
     """Why a safetensors file cannot be whole (read from its header alone), or None: the 8-byte header length,
     the JSON header, and the file's length against the end of the last tensor it declares."""
-    import json
-
     size = file.stat().st_size
     with open(file, "rb") as handle:
         head = handle.read(8)
@@ -161,15 +158,20 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def count_parameters(folder: str | Path) -> int:
     """Parameters in a model folder, read from the safetensors headers (no weights loaded)."""
+    return sum(count for _, count in _tensors(folder))
+
+
+def _tensors(folder: str | Path):
+    """(dtype, element count) of every tensor in a model folder's safetensors files, from their headers."""
     from math import prod
 
     from safetensors import safe_open
 
-    total = 0
     for file in Path(folder).glob("*.safetensors"):
         with safe_open(file, framework="pt") as handle:
-            total += sum(prod(handle.get_slice(name).get_shape()) for name in handle.keys())
-    return total
+            for name in handle.keys():
+                tensor = handle.get_slice(name)
+                yield tensor.get_dtype(), prod(tensor.get_shape())
 
 
 def check_same_vocabulary(tokenizer, merged_dir: Path, model_dir: str | Path, what: str, fix: str) -> None:
@@ -203,16 +205,10 @@ def release_memory() -> None:
 def stored_dtype(folder: str | Path) -> str:
     """The dtype most of a checkpoint's bytes are stored in ("BF16", "F32", ...), read from safetensors headers."""
     from collections import Counter
-    from math import prod
-
-    from safetensors import safe_open
 
     sizes = Counter()
-    for file in Path(folder).glob("*.safetensors"):
-        with safe_open(file, framework="pt") as handle:
-            for name in handle.keys():
-                tensor = handle.get_slice(name)
-                sizes[tensor.get_dtype()] += prod(tensor.get_shape())
+    for dtype, count in _tensors(folder):
+        sizes[dtype] += count
     return sizes.most_common(1)[0][0] if sizes else "F32"
 
 

@@ -10,12 +10,11 @@ rank writes it; the others wait and read it.
 import hashlib
 import json
 import shutil
-from contextlib import nullcontext
 from importlib.metadata import version
 from pathlib import Path
 
 from pipeline import UserError, models, perf, preferences
-from pipeline.artifacts import link_tree, publish
+from pipeline.artifacts import publish, through_cache
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
@@ -33,39 +32,18 @@ def reference_logps(reference_dir: str, fingerprint: str, tokenizer, pairs, args
         if ranks.is_main_process:
             publish(target, lambda tmp: (tmp.mkdir(), preferences.write_store(scored, tmp / "data.parquet")))
 
-    entry = None
-    if cfg.pipeline.cache:
-        key = hashlib.sha256(json.dumps({
-            "reference": fingerprint, "tokenizer": models.tokenizer_fingerprint(tokenizer),
-            "data_rows": {split: preferences.rows_fingerprint(pairs[split]) for split in pairs},
-            "max_length": args.max_length, "truncation_mode": args.truncation_mode, "ld_alpha": args.ld_alpha,
-            "autocast": bool(args.bf16), "trl": version("trl"),
-        }, sort_keys=True).encode()).hexdigest()[:32]
-        entry = Path(cfg.pipeline.cache_dir).expanduser() / "reference_logps" / key
-    # The main rank holds the entry's lock (parallel jobs sharing the cache wait for the one scoring) and decides.
-    lock = nullcontext()
-    if entry is not None and ranks.is_main_process:
-        from filelock import FileLock
-
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(entry.with_name(f".{entry.name}.lock")))
-    with lock:
-        state = broadcast("hit" if entry is not None and entry.is_dir() else "miss", ranks)
-        if state == "miss":
-            build(entry or local)
-    if entry is not None and ranks.is_main_process:
-        publish(local, lambda tmp: link_tree(entry, tmp))
-    ranks.wait_for_everyone()
-    return local / "data.parquet", state
-
-
-def broadcast(value, ranks):
-    """The main rank's `value` on every rank."""
-    if ranks.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([value], from_process=0)[0]
+    if not cfg.pipeline.cache:
+        build(local)
+        ranks.wait_for_everyone()
+        return local / "data.parquet", "miss"
+    key = hashlib.sha256(json.dumps({
+        "reference": fingerprint, "tokenizer": models.tokenizer_fingerprint(tokenizer),
+        "data_rows": {split: preferences.rows_fingerprint(pairs[split]) for split in pairs},
+        "max_length": args.max_length, "truncation_mode": args.truncation_mode, "ld_alpha": args.ld_alpha,
+        "autocast": bool(args.bf16), "trl": version("trl"),
+    }, sort_keys=True).encode()).hexdigest()[:32]
+    entry = Path(cfg.pipeline.cache_dir).expanduser() / "reference_logps" / key
+    return local / "data.parquet", through_cache(entry, build, local, ranks)
 
 
 def score_with_reference(reference_dir: str, tokenizer, pairs, args, precision, trl_model_hash, stage_dir: Path,

@@ -13,7 +13,6 @@ What makes it fast and lean sits in `pipeline/perf.py`, each piece behind a swit
 
 import json
 import logging
-import os
 import shutil
 from functools import partial
 from pathlib import Path
@@ -169,11 +168,12 @@ def dpo_config(anneal: DictConfig, output_dir: Path, precision: perf.Precision):
     """TRL's own DPOConfig from `anneal.trainer` (field names unchanged), plus the fields the stage owns; bf16
     as `precision` decided."""
     import torch
+    from accelerate.utils import parse_flag_from_env
     from trl import DPOConfig
 
     fields = OmegaConf.to_container(anneal.trainer, resolve=True)
     fields["bf16"] = precision.autocast == "bfloat16"
-    if (fields["bf16"] and not torch.cuda.is_available()) or os.environ.get("ACCELERATE_USE_CPU") == "true":
+    if (fields["bf16"] and not torch.cuda.is_available()) or parse_flag_from_env("ACCELERATE_USE_CPU"):
         fields.setdefault("use_cpu", True)  # bf16 on CPU is meant; CPU processes under accelerate launch
     owned = sorted(set(fields) & OWNED_FIELDS)
     if owned:
