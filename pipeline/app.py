@@ -14,7 +14,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pipeline import CONF_DIR, UserError, demo, logs, manifest, models, sweep
+from pipeline import CONF_DIR, UserError, artifacts, demo, logs, manifest, models, sweep
 
 log = logging.getLogger(__name__)
 STAGES = ("merge", "anneal", "eval", "release")  # every stage that exists, in pipeline order
@@ -109,18 +109,31 @@ def _run_stages(cfg: DictConfig, run_dir: Path, stages: list[str]) -> dict:
         try:
             record = stage.run(cfg, run_dir)
         except BaseException as err:
-            error = f"{type(err).__name__}: {err}"
-            manifest.set_stage(run_dir, name, {"status": "failed", "error": error,
-                                               "seconds": round(time.perf_counter() - started, 3),
-                                               "versions": manifest.versions()})
-            if not isinstance(err, (UserError, KeyboardInterrupt)):
-                (run_dir / name).mkdir(parents=True, exist_ok=True)
-                (run_dir / name / "error.log").write_text(traceback.format_exc())
+            full = artifacts.disk_full(err)
+            try:  # on a full disk these writes may fail too: the stage then stays `running`, never `done`
+                manifest.set_stage(run_dir, name, {"status": "failed", "error": f"{type(err).__name__}: {err}",
+                                                   "seconds": round(time.perf_counter() - started, 3),
+                                                   "versions": manifest.versions()})
+                if not isinstance(err, (UserError, KeyboardInterrupt)) and not full:
+                    (run_dir / name).mkdir(parents=True, exist_ok=True)
+                    (run_dir / name / "error.log").write_text(traceback.format_exc())
+            except OSError as second:
+                log.warning(f"{name}: could not record the failure in the manifest ({second})")
+            if full:
+                raise UserError(disk_full_message(name, err, run_dir, cfg)) from None
             raise
         record = record.model_copy(update={"status": "done", "seconds": round(time.perf_counter() - started, 3),
                                            "versions": manifest.versions()})
         manifest.set_stage(run_dir, name, record.model_dump(mode="json"))
     return manifest.load(run_dir)
+
+
+def disk_full_message(stage: str, err: BaseException, run_dir: Path, cfg: DictConfig) -> str:
+    where = getattr(err, "filename", None) or f"the run folder {run_dir} or the cache {cfg.pipeline.cache_dir}"
+    return (f"{stage}: the disk filled up while writing ({where}): {err}. Nothing it wrote was kept or marked done. "
+            f"Fix: free space there (`df -h {run_dir}`), or put the run folder (hydra.run.dir) or the cache "
+            f"(pipeline.cache_dir) on a larger disk, then continue with `pipeline.resume=true "
+            f"hydra.run.dir={run_dir}`.")
 
 
 def free_job_memory(err: BaseException | None = None) -> None:
@@ -141,6 +154,7 @@ def main(cfg: DictConfig) -> float | None:
     if needs_merge_config(cfg):  # multirun jobs do not pass through RequireMerge.on_run_start
         fail(missing_merge_message())
     logs.route_library_logs(cfg.pipeline.library_logs)
+    logging.raiseExceptions = False  # a log line that cannot be written (a full disk) prints no traceback
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

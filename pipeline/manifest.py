@@ -117,4 +117,8 @@ def check_interrupted(run_dir: Path, resume: bool) -> list[str]:
                         f"{entry.get('pid', '?')} on {entry.get('host', '?')}, started {entry.get('started', '?')}) "
                         f"is gone and the stage is not done. Fix: resume it, finished stages skipped and training "
                         f"from its last checkpoint: {again}")
+    if stopped:  # what the killed process was writing: hidden `.<name>.partial-<pid>-<thread>` folders and files
+        from pipeline.artifacts import remove_partials
+
+        remove_partials(Path(run_dir))
     return list(stopped)

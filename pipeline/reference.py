@@ -43,7 +43,8 @@ def reference_logps(reference_dir: str, fingerprint: str, tokenizer, pairs, args
         "autocast": bool(args.bf16), "trl": version("trl"),
     }, sort_keys=True).encode()).hexdigest()[:32]
     entry = Path(cfg.pipeline.cache_dir).expanduser() / "reference_logps" / key
-    return local / "data.parquet", through_cache(entry, build, local, ranks)
+    return local / "data.parquet", through_cache(entry, build, local, ranks, files=cfg.pipeline.cache_files,
+                                                digests=cfg.pipeline.cache_verify)
 
 
 def score_with_reference(reference_dir: str, tokenizer, pairs, args, precision, trl_model_hash, stage_dir: Path,

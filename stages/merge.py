@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import UserError, models, records
-from pipeline.artifacts import publish, through_cache
+from pipeline.artifacts import disk_full, publish, through_cache
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ def run(cfg: DictConfig, run_dir: Path) -> records.MergeRecord:
     if cfg.pipeline.cache:
         key = cache_key(merge_config, options, version("mergekit"))
         cached_dir = Path(cfg.pipeline.cache_dir).expanduser() / "merges" / key
-        cache_state = through_cache(cached_dir, lambda entry: merge_into(merge_config, options, entry), out_dir)
+        cache_state = through_cache(cached_dir, lambda entry: merge_into(merge_config, options, entry), out_dir,
+                                    files=cfg.pipeline.cache_files, digests=cfg.pipeline.cache_verify)
         log.info(f"merge: {'reused cached merge' if cache_state == 'hit' else 'merged'} {cached_dir}")
     else:
         merge_into(merge_config, options, out_dir)
@@ -244,6 +245,8 @@ def merge_into(merge_config, options, out_dir: Path) -> None:
         try:
             run_merge(merge_config.model_copy(deep=True), str(tmp), options=options)  # run_merge mutates it
         except (RuntimeError, ValueError, KeyError, AssertionError) as err:
+            if disk_full(err):
+                raise
             raise UserError(f"mergekit could not merge these models ({type(err).__name__}: {err}). Fix: check "
                             "that the merge config fits the models (layer ranges, parameters, base model).") from None
         (tmp / CONFIG_NAME).write_text(merge_config.to_yaml() + "\n")

@@ -42,7 +42,13 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that use the trained demo must be in the demo tier (`slow`); `gpu` tests are skipped without CUDA."""
+    """Tests that use the trained demo must be in the demo tier (`slow`); `gpu` tests are skipped without CUDA; the
+    fault-injection suite (`faults`) runs only when a -m expression names it."""
+    if "faults" not in (config.option.markexpr or ""):
+        faults = [item for item in items if item.get_closest_marker("faults")]
+        if faults:
+            config.hook.pytest_deselected(items=faults)
+            items[:] = [item for item in items if not item.get_closest_marker("faults")]
     untiered = [item.nodeid for item in items if not item.get_closest_marker("slow")
                 and {"demo_path", "readme_run"} & set(getattr(item, "fixturenames", ()))]
     if untiered:

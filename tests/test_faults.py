@@ -1,7 +1,9 @@
-"""Faults (issue 13, first part): damaged checkpoints are named with the fix before any library reads them, and a
-training run that diverges stops at that step with nothing saved."""
+"""Faults: damaged checkpoints are named with the fix before any library reads them; a training run that diverges
+stops at that step with nothing saved; the cache checks itself and never shares a writable file with a run; a full
+disk stops a stage with a message and keeps nothing. The kill-and-resume suite is tests/test_fault_injection.py."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -94,3 +96,125 @@ def test_resume_skips_a_checkpoint_cut_short_while_saving(tmp_path):
     assert anneal.last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
     (tmp_path / "checkpoint-30" / "trainer_state.json").write_text('{"global_step": 30}')
     assert anneal.last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-30")
+
+
+# ------------------------------------------------------------------------------------- a self-checking cache
+
+def build_counter(calls):
+    """A cache `build` that writes two files (one nested) and counts its calls."""
+    def build(entry):
+        from pipeline.artifacts import publish
+
+        calls.append(entry)
+        def fill(tmp):
+            (tmp / "sub").mkdir(parents=True)
+            (tmp / "weights.bin").write_bytes(bytes(range(256)) * 64)
+            (tmp / "sub" / "config.json").write_text('{"a": 1}')
+        publish(entry, fill)
+    return build
+
+
+def tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_runs_get_their_own_copies_and_a_damaged_entry_is_set_aside_and_rebuilt(tmp_path, caplog):
+    from pipeline.artifacts import SEAL, entry_problem, through_cache
+
+    calls, entry = [], tmp_path / "cache" / "merges" / "k"
+    assert through_cache(entry, build_counter(calls), tmp_path / "run1") == "miss"
+    assert through_cache(entry, build_counter(calls), tmp_path / "run2") == "hit" and len(calls) == 1
+    sealed = json.loads((entry / SEAL).read_text())["files"]
+    assert set(sealed) == {"weights.bin", "sub/config.json"} and sealed["weights.bin"]["size"] == 16384
+    good = tree(tmp_path / "run2")
+    assert SEAL not in good and good == tree(tmp_path / "run1")
+
+    # a write into one run's files (in place, same size) changes neither the cache nor the other run: as root the
+    # run has a copy (no reflinks on ext4); otherwise a read-only hard link refuses the write
+    try:
+        with open(tmp_path / "run1" / "weights.bin", "r+b") as f:
+            f.seek(100)
+            f.write(b"\xff" * 20)
+    except PermissionError:
+        assert os.geteuid() != 0
+    assert entry_problem(entry) is None and tree(tmp_path / "run2") == good
+    assert through_cache(entry, build_counter(calls), tmp_path / "run3") == "hit" and tree(tmp_path / "run3") == good
+
+    # damage in the cache itself, each kind: set aside with one warning, rebuilt, the right result
+    def flip(e):
+        data = bytearray((e / "weights.bin").read_bytes())
+        data[5000:5020] = b"\x00" * 20
+        (e / "weights.bin").write_bytes(bytes(data))
+    damages = {"sha256 differs": flip, "bytes, 16384": lambda e: (e / "weights.bin").write_bytes(b"short"),
+               "is missing": lambda e: (e / "sub" / "config.json").unlink(),
+               "has no seal": lambda e: (e / SEAL).unlink(),
+               "added after": lambda e: (e / "extra.txt").write_text("x")}
+    for n, (phrase, damage) in enumerate(damages.items()):
+        damage(entry)
+        caplog.clear()
+        assert through_cache(entry, build_counter(calls), tmp_path / f"again{n}") == "miss", phrase
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and phrase in warnings[0] and "computing it again" in warnings[0], warnings
+        assert tree(tmp_path / f"again{n}") == good and entry_problem(entry) is None
+    assert len(calls) == 1 + len(damages) and len(list((entry.parent / ".bad").iterdir())) == len(damages)
+
+
+def test_hardlinked_runs_are_read_only_and_a_killed_builders_partial_is_cleaned(tmp_path):
+    from pipeline.artifacts import through_cache
+
+    calls, entry = [], tmp_path / "cache" / "k"
+    stale = entry.with_name(f".{entry.name}.partial-999-1")  # what a killed writer leaves
+    stale.mkdir(parents=True)
+    through_cache(entry, build_counter(calls), tmp_path / "run", files="hardlink")
+    assert not stale.exists()
+    linked = tmp_path / "run" / "weights.bin"
+    assert linked.stat().st_nlink == 2 and not os.stat(linked).st_mode & 0o222
+
+
+def test_a_damaged_cached_merge_is_merged_again_with_one_warning(cli, tiny, tmp_path, cache_dir):
+    """The issue's case, on a real merge: 20 bytes of a cached file overwritten. The next run that needs it warns
+    once, merges again and gets the same bytes; no traceback."""
+    first, run1 = cli("+merge=slerp", *tiny.models, *tiny.data, "pipeline.stages=[merge]")
+    assert first.returncode == 0, first.stderr[-2000:]
+    entry = next(p for p in (cache_dir / "merges").iterdir() if p.is_dir() and not p.name.startswith("."))
+    weights = entry / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 20] = b"\x13" * 20
+    weights.write_bytes(bytes(data))
+    second, run2 = cli("+merge=slerp", *tiny.models, *tiny.data, "pipeline.stages=[merge]",
+                       run_dir=tmp_path / "run2")
+    assert second.returncode == 0 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    logged = (run2 / "merge-anneal.log").read_text()
+    assert second.stdout.count("failed its check") == logged.count("failed its check") == 1, second.stdout
+    assert "model.safetensors has changed" in logged
+    assert manifest.load(run2)["stages"]["merge"]["cache"]["merge"] == "miss"
+    from pipeline.artifacts import SEAL
+
+    cached = tree(entry)
+    assert cached.pop(SEAL) and tree(run2 / "merge" / "model") == tree(run1 / "merge" / "model") == cached
+
+
+def test_a_full_disk_while_merging_stops_with_a_message_and_keeps_nothing(tiny, tmp_path):
+    """A real full disk: the run folder and the cache on a 64 KiB tmpfs (a private mount namespace, so no root on
+    the host is needed), too small for the merged weights."""
+    import subprocess
+    import sys
+
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"]).returncode:
+        pytest.skip("needs unshare with user and mount namespaces to mount a small file system")
+    small, out = tmp_path / "small", tmp_path / "out"
+    small.mkdir()
+    out.mkdir()
+    command = [sys.executable, "-m", "pipeline", "+merge=slerp", *tiny.models, *tiny.data, "pipeline.stages=[merge]",
+               f"hydra.run.dir={small / 'run'}", f"pipeline.cache_dir={small / 'cache'}"]
+    script = (f"mount -t tmpfs -o size=64k tmpfs {small} && cd {tmp_path} && {' '.join(map(repr, command))}; "
+              f"echo $? > {out / 'rc'}; cp -a {small}/run {small}/cache {out}/")
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert (out / "rc").read_text().strip() == "2", result.stderr[-3000:]
+    message = " ".join(result.stderr.split("merge-anneal: error:")[-1].split())
+    assert "the disk filled up" in message and "No space left on device" in message, result.stderr[-3000:]
+    assert "pipeline.resume=true" in message and "Traceback" not in result.stderr
+    assert manifest.load(out / "run")["stages"]["merge"]["status"] == "failed"
+    assert not (out / "run" / "merge" / "model").exists()
+    assert not [p for p in (out / "cache" / "merges").iterdir() if not p.name.endswith(".lock")]  # no entry, no partial

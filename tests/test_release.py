@@ -22,13 +22,45 @@ NO_TOKEN = {"HF_TOKEN": "", "HUGGING_FACE_HUB_TOKEN": ""}
 HUB = ["pipeline.stages=[release]", "release=hub", "release.repo_id=someone/demo-merge"]
 
 
+REMOTE_CODE = """import pathlib
+pathlib.Path({marker!r}).write_text("remote code ran")
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+class Config(LlamaConfig): pass
+class Model(LlamaForCausalLM): pass
+class Tokenizer(PreTrainedTokenizerFast): pass
+"""
+
+
+def with_remote_code(tiny, root: Path) -> list[str]:
+    """Copies of the tiny parents whose config and tokenizer config point at custom code (`auto_map`), as hub repos
+    with remote code do; the code writes `root/remote-code-ran` if anything imports it."""
+    from filelock import FileLock
+
+    with FileLock(str(root / "remote-code.lock")):
+        for name in ("base", "add", "reverse"):
+            folder = root / "remote-code" / name
+            if folder.is_dir():
+                continue
+            shutil.copytree(tiny[name], folder)
+            (folder / "custom.py").write_text(REMOTE_CODE.format(marker=str(root / "remote-code-ran")))
+            for file, auto_map in (("config.json", {"AutoConfig": "custom.Config",
+                                                    "AutoModelForCausalLM": "custom.Model"}),
+                                   ("tokenizer_config.json", {"AutoTokenizer": [None, "custom.Tokenizer"]})):
+                settings = json.loads((folder / file).read_text())
+                (folder / file).write_text(json.dumps({**settings, "auto_map": auto_map}))
+    parents = root / "remote-code"
+    return ["models=local", f"models.base={parents / 'base'}",
+            f"models.parents=[{parents / 'add'},{parents / 'reverse'}]"]
+
+
 @pytest.fixture(scope="module")
 def release_run(tmp_path_factory, tiny):
-    """`python -m pipeline +merge=slerp` (tiny parents, short anneal) with a token in the environment: all four
-    stages, run once for the session."""
-    from conftest import run_once
+    """`python -m pipeline +merge=slerp` (short anneal) with a token in the environment, on tiny parents that
+    carry remote code (`auto_map`): all four stages, run once for the session."""
+    from conftest import run_once, session_root
 
-    work, _ = run_once(tmp_path_factory, "release-run", "+merge=slerp", *SHORT, *tiny.models, *tiny.data,
+    models = with_remote_code(tiny, session_root(tmp_path_factory))
+    work, _ = run_once(tmp_path_factory, "release-run", "+merge=slerp", *SHORT, *models, *tiny.data,
                        env={"HF_TOKEN": SENTINEL, **UNREACHABLE, **ONE_THREAD})
     return work / "run", work
 
@@ -141,6 +173,18 @@ def test_the_token_in_the_environment_is_written_nowhere(release_run):
         assert SENTINEL.encode() not in file.read_bytes(), file
     console = json.loads((work.parent / f"{work.name}.json").read_text())
     assert SENTINEL not in console["stdout"] + console["stderr"]
+
+
+def test_remote_code_never_runs(release_run, tmp_path_factory):
+    """trust_remote_code stays off in every load (mergekit, tokenizers, training, eval, release): parents whose
+    config and tokenizer point at custom code are loaded with transformers' own Llama classes, and the code, which
+    would leave a file behind, never runs."""
+    from conftest import session_root
+
+    run_dir, _ = release_run
+    assert manifest.load(run_dir)["stages"]["release"]["status"] == "done"
+    assert (session_root(tmp_path_factory) / "remote-code" / "add" / "custom.py").is_file()
+    assert not (session_root(tmp_path_factory) / "remote-code-ran").exists()
 
 
 def test_pick_best_picks_the_better_by_the_objective_and_says_why(run_copy, make_cfg):
