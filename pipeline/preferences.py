@@ -17,8 +17,9 @@ FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv
 COLUMNS = ("prompt", "chosen", "rejected")
 
 
-def load_preferences(data: DictConfig):
-    """`DatasetDict(train=..., heldout=...)` in TRL's column names, and the counts of dropped rows."""
+def load_preferences(data: DictConfig, keep: tuple[str, ...] = ()):
+    """`DatasetDict(train=..., heldout=...)` in TRL's column names (and the data's own columns `keep`, e.g. the one
+    anneal.reference_route reads), and the counts of dropped rows."""
     from datasets import DatasetDict
 
     train = _load(data.path, data.split, "data.path")
@@ -35,7 +36,7 @@ def load_preferences(data: DictConfig):
     dropped = {}
     splits = {}
     for name, ds in (("train", train), ("heldout", heldout)):
-        ds = map_columns(ds, OmegaConf.to_container(data.columns, resolve=True), name)
+        ds = map_columns(ds, OmegaConf.to_container(data.columns, resolve=True), name, keep)
         ds, counts = drop_bad_rows(ds)
         dropped[name] = counts
         if len(ds) == 0:
@@ -94,7 +95,7 @@ def _bad_json_line(file: Path) -> tuple[int, str] | None:
     return None
 
 
-def map_columns(ds, columns: dict, split: str):
+def map_columns(ds, columns: dict, split: str, keep: tuple[str, ...] = ()):
     """Rename the configured columns to TRL's names; fold an optional system column into the prompt."""
     system = columns.pop("system", None)
     wanted = {source: target for target, source in columns.items() if source}
@@ -115,8 +116,7 @@ def map_columns(ds, columns: dict, split: str):
         from trl.data_utils import extract_prompt
 
         ds = ds.map(extract_prompt, desc=f"Extracting implicit prompts ({split})")
-    keep = [c for c in COLUMNS if c in ds.column_names]
-    return ds.select_columns(keep)
+    return ds.select_columns([c for c in dict.fromkeys((*COLUMNS, *keep)) if c in ds.column_names])
 
 
 def _text_columns(ds):

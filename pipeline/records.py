@@ -98,6 +98,7 @@ class Trainer(Record):
 
 class AnnealSettings(Record):
     reference: str | int | None = None
+    reference_combine: str | None = None
     peft: dict | None = None
     trainer: Trainer
 
@@ -121,6 +122,7 @@ class AnnealInputs(Record):
     reference_label: str
     reference_source: ModelSource | None = None
     data: dict
+    references: dict | None = None  # anneal.reference=parents: per parent its path, fingerprint, store, cache
 
 
 class AnnealOutputs(Record):

@@ -2,6 +2,10 @@
 (tokenisation, truncation, masks, log-probs), stored as parquet (`prompt, chosen, rejected, ref_chosen_logps,
 ref_rejected_logps`) and cached across runs by (reference weights, tokenizer, data, lengths).
 
+`anneal.reference=parents`: every parent's pass is stored and cached on its own, and `combine` makes the
+reference columns of them per pair (`anneal.reference_combine`: mean, max or route), keeping each parent's
+columns (`ref_chosen_logps:<parent>`) and which parent spoke (`ref_parent`) beside them.
+
 Under more than one process (accelerate) TRL splits the batches across the ranks and gathers the log-probs in
 order: every batch is the one a single process would score, so the store is the single-process store. The main
 rank writes it; the others wait and read it.
@@ -17,14 +21,100 @@ from pipeline import UserError, models, perf, preferences
 from pipeline.artifacts import publish, through_cache
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+COMBINATIONS = ("mean", "max", "route")
+
+
+def check_parents_reference(anneal, parents: list[str]) -> dict[str, str]:
+    """`anneal.reference=parents`: the parents by folder name, once the settings are known to make sense (before any
+    data or model is loaded)."""
+    how = anneal.get("reference_combine")
+    if how not in COMBINATIONS:
+        raise UserError(f"anneal.reference_combine={how!r} is not a way to combine the parents' log-probs. Fix: "
+                        "choose mean (log of the mean probability), max (the most confident parent per pair) or "
+                        "route (a data column names each pair's parent, anneal.reference_route).")
+    by_name = {Path(p).name: p for p in parents}
+    if len(by_name) < 2:
+        raise UserError(f"anneal.reference=parents needs a merge of at least two parents; this merge has "
+                        f"{list(by_name) or 'none'}. Fix: name that parent (anneal.reference={next(iter(by_name), 0)}) "
+                        "or use anneal.reference=auto.")
+    return by_name
+
+
+def route_of(pairs, column: str, names: list[str]) -> dict:
+    """Per split, each pair's parent index from data column `column` (a parent's folder name or index), checked
+    before any model is loaded."""
+    routes = {}
+    for split, ds in pairs.items():
+        if column not in ds.column_names:
+            raise UserError(f"anneal.reference_combine=route reads each pair's parent from the data column "
+                            f"{column!r} (anneal.reference_route), which the {split} pairs do not have (columns: "
+                            f"{ds.column_names}). Fix: set anneal.reference_route to a column naming a parent of "
+                            f"{names}, or use reference_combine=mean or max.")
+        values = [str(v) for v in ds[column]]
+        lookup = {**{n: i for i, n in enumerate(names)}, **{str(i): i for i in range(len(names))}}
+        unknown = sorted(set(values) - set(lookup))
+        if unknown:
+            raise UserError(f"The data column {column!r} (anneal.reference_route) names {unknown[:5]}, which are not "
+                            f"parents of this merge ({names}, or their indices 0-{len(names) - 1}). Fix: map that "
+                            "column's values to parent names, or use reference_combine=mean or max.")
+        routes[split] = [lookup[v] for v in values]
+    return routes
+
+
+def combine_logps(chosen, rejected, how: str, route=None):
+    """Per pair, one reference log-prob for its chosen and its rejected answer out of K parents' (arrays [K, N],
+    float64), and which parent spoke (-1: all, as a mean). mean: log((1/K) sum_k p_k) for each answer; max: the
+    parent with the highest chosen log-prob; route: the parent index given per pair."""
+    import numpy as np
+
+    logsumexp = np.logaddexp.reduce
+    chosen, rejected = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
+    k, n = chosen.shape
+    if how == "mean":
+        return (logsumexp(chosen, axis=0) - np.log(k), logsumexp(rejected, axis=0) - np.log(k),
+                np.full(n, -1))
+    speaker = np.argmax(chosen, axis=0) if how == "max" else np.asarray(route, dtype=np.int64)
+    columns = np.arange(n)
+    return chosen[speaker, columns], rejected[speaker, columns], speaker
+
+
+def combine(stores: dict, how: str, routes: dict | None):
+    """The parents' stores (name -> DatasetDict with REF_COLUMNS, the same rows in the same order) as one
+    (`routes`: per split, the parent index of each of the pairs, read through the stores' `pair_index`): the
+    combined REF_COLUMNS, each parent's as `<column>:<parent>`, and `ref_parent` (the parent that spoke, or
+    `mean`)."""
+    import numpy as np
+    from datasets import DatasetDict, Value
+
+    names = list(stores)
+    first = stores[names[0]]
+    out = {}
+    for split in first:
+        base = first[split].remove_columns(list(REF_COLUMNS))
+        for name in names[1:]:
+            if stores[name][split]["pair_index"] != first[split]["pair_index"]:
+                raise RuntimeError(f"the parents' reference passes kept different {split} pairs")
+        stacked = [np.stack([np.asarray(stores[n][split][c], dtype=np.float64) for n in names]) for c in REF_COLUMNS]
+        route = [routes[split][i] for i in first[split]["pair_index"]] if routes else None
+        chosen, rejected, speaker = combine_logps(*stacked, how, route)
+        for column, values in zip(REF_COLUMNS, (chosen, rejected)):
+            base = base.add_column(column, values.tolist(), feature=Value("float64"))
+        for i, name in enumerate(names):
+            for c, column in enumerate(REF_COLUMNS):
+                base = base.add_column(f"{column}:{name}", stacked[c][i].tolist(), feature=Value("float64"))
+        base = base.add_column("ref_parent", ["mean" if s < 0 else names[s] for s in speaker])
+        out[split] = base
+    return DatasetDict(out)
 
 
 def reference_logps(reference_dir: str, fingerprint: str, tokenizer, pairs, args, precision, cfg, stage_dir: Path,
-                    ranks) -> tuple[Path, str]:
-    """The store of every pair's reference log-probs at `<stage_dir>/reference_logps/data.parquet`, from the cache
-    when the same reference, tokenizer, data and lengths were scored before. Returns (path, "hit" | "miss").
-    `ranks`: accelerate's PartialState (one process or many; every rank calls this)."""
-    local = stage_dir / "reference_logps"
+                    ranks, local: Path | None = None) -> tuple[Path, str]:
+    """The store of every pair's reference log-probs at `<local>/data.parquet` (default
+    `<stage_dir>/reference_logps`), from the cache when the same reference, tokenizer, data and lengths were scored
+    before. Returns (path, "hit" | "miss"). `ranks`: accelerate's PartialState (one process or many; every rank
+    calls this)."""
+    local = local or stage_dir / "reference_logps"
+    pairs = pairs.select_columns(list(preferences.COLUMNS))  # what scoring reads (the data's other columns: not)
     hash_cm = lambda: perf.known_model_hash(fingerprint, cfg.anneal.perf.skip_trl_model_hash)
 
     def build(target: Path) -> None:  # collective: every rank scores its share, the main rank writes
@@ -40,7 +130,7 @@ def reference_logps(reference_dir: str, fingerprint: str, tokenizer, pairs, args
         "reference": fingerprint, "tokenizer": models.tokenizer_fingerprint(tokenizer),
         "data_rows": {split: preferences.rows_fingerprint(pairs[split]) for split in pairs},
         "max_length": args.max_length, "truncation_mode": args.truncation_mode, "ld_alpha": args.ld_alpha,
-        "autocast": bool(args.bf16), "trl": version("trl"),
+        "autocast": bool(args.bf16), "trl": version("trl"), "store": 2,  # 2: with pair_index
     }, sort_keys=True).encode()).hexdigest()[:32]
     entry = Path(cfg.pipeline.cache_dir).expanduser() / "reference_logps" / key
     return local / "data.parquet", through_cache(entry, build, local, ranks, files=cfg.pipeline.cache_files,
@@ -99,12 +189,12 @@ def score_with_reference(reference_dir: str, tokenizer, pairs, args, precision, 
 
 
 def _attach(original, scored):
-    """Original rows (untouched text) with the reference log-probs, matched by row index; rows TRL dropped
-    (prompt alone fills max_length) are left out."""
+    """Original rows (untouched text) with the reference log-probs and their index in the pairs (`pair_index`),
+    matched by row index; rows TRL dropped (prompt alone fills max_length) are left out."""
     from datasets import Value
 
     column = lambda name: scored[name][:]  # a list at once (iterating a datasets Column goes row by row)
-    kept = original.select(column("row"))
+    kept = original.select(column("row")).add_column("pair_index", column("row"))
     for name in REF_COLUMNS:
         kept = kept.add_column(name, column(name), feature=Value("float64"))
     return kept

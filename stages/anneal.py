@@ -11,6 +11,7 @@
 What makes it fast and lean sits in `pipeline/perf.py`, each piece behind a switch in `anneal.perf`.
 """
 
+import hashlib
 import json
 import logging
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import UserError, launch, logs, memory, models, perf, preferences, records
+from pipeline import reference as ref
 from pipeline.artifacts import publish
 from pipeline.reference import REF_COLUMNS, reference_logps
 
@@ -41,14 +43,25 @@ def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
     stage_dir = Path(run_dir) / "anneal"
     merge = records.load(run_dir, records.MergeRecord)
     merged_dir = Path(merge.outputs.model)
-    choice, label = choose_reference(cfg.anneal.reference, merge.inputs.parents, merge.inputs.base_model, merged_dir)
-    reference = merge.source(choice) if choice in merge.inputs.models else models.resolve(choice)
+    if str(cfg.anneal.reference) == "parents":  # every parent scores every pair; combined per pair
+        references = {name: merge.source(path) for name, path in
+                      ref.check_parents_reference(cfg.anneal, merge.inputs.parents).items()}
+        choice, label = "parents", f"parents:{cfg.anneal.reference_combine}"
+    else:
+        choice, label = choose_reference(cfg.anneal.reference, merge.inputs.parents, merge.inputs.base_model,
+                                         merged_dir)
+        references = {label: merge.source(choice) if choice in merge.inputs.models else models.resolve(choice)}
+    reference = next(iter(references.values()))  # the one reference; with `parents`, eval's KL anchor
     with perf.fingerprint_in_background(reference.path, switches.fingerprint_in_background) as hashing:
         from accelerate import PartialState
         from accelerate.utils import parse_flag_from_env
         from transformers import AutoTokenizer
         from trl import DPOTrainer  # noqa: F401  (imported before garbage collection skips the libraries' objects)
     reference_fingerprint = hashing.result()
+    fingerprints = {name: reference_fingerprint if source is reference else models.fingerprint(source.path)
+                    for name, source in references.items()}
+    if choice == "parents":  # what the stored log-probs depend on: every parent and the combination
+        reference_fingerprint = hashlib.sha256(json.dumps([fingerprints, label], sort_keys=True).encode()).hexdigest()
     ranks = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # this process's rank (of one, or more)
     main = ranks.is_main_process
     clock.lap("imports_and_fingerprint")
@@ -57,10 +70,11 @@ def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
           perf.gc_skips_existing_objects(switches.gc_skips_existing_objects) as gc_skipped):
         stage_dir.mkdir(parents=True, exist_ok=True)
         tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-        models.check_same_vocabulary(
-            tokenizer, merged_dir, reference.path, "The reference model",
-            "use a parent with the same tokenizer (anneal.reference=auto or a parent name), or merge without changing "
-            "the vocabulary.")
+        for source in references.values():
+            models.check_same_vocabulary(
+                tokenizer, merged_dir, source.path, "The reference model",
+                "use a parent with the same tokenizer (anneal.reference=auto or a parent name), or merge without "
+                "changing the vocabulary.")
         n_params = models.count_parameters(merged_dir)
         precision = perf.decide_precision(cfg.anneal, n_params)
         args = dpo_config(cfg.anneal, stage_dir / "checkpoints", precision)
@@ -69,12 +83,20 @@ def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
         log.info(f"anneal: {plan.describe() if plan else 'no memory plan for this architecture'}")
         if plan and cfg.anneal.memory_check:
             memory.check(plan)
-        pairs, dropped = preferences.load_preferences(cfg.data)
+        routed = choice == "parents" and cfg.anneal.reference_combine == "route"
+        pairs, dropped = preferences.load_preferences(cfg.data, keep=(cfg.anneal.reference_route,) if routed else ())
+        if routed:  # before any model is loaded
+            ref.route_of(pairs, cfg.anneal.reference_route, list(references))
         clock.lap("setup")
 
         # Score every pair with the reference, once (cached across runs; split across processes).
-        store_path, cache_state = reference_logps(reference.path, reference_fingerprint, tokenizer, pairs, args,
-                                                  precision, cfg, stage_dir, ranks)
+        if choice == "parents":
+            store_path, cache_state, by_parent = parents_reference_logps(
+                references, fingerprints, tokenizer, pairs, args, precision, cfg, stage_dir, ranks)
+        else:
+            store_path, cache_state = reference_logps(reference.path, reference_fingerprint, tokenizer, pairs, args,
+                                                      precision, cfg, stage_dir, ranks)
+            by_parent = None
         scored = preferences.read_store(store_path)
         for split in scored:  # TRL drops pairs whose prompt alone fills max_length: counted, never silent
             dropped[split]["prompt_too_long"] = len(pairs[split]) - len(scored[split])
@@ -83,7 +105,8 @@ def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
                         f"prompt of at least anneal.trainer.max_length={args.max_length} tokens and are left out")
         clock.lap("reference_logps")
         log.info(f"anneal: {len(scored['train'])} train / {len(scored['heldout'])} held-out pairs; dropped "
-                 f"{dropped}; reference {label} ({reference.public_name()}); reference log-probs: cache {cache_state}")
+                 f"{dropped}; reference {label} ({', '.join(s.public_name() for s in references.values())}); "
+                 f"reference log-probs: cache {cache_state}")
 
         # Train the merged model against the stored reference log-probs.
         checkpoint = last_checkpoint(args.output_dir) if cfg.pipeline.resume else None
@@ -92,7 +115,8 @@ def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
             (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
         ranks.wait_for_everyone()
         model = models.load_policy(merged_dir, cfg.anneal, precision.frozen_linear_weights, ranks.local_process_index)
-        trainer = make_trainer(model, tokenizer, args, scored["train"], cfg.anneal, stage_dir,
+        training_pairs = scored["train"].select_columns([*preferences.COLUMNS, *REF_COLUMNS])  # TRL's columns only
+        trainer = make_trainer(model, tokenizer, args, training_pairs, cfg.anneal, stage_dir,
                                perf.known_model_hash(reference_fingerprint, switches.skip_trl_model_hash))
         with perf.training(trainer, model, precision, switches) as applied:
             clock.lap("setup")
@@ -118,9 +142,10 @@ def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
         clock.lap("save")
 
     return records.AnnealRecord(
-        inputs={"model": str(merged_dir), "reference": choice if models.is_hub_id(choice) else reference.path,
-                "reference_path": reference.path, "reference_label": label, "reference_source": reference,
-                "data": preferences.sources(cfg.data)},
+        inputs={"model": str(merged_dir), "reference": choice if models.is_hub_id(choice) or by_parent
+                else reference.path, "reference_path": reference.path, "reference_label": label,
+                "reference_source": reference, "data": preferences.sources(cfg.data),
+                **({"references": by_parent} if by_parent else {})},
         outputs={"model": str(out_dir), "reference_logps": str(store_path), "metrics": str(stage_dir / "metrics.jsonl"),
                  **({"adapter": str(adapter_dir)} if cfg.anneal.peft is not None else {})},
         reference_fingerprint=reference_fingerprint,
@@ -135,12 +160,35 @@ def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
                                                                          ("frozen_base_in_bf16", "float32_attention")}},
         saved_for_backward=applied["saved_for_backward"],  # what LeanSavedTensors stored leaner, over training
         data={"train_pairs": len(scored["train"]), "heldout_pairs": len(scored["heldout"]), "dropped": dropped},
-        cache={"reference_logps": cache_state},
+        cache={"reference_logps": cache_state,
+               **({"reference_logps_by_parent": {n: p["cache"] for n, p in by_parent.items()}} if by_parent else {})},
         reference_batch_size=args.precompute_ref_batch_size,
         resumed_from=checkpoint,
         final_log=final,
         seconds_by_phase=clock.seconds,
     )
+
+
+def parents_reference_logps(references: dict, fingerprints: dict, tokenizer, pairs, args, precision, cfg,
+                             stage_dir: Path, ranks):
+    """`anneal.reference=parents`: each parent's pass (cached on its own) at `reference_logps_by_parent/<name>`,
+    combined into `reference_logps/data.parquet` by `anneal.reference_combine`. Returns (store, "hit" when every
+    parent's pass was, else "miss", per parent: path, fingerprint, cache)."""
+    by_parent = {}
+    for name, source in references.items():
+        path, state = reference_logps(source.path, fingerprints[name], tokenizer, pairs, args, precision, cfg,
+                                      stage_dir, ranks, local=stage_dir / "reference_logps_by_parent" / name)
+        by_parent[name] = {"path": source.path, "fingerprint": fingerprints[name], "store": str(path), "cache": state}
+    store = stage_dir / "reference_logps" / "data.parquet"
+    if ranks.is_main_process:
+        stores = {name: preferences.read_store(Path(p["store"])) for name, p in by_parent.items()}
+        routes = (ref.route_of(pairs, cfg.anneal.reference_route, list(references))
+                  if cfg.anneal.reference_combine == "route" else None)
+        combined = ref.combine(stores, cfg.anneal.reference_combine, routes)
+        publish(store.parent, lambda tmp: (tmp.mkdir(), preferences.write_store(combined, tmp / "data.parquet")))
+    ranks.wait_for_everyone()
+    state = "hit" if all(p["cache"] == "hit" for p in by_parent.values()) else "miss"
+    return store, state, by_parent
 
 
 def choose_reference(choice, parents: list[str], base: str | None, merged_dir: Path) -> tuple[str, str]:

@@ -94,6 +94,9 @@ def run(cfg: DictConfig, run_dir: Path) -> records.EvalRecord:
         "models": {name: r["summary"] for name, r in results.items()},
         "comparison": comparison,
         "heldout_pairs": len(heldout),
+        # the DPO reference (rewards use its stored log-probs) and the model KL is measured against
+        "reference": {"anneal": anneal.inputs.reference_label, "kl_to": reference_kl_name(anneal, reference_dir),
+                      **({"parents": list(anneal.inputs.references)} if anneal.inputs.references else {})},
         "perplexity_on": str(corpus_path) if corpus_path else "heldout chosen completions",
         "beta": trainer.beta,
         "bootstrap": {"resamples": cfg.eval.bootstrap_resamples, "seed": cfg.eval.seed, "confidence": 0.95},
@@ -120,6 +123,14 @@ def run(cfg: DictConfig, run_dir: Path) -> records.EvalRecord:
 
 
 # ------------------------------------------------------------------------------------------------ inputs
+
+def reference_kl_name(anneal: records.AnnealRecord, reference_dir: Path) -> str:
+    """The model KL to the reference is measured against: the reference, or with `anneal.reference=parents` (whose
+    combined log-probs are no single model's) the first parent."""
+    if anneal.inputs.references:
+        return f"parent:{reference_dir.name} (the first of the parents the reference combines)"
+    return anneal.inputs.reference_label if anneal.inputs.reference_label == "merged" else str(reference_dir.name)
+
 
 def _truncation_mode(mode: str | None) -> str:
     """The anneal's truncation mode: its own setting, else DPOConfig's default."""
@@ -422,7 +433,9 @@ def report_markdown(report: dict, shown: list[str], samples: dict) -> str:
     lines = ["# Evaluation", "",
              f"{report['heldout_pairs']} held-out preference pairs; perplexity on {report['perplexity_on']}; "
              f"DPO beta {report['beta']}; 95% percentile bootstrap intervals, {report['bootstrap']['resamples']} "
-             f"resamples, seed {report['bootstrap']['seed']}.", "",
+             f"resamples, seed {report['bootstrap']['seed']}. DPO reference: {report['reference']['anneal']}"
+             f"{' of ' + ', '.join(report['reference']['parents']) if 'parents' in report['reference'] else ''}; "
+             f"kl_to_reference is measured against {report['reference']['kl_to']}.", "",
              "## Metrics", "", "| model | " + " | ".join(SCALAR_METRICS) + " | skill accuracy |",
              "|---" * (len(SCALAR_METRICS) + 2) + "|"]
     for name, m in models.items():

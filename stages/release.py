@@ -247,6 +247,9 @@ def describe_lineage(merge: records.MergeRecord, anneal: records.AnnealRecord, n
         "revisions": {names.name(p): names.sources[p].revision for p in inputs
                       if p in names.sources and names.sources[p].revision},
         "reference": {"model": "the merged model itself" if anneal.inputs.reference_label == "merged"
+                      else " + ".join(names.name(p["path"]) for p in anneal.inputs.references.values())
+                      + f" (log-probs combined by {anneal.config.anneal.reference_combine})"
+                      if anneal.inputs.references
                       else names.name(reference.path) if reference.path in names.sources
                       else names.name(anneal.inputs.reference),
                       "chosen_as": anneal.inputs.reference_label,

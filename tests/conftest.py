@@ -192,6 +192,25 @@ def make_cfg(cache_dir):
     return _compose
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    """One result cache per test module (a module may bring its own): merges and reference log-probs computed once."""
+    return tmp_path_factory.mktemp("anneal-cache")
+
+
+@pytest.fixture
+def make_short_cfg(shared_cache, tiny):
+    """The tiny parents and (unless `data=custom` is among the overrides) their data, a 4-step anneal, merge and
+    anneal only."""
+    def _compose(*overrides):
+        own_data = "data=custom" in overrides
+        chosen = [o for o in tiny.overrides if not (own_data and o in tiny.data)]
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("config", overrides=[f"pipeline.cache_dir={shared_cache}", f"models.cache_dir={TEST_CACHE}",
+                                                "pipeline.stages=[merge,anneal]", *chosen, *overrides])
+    return _compose
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m pipeline ARGS` in a real subprocess."""
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,

@@ -39,32 +39,9 @@ def completion_logps(model, tokenizer, prompts, completions) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory) -> Path:
-    """One result cache for the module: merges and reference log-probs are computed once."""
-    return tmp_path_factory.mktemp("anneal-cache")
-
-
-@pytest.fixture(scope="module")
 def default_run(readme_run) -> Path:
     """The README's command, `python -m pipeline +merge=slerp`, with the default anneal budget."""
     return readme_run[0]
-
-
-@pytest.fixture
-def make_short_cfg(shared_cache, tiny):
-    """The tiny parents and (unless `data=custom` is among the overrides) their data, a 4-step anneal, merge and
-    anneal only."""
-    from hydra import compose, initialize_config_dir
-
-    from pipeline import CONF_DIR
-
-    def _compose(*overrides):
-        own_data = "data=custom" in overrides
-        chosen = [o for o in tiny.overrides if not (own_data and o in tiny.data)]
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose("config", overrides=[f"pipeline.cache_dir={shared_cache}", f"models.cache_dir={TEST_CACHE}",
-                                                "pipeline.stages=[merge,anneal]", *chosen, *overrides])
-    return _compose
 
 
 @pytest.mark.slow
