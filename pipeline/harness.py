@@ -32,7 +32,7 @@ def run_lm_eval(lm_cfg: dict, model_dirs: dict[str, pathlib.Path]) -> dict:
     tasks = lm_cfg["tasks"]
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     include_path = lm_cfg.get("include_path")
-    task_manager = TaskManager(include_path=str(include_path) if include_path else None)
+    task_manager = _task_manager(TaskManager, str(include_path) if include_path else None)
     # lm_eval finds an unknown name only after loading the model, as a bare KeyError("Spec '...' is not a
     # registered task/group/tag name or valid YAML path") from TaskManager.load: check the same index now.
     unknown = [t for t in tasks if t not in task_manager.all_tasks and not pathlib.Path(t).is_file()]
@@ -64,6 +64,22 @@ def run_lm_eval(lm_cfg: dict, model_dirs: dict[str, pathlib.Path]) -> dict:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return scores
+
+
+_TASK_MANAGERS = {}
+
+
+def _task_manager(task_manager_class, include_path: str | None):
+    """lm_eval's task index, built once per process for a folder of custom tasks as it stands (its YAML files'
+    names, sizes and times): indexing the ~15k built-in tasks takes 11-18 s, which every job of a sweep paid."""
+    stamp = None
+    if include_path:
+        stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                      for p in sorted(pathlib.Path(include_path).rglob("*")) if p.is_file())
+    key = (include_path, stamp)
+    if key not in _TASK_MANAGERS:
+        _TASK_MANAGERS[key] = task_manager_class(include_path=include_path)
+    return _TASK_MANAGERS[key]
 
 
 def _numbers(metrics: dict) -> dict:

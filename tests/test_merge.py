@@ -175,7 +175,7 @@ def test_same_config_is_byte_identical_across_hash_seeds(tmp_path, cache_dir, ti
     from conftest import ONE_THREAD, base_overrides, run_cli, run_in_process
 
     assert sys.flags.hash_randomization and os.environ.get("PYTHONHASHSEED") in (None, "", "random")
-    methods = "linear,karcher,multislerp,passthrough,dare_ties,della"
+    methods = "karcher,passthrough,dare_ties,della"  # two without a base model, two random
     outputs = {}
     for seed in ("1", "this process"):
         sweep_dir = tmp_path / f"seed{len(outputs)}"
