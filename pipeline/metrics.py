@@ -104,3 +104,33 @@ def paired_bootstrap_perplexity(nll_a, nll_b, tokens, resamples: int, seed: int,
     a, b = ppl(nll_a, idx), ppl(nll_b, idx)
     return {"delta": float(ppl(nll_a, whole) - ppl(nll_b, whole)), "ci95": _percentiles(a - b, confidence),
             "ratio": float(ppl(nll_a, whole) / ppl(nll_b, whole)), "ratio_ci95": _percentiles(a / b, confidence)}
+
+
+def retention(model: dict, parents: dict, own: dict, resamples: int, seed: int, confidence: float = 0.95):
+    """How much of each parent's own skill a model keeps: retention = model's accuracy / the parent's on that
+    skill's items (`model[skill]`, `parents[parent][skill]`: per-item 0/1 over the same items; `own`: parent ->
+    its skill), with a paired percentile interval (items resampled, the same draw for model and parent); and the
+    worst over the parents, its interval from the per-resample minimum. A parent at 0 on its own skill has no
+    retention (None). Returns ({parent: value, "worst": value}, {parent: [lo, hi], "worst": [lo, hi]})."""
+    values, intervals, draws = {}, {}, []
+    for k, (parent, skill) in enumerate(sorted(own.items())):
+        a, b = (np.asarray(x[skill], dtype=np.float64) for x in (model, parents[parent]))
+        if b.mean() == 0:
+            values[parent], intervals[parent] = None, None
+            continue
+        idx = _resample_indices(len(a), resamples, seed + k)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            stats = a[idx].mean(1) / b[idx].mean(1)
+        stats = np.where(np.isfinite(stats), stats, np.nan)  # a resample where the parent scored 0
+        values[parent], intervals[parent] = float(a.mean() / b.mean()), _nan_percentiles(stats, confidence)
+        draws.append(stats)
+    if draws:
+        values["worst"] = min(v for v in values.values() if v is not None)
+        intervals["worst"] = _nan_percentiles(np.min(np.stack(draws), axis=0), confidence)
+    return values, intervals
+
+
+def _nan_percentiles(stats: np.ndarray, confidence: float) -> list[float]:
+    tail = (1 - confidence) / 2 * 100
+    lo, hi = np.nanpercentile(stats, [tail, 100 - tail])
+    return [float(lo), float(hi)]

@@ -89,6 +89,13 @@ def run(cfg: DictConfig, run_dir: Path) -> records.EvalRecord:
     results = {name: summarize(items, name in ("merged", "annealed"), ref_chosen, ref_rejected, trainer.beta,
                                cfg.eval)
                for name, items in per_item.items()}
+    own = own_skills(cfg.eval.parent_skills, [Path(p).name for p in merge.inputs.parents], list(answers))
+    for name, result in results.items():  # each parent's own skill kept, where the data says which it is
+        if own and not name.startswith("parent:"):
+            value, ci = M.retention(per_item[name]["skill_correct"],
+                                    {p: per_item[f"parent:{p}"]["skill_correct"] for p in own}, own,
+                                    cfg.eval.bootstrap_resamples, cfg.eval.seed)
+            result["summary"]["retention"], result["summary"]["ci95"]["retention"] = value, ci
     comparison = {"annealed_vs_merged": compare(results["annealed"]["items"], results["merged"]["items"], cfg.eval)}
     report = {
         "models": {name: r["summary"] for name, r in results.items()},
@@ -123,6 +130,20 @@ def run(cfg: DictConfig, run_dir: Path) -> records.EvalRecord:
 
 
 # ------------------------------------------------------------------------------------------------ inputs
+
+def own_skills(setting, parents: list[str], skills: list[str]) -> dict:
+    """Which skill is each parent's own (parent name -> skill), for retention: `eval.parent_skills` as given, or
+    (`auto`) every parent whose folder name is a skill of the data's answer key (the demo's add and reverse)."""
+    if setting in (None, "auto"):
+        return {p: p for p in parents if p in skills}
+    own = dict(setting)
+    wrong = {p: s for p, s in own.items() if p not in parents or s not in skills}
+    if wrong:
+        raise UserError(f"eval.parent_skills names {wrong}, but the parents are {parents} and the data's skills "
+                        f"{skills}. Fix: map each parent's folder name to its skill, e.g. "
+                        f"eval.parent_skills='{{{parents[0]}: {skills[0] if skills else 'skill'}}}', or auto.")
+    return own
+
 
 def reference_kl_name(anneal: records.AnnealRecord, reference_dir: Path) -> str:
     """The model KL to the reference is measured against: the reference, or with `anneal.reference=parents` (whose
@@ -443,6 +464,16 @@ def report_markdown(report: dict, shown: list[str], samples: dict) -> str:
                  SCALAR_METRICS]
         skills = ", ".join(f"{s} {v:.3f}" for s, v in m["skill_accuracy"].items())
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {skills} |")
+    retained = {name: m for name, m in models.items() if m.get("retention")}
+    if retained:
+        parents = [p for p in next(iter(retained.values()))["retention"] if p != "worst"]
+        lines += ["", "## Retention of each parent's own skill (model / parent on that skill's items)", "",
+                  "| model | " + " | ".join(parents) + " | worst |", "|---" * (len(parents) + 2) + "|"]
+        cell = lambda m, p: ("n/a (the parent scores 0)" if m["retention"].get(p) is None else
+                             f"{m['retention'][p]:.3f} [{m['ci95']['retention'][p][0]:.3f}, "
+                             f"{m['ci95']['retention'][p][1]:.3f}]")
+        for name, m in retained.items():
+            lines.append(f"| {name} | " + " | ".join(cell(m, p) for p in [*parents, "worst"]) + " |")
     lines += ["", "## Annealed minus merged (paired bootstrap)", "", "| metric | delta | 95% interval |",
               "|---|---|---|"]
     for metric, value in report["comparison"]["annealed_vs_merged"].items():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import manifest
+from pipeline import UserError, manifest
 from pipeline import metrics as M
 
 LN3 = math.log(3)
@@ -77,6 +77,27 @@ def test_bootstrap_is_seeded_and_contains_the_estimate():
         M.paired_bootstrap([1, 2], [1, 2, 3], 10, seed=0)
 
 
+def test_retention_per_parent_and_the_worst_with_intervals():
+    from pipeline.sweep import objective_value
+    from stages.eval import own_skills
+
+    model = {"add": [1, 1, 0, 1], "reverse": [0, 0, 1, 1, 1, 1]}
+    parents = {"add": {"add": [1, 1, 1, 1]}, "reverse": {"reverse": [1, 0, 1, 1, 1, 1]}, "zero": {"add": [0, 0, 0, 0]}}
+    values, ci = M.retention(model, parents, {"add": "add", "reverse": "reverse"}, 1000, 0)
+    assert values["add"] == 0.75 and values["reverse"] == pytest.approx(0.8) and values["worst"] == 0.75
+    for key in ("add", "reverse", "worst"):
+        assert ci[key][0] <= values[key] <= ci[key][1]
+    assert ci["worst"][0] <= min(ci["add"][0], ci["reverse"][0]) + 1e-9  # the minimum's draws sit lower
+    values, ci = M.retention(model, parents, {"zero": "add"}, 100, 0)
+    assert values == {"zero": None} and ci == {"zero": None}  # a parent without the skill: no retention
+    report = {"models": {"annealed": {"retention": {"add": 0.75, "worst": 0.75}}}}
+    assert objective_value(report, "annealed.retention.worst") == 0.75  # what a sweep can rank by
+    assert own_skills("auto", ["add", "reverse", "base"], ["add", "reverse"]) == {"add": "add", "reverse": "reverse"}
+    assert own_skills({"base": "add"}, ["add", "base"], ["add"]) == {"base": "add"}
+    with pytest.raises(UserError, match="eval.parent_skills"):
+        own_skills({"nobody": "add"}, ["add"], ["add"])
+
+
 def test_paired_perplexity_bootstrap():
     # two texts of 2 and 1 tokens: model a has NLL ln 4 per token on both, b ln 2 per token
     nll_a, nll_b, tokens = [2 * math.log(4), math.log(4)], [2 * math.log(2), math.log(2)], [2, 1]
@@ -132,6 +153,15 @@ def test_metrics_schema_and_demo_claims(eval_run):
         assert ("reward_accuracy" in m) == (name in ("merged", "annealed"))
     assert models["parent:add"]["kl_to_reference"] == 0.0  # slerp's base, the anneal reference
     assert models["parent:add"]["skill_accuracy"]["add"] > 0.95  # the demo's own accuracy.json says 1.0
+    for name in ("merged", "annealed"):  # each demo parent's own skill: retention = model / parent, with intervals
+        retention = models[name]["retention"]
+        assert set(retention) == {"add", "reverse", "worst"} and retention["worst"] == min(retention["add"],
+                                                                                          retention["reverse"])
+        for parent in ("add", "reverse"):
+            own = models[name]["skill_accuracy"][parent] / models[f"parent:{parent}"]["skill_accuracy"][parent]
+            assert retention[parent] == pytest.approx(own)
+            lo, hi = models[name]["ci95"]["retention"][parent]
+            assert lo - 1e-9 <= retention[parent] <= hi + 1e-9
     assert report["heldout_pairs"] == 300
     comparison = report["comparison"]["annealed_vs_merged"]
     for key in ("preference_accuracy", "preference_accuracy_normalized", "reward_accuracy", "reward_margin",

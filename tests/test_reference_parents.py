@@ -54,6 +54,9 @@ def test_each_combination_row_by_row_and_each_parent_cached_once(make_short_cfg,
             report = json.loads((run_dir / "eval" / "metrics.json").read_text())["reference"]
             assert report["anneal"] == "parents:mean" and report["parents"] == ["add", "reverse"]
             assert report["kl_to"].startswith("parent:add")
+            retention = json.loads((run_dir / "eval" / "metrics.json").read_text())["models"]["annealed"]["retention"]
+            # the tiny parents' names are the data's skills; random parents score 0 on them: no retention to report
+            assert retention == {"add": None, "reverse": None}
             card = next((run_dir / "release").glob("*/README.md")).read_text()
             assert "`add + reverse (log-probs combined by mean)`" in card
         assert entry["inputs"]["reference_label"] == f"parents:{how}"
