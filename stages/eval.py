@@ -38,6 +38,7 @@ def run(cfg: DictConfig, run_dir: Path) -> records.EvalRecord:
 
     import torch
 
+    from pipeline import generation
     from pipeline.generation import greedy_answers
 
     run_dir = Path(run_dir)
@@ -61,6 +62,8 @@ def run(cfg: DictConfig, run_dir: Path) -> records.EvalRecord:
     prompts = list(dict.fromkeys(_prompt_text(tokenizer, r["prompt"]) for r in heldout))
     answers = exact_answers(prompts, anneal.config.data.answer_key)
     shown = prompts[:: max(1, len(prompts) // cfg.eval.samples)][: cfg.eval.samples]  # spread over the data
+    wanted = cfg.eval.generation.prompts or len(prompts)
+    probed = prompts[:: max(1, len(prompts) // wanted)][:wanted]  # generation health, spread over the data
 
     started = time.perf_counter()
     with torch.no_grad():
@@ -77,6 +80,8 @@ def run(cfg: DictConfig, run_dir: Path) -> records.EvalRecord:
             per_item[name]["skill_correct"] = {skill: [float(generated[p] == answer) for p, answer in by_prompt.items()]
                                                for skill, by_prompt in answers.items()}
             samples[name] = [generated[p] for p in shown]
+            per_item[name]["generation"] = generation.health(generation.generate(
+                model, tokenizer, probed, cfg.eval.max_new_tokens, sample=cfg.eval.generation))
             if model is not reference:
                 del model
             models.release_memory()
@@ -97,6 +102,8 @@ def run(cfg: DictConfig, run_dir: Path) -> records.EvalRecord:
                                     cfg.eval.bootstrap_resamples, cfg.eval.seed)
             result["summary"]["retention"], result["summary"]["ci95"]["retention"] = value, ci
     comparison = {"annealed_vs_merged": compare(results["annealed"]["items"], results["merged"]["items"], cfg.eval)}
+    health = generation_report({name: items["generation"] for name, items in per_item.items()}, cfg.eval,
+                               len(probed))
     report = {
         "models": {name: r["summary"] for name, r in results.items()},
         "comparison": comparison,
@@ -107,6 +114,7 @@ def run(cfg: DictConfig, run_dir: Path) -> records.EvalRecord:
         "perplexity_on": str(corpus_path) if corpus_path else "heldout chosen completions",
         "beta": trainer.beta,
         "bootstrap": {"resamples": cfg.eval.bootstrap_resamples, "seed": cfg.eval.seed, "confidence": 0.95},
+        "generation": health,
         "scoring_seconds": round(scoring_seconds, 3),
     }
     if cfg.eval.lm_eval:
@@ -344,6 +352,23 @@ def summarize(items: dict, with_rewards: bool, ref_chosen, ref_rejected, beta: f
                                           "nll_tokens": items["nll_tokens"]}}
 
 
+def generation_report(items: dict, eval_cfg: DictConfig, n_prompts: int) -> dict:
+    """Generation health per model (each measure's mean over the probed prompts with a bootstrap interval) and
+    annealed minus merged (paired); fewer generations ending with EOS, or more repetition (lower distinct-2), with
+    the interval below 0 is flagged a regression."""
+    boot = lambda v: M.bootstrap_ci(v, eval_cfg.bootstrap_resamples, eval_cfg.seed)
+    models = {name: {**{k: float(sum(v) / len(v)) for k, v in h.items()}, "ci95": {k: boot(v) for k, v in h.items()}}
+              for name, h in items.items()}
+    versus = {}
+    for key in items["annealed"]:
+        delta = M.paired_bootstrap(items["annealed"][key], items["merged"][key], eval_cfg.bootstrap_resamples,
+                                   eval_cfg.seed)
+        versus[key] = {**delta, "regression": key != "length" and delta["ci95"][1] < 0}
+    return {"prompts": n_prompts, "max_new_tokens": eval_cfg.max_new_tokens,
+            "sampling": OmegaConf.to_container(eval_cfg.generation, resolve=True), "models": models,
+            "annealed_vs_merged": versus}
+
+
 def compare(a: dict, b: dict, eval_cfg: DictConfig) -> dict:
     """a minus b over the same held-out items: paired bootstrap per per-item metric (skills per skill)."""
     boot = lambda x, y: M.paired_bootstrap(x, y, eval_cfg.bootstrap_resamples, eval_cfg.seed)
@@ -474,6 +499,19 @@ def report_markdown(report: dict, shown: list[str], samples: dict) -> str:
                              f"{m['ci95']['retention'][p][1]:.3f}]")
         for name, m in retained.items():
             lines.append(f"| {name} | " + " | ".join(cell(m, p) for p in [*parents, "worst"]) + " |")
+    health = report["generation"]
+    measures = [k for k in health["annealed_vs_merged"]]
+    lines += ["", f"## Generation health ({health['prompts']} held-out prompts, sampled with seed "
+              f"{health['sampling']['seed']}, temperature {health['sampling']['temperature']}, up to "
+              f"{health['max_new_tokens']} new tokens)", "", "| model | " + " | ".join(measures) + " |",
+              "|---" * (len(measures) + 1) + "|"]
+    for name, m in health["models"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{m[k]:.3f} [{m['ci95'][k][0]:.3f}, {m['ci95'][k][1]:.3f}]"
+                                                   for k in measures) + " |")
+    for key, v in health["annealed_vs_merged"].items():
+        flag = " **regression**" if v["regression"] else ""
+        lines.append(f"| annealed - merged: {key} | {v['delta']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]"
+                     f"{flag} |" + " |" * (len(measures) - 1))
     lines += ["", "## Annealed minus merged (paired bootstrap)", "", "| metric | delta | 95% interval |",
               "|---|---|---|"]
     for metric, value in report["comparison"]["annealed_vs_merged"].items():

@@ -98,6 +98,25 @@ def test_retention_per_parent_and_the_worst_with_intervals():
         own_skills({"nobody": "add"}, ["add"], ["add"])
 
 
+def test_generation_health_measures_and_seeded_sampling(tiny):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.generation import generate, health
+
+    h = health([([5, 6, 5, 6, 5], True), ([7], False), ([], True)])
+    assert h == {"ends_with_eos": [1.0, 0.0, 1.0], "length": [5.0, 1.0, 0.0], "distinct_2": [0.5, 1.0, 1.0]}
+    model = AutoModelForCausalLM.from_pretrained(tiny["add"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny["add"])
+    prompts = ["12+34=", "rev abc=", "56+78="]
+    sample = {"temperature": 1.0, "top_p": 1.0, "seed": 3}
+    first, again = (generate(model, tokenizer, prompts, 12, sample=sample) for _ in range(2))
+    other = generate(model, tokenizer, prompts, 12, sample={**sample, "seed": 4})
+    greedy = generate(model, tokenizer, prompts, 12)
+    assert first == again and first != other  # seeded: the same seed, the same generations
+    for ids, ended in first + greedy:
+        assert len(ids) <= 12 and (ended or len(ids) == 12) and tokenizer.eos_token_id not in ids
+
+
 def test_paired_perplexity_bootstrap():
     # two texts of 2 and 1 tokens: model a has NLL ln 4 per token on both, b ln 2 per token
     nll_a, nll_b, tokens = [2 * math.log(4), math.log(4)], [2 * math.log(2), math.log(2)], [2, 1]
@@ -153,6 +172,13 @@ def test_metrics_schema_and_demo_claims(eval_run):
         assert ("reward_accuracy" in m) == (name in ("merged", "annealed"))
     assert models["parent:add"]["kl_to_reference"] == 0.0  # slerp's base, the anneal reference
     assert models["parent:add"]["skill_accuracy"]["add"] > 0.95  # the demo's own accuracy.json says 1.0
+    health = report["generation"]  # sampled generations for 64 held-out prompts, per model, and annealed - merged
+    assert health["prompts"] == 64 and set(health["models"]) == set(models)
+    for m in health["models"].values():
+        assert 0 <= m["ends_with_eos"] <= 1 and 0 <= m["length"] <= health["max_new_tokens"]
+        assert 0 < m["distinct_2"] <= 1
+    for key, v in health["annealed_vs_merged"].items():
+        assert v["regression"] == (key != "length" and v["ci95"][1] < 0)
     for name in ("merged", "annealed"):  # each demo parent's own skill: retention = model / parent, with intervals
         retention = models[name]["retention"]
         assert set(retention) == {"add", "reverse", "worst"} and retention["worst"] == min(retention["add"],
