@@ -11,6 +11,7 @@ one, and once more when the sweep ends (`complete: true`). `SweepSummary` is the
 import itertools
 import json
 import logging
+import math
 import os
 import socket
 from pathlib import Path
@@ -90,7 +91,7 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
                    if ".submitit" not in p.parts})
 
 
-def read_job(job_dir: Path, metric: str) -> dict:
+def read_job(job_dir: Path, metric: str, tie_break: str | None = None) -> dict:
     """One job as the summary shows it: number, overrides, status, metrics, cache use, timings."""
     hydra_cfg = yaml.safe_load((job_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
     record = manifest.load(job_dir)
@@ -127,15 +128,20 @@ def read_job(job_dir: Path, metric: str) -> dict:
             run["objective"] = objective_value(report, metric)
         except UserError as err:
             run["objective_error"] = str(err)
+        if tie_break:
+            value = _lookup(report, tie_break)
+            run["tie_break"] = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
     return run
 
 
 # -------------------------------------------------------------------------------------------------- summary
 
 def rank(runs: list[dict], direction: str) -> list[dict]:
-    """Runs with an objective first, best first (ties: lower job number), `rank` 1..n; then the others."""
+    """Runs with an objective first, best first (ties: the higher `tie_break` where the objective has one, then
+    the lower job number), `rank` 1..n; then the others."""
     ranked = sorted((r for r in runs if r["objective"] is not None),
-                    key=lambda r: (-r["objective"] if direction == "maximize" else r["objective"], r["job"]))
+                    key=lambda r: (-r["objective"] if direction == "maximize" else r["objective"],
+                                   -r["tie_break"] if r.get("tie_break") is not None else math.inf, r["job"]))
     for position, run in enumerate(ranked, 1):
         run["rank"] = position
     return ranked + sorted((r for r in runs if r["objective"] is None), key=lambda r: r["job"])
@@ -225,7 +231,24 @@ def summarize(sweep_dir: Path, runs: list[dict], objective: dict, compare: str, 
         "comparisons": {"mode": compare, "model": "annealed", "bootstrap": bootstrap, "pairs": pairs,
                         "differ": differing(pairs)},
         "runs": runs,
+        "conclusion": conclusion(runs, objective),
     }
+
+
+def conclusion(runs: list[dict], objective: dict) -> str | None:
+    """One sentence: the job that came first, its objective and held-out preference accuracy with intervals."""
+    best = next((r for r in runs if r["rank"] == 1), None)
+    if best is None:
+        return None
+    interval = lambda value, ci: f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    model, _, metric = objective["metric"].partition(".")
+    value, ci = _value(best, model, metric) if model in ("merged", "annealed") else (best["objective"], None)
+    accuracy = _value(best, "annealed", "preference_accuracy")
+    others = sum(r["rank"] is not None for r in runs) - 1
+    return (f"`{best.get('label', best['job'])}` came first of {others + 1} ranked jobs by {objective['metric']} "
+            f"({objective['direction']}): {interval(best['objective'] if value is None else value, ci)}"
+            + (f", with held-out preference accuracy {interval(*accuracy)} (95% intervals)"
+               if accuracy[0] is not None else "") + ".")
 
 
 # ------------------------------------------------------------------------------------------------- markdown
@@ -294,6 +317,8 @@ def summary_markdown(summary: dict) -> str:
         lines += ["", "## Jobs without a result", ""]
         lines += [f"- job {r['job']} ({_code(r['label'])}, {r['run_dir']}): {r['status']}; "
                   f"{r.get('error') or r.get('objective_error') or 'see its log'}" for r in failed]
+    if summary.get("conclusion"):
+        lines += ["", f"**Conclusion.** {summary['conclusion']}"]
     lines += ["", f"![ranking]({SUMMARY_PNG})", ""]
     return "\n".join(lines)
 
@@ -382,11 +407,12 @@ def write_summary(sweep_dir: Path, config: DictConfig, complete: bool) -> dict:
     sweep_dir = Path(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     objective = {"metric": str(config.pipeline.objective.metric),
-                 "direction": str(config.pipeline.objective.direction)}
+                 "direction": str(config.pipeline.objective.direction),
+                 "tie_break": config.pipeline.objective.get("tie_break")}
     bootstrap = {"resamples": int(config.eval.bootstrap_resamples), "seed": int(config.eval.seed),
                  "confidence": 0.95}
     with FileLock(str(sweep_dir / ".summary.lock")):
-        runs = [read_job(d, objective["metric"]) for d in job_dirs(sweep_dir)]
+        runs = [read_job(d, objective["metric"], objective["tie_break"]) for d in job_dirs(sweep_dir)]
         summary = summarize(sweep_dir, runs, objective, str(config.pipeline.compare_jobs), bootstrap, complete)
         write_text(sweep_dir / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
         write_text(sweep_dir / SUMMARY_MD, summary_markdown(summary))
