@@ -33,6 +33,11 @@ def load_preferences(data: DictConfig, keep: tuple[str, ...] = ()):
     else:
         raise UserError("No held-out preference pairs configured. Fix: set data.heldout.path, data.heldout.split "
                         "or data.heldout.fraction (e.g. data.heldout.fraction=0.1).")
+    if data.get("train_pairs"):
+        if int(data.train_pairs) > len(train):
+            raise UserError(f"data.train_pairs={data.train_pairs}, but the training data has {len(train)} pairs. Fix: "
+                            f"ask for at most {len(train)}, or data.train_pairs=null for all.")
+        train = train.shuffle(seed=data.seed).select(range(int(data.train_pairs)))
     dropped = {}
     splits = {}
     for name, ds in (("train", train), ("heldout", heldout)):

@@ -26,6 +26,7 @@ from pipeline.artifacts import publish, write_text
 log = logging.getLogger(__name__)
 
 SUMMARY_JSON, SUMMARY_MD, SUMMARY_PNG = "summary.json", "summary.md", "summary.png"
+CURVES_PNG = "curves.png"  # with pipeline.curve (e.g. +sweep=data_size)
 DIRECTIONS = ("maximize", "minimize")
 COMPARE_MODES = ("best", "all", "none")
 # Per-item metrics compared between jobs' annealed models, besides perplexity and each skill's exact match.
@@ -397,6 +398,48 @@ def plot_summary(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def curves(runs: list[dict], x: str, metrics: list[str]) -> dict:
+    """Per metric, per series (a job's overrides other than `x`), the points (x, value, [lo, hi]) of the finished
+    jobs that set `x` (a numeric override such as data.train_pairs), in order of x."""
+    out = {metric: {} for metric in metrics}
+    for run in runs:
+        setting = next((o.split("=", 1)[1] for o in run.get("overrides", []) if o.startswith(f"{x}=")), None)
+        if setting is None or run["status"] != "done":
+            continue
+        series = " ".join(o for o in run["overrides"] if not o.startswith(f"{x}=")) or "all"
+        for metric in metrics:
+            model, _, name = metric.partition(".")
+            value, ci = _value(run, model, name)
+            out[metric].setdefault(series, []).append([float(setting), value, ci])
+    for by_series in out.values():
+        for points in by_series.values():
+            points.sort(key=lambda p: p[0])
+    return out
+
+
+def plot_curves(table: dict, x: str, path: Path) -> None:
+    """One panel per metric: each series against `x` (log scale), with 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(len(table), 1), figsize=(6 * max(len(table), 1), 4.5), squeeze=False)
+    for ax, (metric, by_series) in zip(axes[0], table.items()):
+        for series, points in by_series.items():
+            xs = [p[0] for p in points]
+            ys = [p[1] if p[1] is not None else float("nan") for p in points]
+            errors = [[p[1] - p[2][0] if p[2] else 0 for p in points], [p[2][1] - p[1] if p[2] else 0 for p in points]]
+            ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=series[:50])
+        ax.set_xscale("log")
+        ax.set_xlabel(x)
+        ax.set_title(metric, fontsize=10)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------------------------- writing
 
 def write_summary(sweep_dir: Path, config: DictConfig, complete: bool) -> dict:
@@ -414,6 +457,11 @@ def write_summary(sweep_dir: Path, config: DictConfig, complete: bool) -> dict:
     with FileLock(str(sweep_dir / ".summary.lock")):
         runs = [read_job(d, objective["metric"], objective["tie_break"]) for d in job_dirs(sweep_dir)]
         summary = summarize(sweep_dir, runs, objective, str(config.pipeline.compare_jobs), bootstrap, complete)
+        curve = config.pipeline.get("curve")
+        if curve:  # metrics against a numeric setting (e.g. +sweep=data_size): curves.png, summary.json `curves`
+            table = curves(summary["runs"], str(curve.x), list(curve.metrics))
+            summary["curves"] = {"x": str(curve.x), "metrics": table}
+            publish(sweep_dir / CURVES_PNG, lambda p: plot_curves(summary["curves"]["metrics"], str(curve.x), p))
         write_text(sweep_dir / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
         write_text(sweep_dir / SUMMARY_MD, summary_markdown(summary))
         publish(sweep_dir / SUMMARY_PNG, lambda p: plot_summary(summary, p))

@@ -112,6 +112,29 @@ def test_ties_are_broken_and_the_summary_names_the_first_recipe():
     assert "0.950 [0.850, 0.950]" in sentence and "preference accuracy 0.980 [0.930, 0.990]" in sentence
 
 
+def test_curves_against_the_number_of_pairs(tmp_path, make_cfg, tiny):
+    from pipeline import preferences
+
+    cfg = make_cfg("+merge=slerp", *tiny.data, "data.train_pairs=10")
+    first, again = (preferences.load_preferences(cfg.data)[0]["train"] for _ in range(2))
+    assert len(first) == 10 and first["prompt"] == again["prompt"]  # a seeded sample
+    with pytest.raises(UserError, match="data.train_pairs=1000, but the training data has 48 pairs"):
+        preferences.load_preferences(make_cfg("+merge=slerp", *tiny.data, "data.train_pairs=1000").data)
+
+    run = lambda job, n, variant, worst: {
+        "job": job, "status": "done", "overrides": [f"data.train_pairs={n}", f"+anneal_variant={variant}"],
+        "metrics": {"annealed": {"retention": {"worst": worst},
+                                 "ci95": {"retention": {"worst": [worst - 0.1, worst]}}}}}
+    runs = [run(0, 500, "dpo_sft", 0.8), run(1, 250, "dpo_sft", 0.5), run(2, 250, "parents_mean", 0.7),
+            {"job": 3, "status": "failed", "overrides": ["data.train_pairs=1000", "+anneal_variant=dpo_sft"]}]
+    table = sweep.curves(runs, "data.train_pairs", ["annealed.retention.worst"])
+    assert table == {"annealed.retention.worst": {
+        "+anneal_variant=dpo_sft": [[250.0, 0.5, [0.5 - 0.1, 0.5]], [500.0, 0.8, [0.8 - 0.1, 0.8]]],
+        "+anneal_variant=parents_mean": [[250.0, 0.7, [0.7 - 0.1, 0.7]]]}}
+    sweep.plot_curves(table, "data.train_pairs", tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_objective_paths():
     report = {"models": {"annealed": {"preference_accuracy": 0.9, "skill_accuracy": {"add": 0.5}},
                          "parent:my.model": {"perplexity": 3.0}},
@@ -133,7 +156,8 @@ def test_presets_compose(make_cfg):
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for preset, key in (("slerp_t", "merge.parameters.t"), ("merge_methods", "+merge"),
-                            ("anneal_ablation", "+anneal_variant"), ("search", "merge.parameters.t")):
+                            ("anneal_ablation", "+anneal_variant"), ("search", "merge.parameters.t"),
+                            ("data_size", "data.train_pairs")):
             cfg = compose("config", overrides=[f"+sweep={preset}"], return_hydra_config=True)
             assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and key in cfg.hydra.sweeper.params, preset
         cfg = compose("config", overrides=["+sweep=search"], return_hydra_config=True)
