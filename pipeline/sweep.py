@@ -399,14 +399,16 @@ def plot_summary(summary: dict, path: Path) -> None:
 
 
 def curves(runs: list[dict], x: str, metrics: list[str]) -> dict:
-    """Per metric, per series (a job's overrides other than `x`), the points (x, value, [lo, hi]) of the finished
-    jobs that set `x` (a numeric override such as data.train_pairs), in order of x."""
+    """Per metric, per series (a job's overrides other than `x` and those every job shares), the points
+    (x, value, [lo, hi]) of the finished jobs that set `x` (a numeric override such as data.train_pairs), in
+    order of x."""
     out = {metric: {} for metric in metrics}
+    shared = set.intersection(*(set(r.get("overrides", [])) for r in runs)) if runs else set()
     for run in runs:
         setting = next((o.split("=", 1)[1] for o in run.get("overrides", []) if o.startswith(f"{x}=")), None)
         if setting is None or run["status"] != "done":
             continue
-        series = " ".join(o for o in run["overrides"] if not o.startswith(f"{x}=")) or "all"
+        series = " ".join(o for o in run["overrides"] if not o.startswith(f"{x}=") and o not in shared) or "all"
         for metric in metrics:
             model, _, name = metric.partition(".")
             value, ci = _value(run, model, name)
@@ -432,6 +434,9 @@ def plot_curves(table: dict, x: str, path: Path) -> None:
             errors = [[p[1] - p[2][0] if p[2] else 0 for p in points], [p[2][1] - p[1] if p[2] else 0 for p in points]]
             ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=series[:50])
         ax.set_xscale("log")
+        ticks = sorted({p[0] for points in by_series.values() for p in points})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel(x)
         ax.set_title(metric, fontsize=10)
         ax.legend(fontsize=7)
