@@ -130,8 +130,10 @@ def read_job(job_dir: Path, metric: str, tie_break: str | None = None) -> dict:
         except UserError as err:
             run["objective_error"] = str(err)
         if tie_break:
-            value = _lookup(report, tie_break)
-            run["tie_break"] = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+            try:
+                run["tie_break"] = objective_value(report, tie_break)
+            except UserError:
+                run["tie_break"] = None
     return run
 
 

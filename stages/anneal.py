@@ -85,14 +85,14 @@ def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
             memory.check(plan)
         routed = choice == "parents" and cfg.anneal.reference_combine == "route"
         pairs, dropped = preferences.load_preferences(cfg.data, keep=(cfg.anneal.reference_route,) if routed else ())
-        if routed:  # before any model is loaded
-            ref.route_of(pairs, cfg.anneal.reference_route, list(references))
+        # each pair's parent under `route`, checked before any model is loaded
+        routes = ref.route_of(pairs, cfg.anneal.reference_route, list(references)) if routed else None
         clock.lap("setup")
 
         # Score every pair with the reference, once (cached across runs; split across processes).
         if choice == "parents":
             store_path, cache_state, by_parent = parents_reference_logps(
-                references, fingerprints, tokenizer, pairs, args, precision, cfg, stage_dir, ranks)
+                references, fingerprints, tokenizer, pairs, routes, args, precision, cfg, stage_dir, ranks)
         else:
             store_path, cache_state = reference_logps(reference.path, reference_fingerprint, tokenizer, pairs, args,
                                                       precision, cfg, stage_dir, ranks)
@@ -169,10 +169,11 @@ def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
     )
 
 
-def parents_reference_logps(references: dict, fingerprints: dict, tokenizer, pairs, args, precision, cfg,
+def parents_reference_logps(references: dict, fingerprints: dict, tokenizer, pairs, routes, args, precision, cfg,
                              stage_dir: Path, ranks):
     """`anneal.reference=parents`: each parent's pass (cached on its own) at `reference_logps_by_parent/<name>`,
-    combined into `reference_logps/data.parquet` by `anneal.reference_combine`. Returns (store, "hit" when every
+    combined into `reference_logps/data.parquet` by `anneal.reference_combine` (`routes`: `route_of`'s, under
+    route). Returns (store, "hit" when every
     parent's pass was, else "miss", per parent: path, fingerprint, cache)."""
     by_parent = {}
     for name, source in references.items():
@@ -182,8 +183,6 @@ def parents_reference_logps(references: dict, fingerprints: dict, tokenizer, pai
     store = stage_dir / "reference_logps" / "data.parquet"
     if ranks.is_main_process:
         stores = {name: preferences.read_store(Path(p["store"])) for name, p in by_parent.items()}
-        routes = (ref.route_of(pairs, cfg.anneal.reference_route, list(references))
-                  if cfg.anneal.reference_combine == "route" else None)
         combined = ref.combine(stores, cfg.anneal.reference_combine, routes)
         publish(store.parent, lambda tmp: (tmp.mkdir(), preferences.write_store(combined, tmp / "data.parquet")))
     ranks.wait_for_everyone()

@@ -61,9 +61,8 @@ def run(cfg: DictConfig, run_dir: Path) -> records.EvalRecord:
     texts = ([tokenize_text(tokenizer, t, max_length) for t in read_texts(corpus_path)] if corpus_path else None)
     prompts = list(dict.fromkeys(_prompt_text(tokenizer, r["prompt"]) for r in heldout))
     answers = exact_answers(prompts, anneal.config.data.answer_key)
-    shown = prompts[:: max(1, len(prompts) // cfg.eval.samples)][: cfg.eval.samples]  # spread over the data
-    wanted = cfg.eval.generation.prompts or len(prompts)
-    probed = prompts[:: max(1, len(prompts) // wanted)][:wanted]  # generation health, spread over the data
+    shown = spread(prompts, cfg.eval.samples)
+    probed = spread(prompts, cfg.eval.generation.prompts or len(prompts))  # for generation health
 
     started = time.perf_counter()
     with torch.no_grad():
@@ -138,6 +137,11 @@ def run(cfg: DictConfig, run_dir: Path) -> records.EvalRecord:
 
 
 # ------------------------------------------------------------------------------------------------ inputs
+
+def spread(items: list, n: int) -> list:
+    """At most `n` of `items`, evenly spread over them."""
+    return items[:: max(1, len(items) // n)][:n]
+
 
 def own_skills(setting, parents: list[str], skills: list[str]) -> dict:
     """Which skill is each parent's own (parent name -> skill), for retention: `eval.parent_skills` as given, or
