@@ -8,12 +8,22 @@ merged into the weights). Each measurement is its own process; variants alternat
 
     python bench/anneal_vs_trl.py --quick              # < 10 minutes on 2 CPU cores
     python bench/anneal_vs_trl.py --json bench.json    # writes rss_ratio / time_ratio for the ~100M case
+    python bench/anneal_vs_trl.py --sizes real         # real-length pairs: padding share and real tokens/s
 
 Variants: `anneal` (one run of the stage, reference log-probs computed: what an independent run spends),
 `trl` (plain TRL), the two with LoRA, and `sweep4`: a 4-point merge sweep as Hydra's basic launcher runs it,
 the anneal stage on four merged models (linear, four weights) one after another in one process, sharing the
 reference log-prob cache (the first job computes it). Ratios are medians over repetitions of each
 repetition's own ratio; the sweep ratio is the sweep's anneal time over four times an independent run's.
+
+Case `real`: the ~100M model on pairs whose prompt, chosen and rejected lengths are those of a real preference
+data set (REAL_PAIR_TOKENS: the source is named there), one character per token. TRL pads every batch to its
+longest row, so the case reports, for every variant, the share of computed token positions that were padding
+(training forwards; reference forwards) and real tokens per second: the non-padding tokens trained on over the
+whole anneal's wall time (reference pass included); and, from the first repetition, held-out preference accuracy
+on 24 more pairs of the same lengths, paired against `anneal-padded`: the stage with packing off
+(anneal.perf.pack_rows=false). (Length-grouped batches, `anneal-grouped`, are left out: transformers'
+LengthGroupedSampler sorts within groups of min(pairs / (4 x batch), 50) batches, none at this case's size.)
 """
 
 import argparse
@@ -33,9 +43,27 @@ SWEEP_WEIGHTS = (0.2, 0.4, 0.6, 0.8)  # the merge sweep: parent a's linear weigh
 SIZES = {
     # name: Llama dimensions (vocab: the demo's 99-character tokenizer), prompt / completion characters
     "demo": None,  # the embedded demo parents and data
+    # the smaller sizes of bench/scaling.py
+    "1m": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+               intermediate_size=512, prompt_chars=100, completion_chars=30),
+    "10m": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,
+                intermediate_size=1536, prompt_chars=100, completion_chars=30),
     "100m": dict(hidden_size=768, num_hidden_layers=10, num_attention_heads=12, num_key_value_heads=12,
                  intermediate_size=3072, prompt_chars=100, completion_chars=30),
+    "real": dict(hidden_size=768, num_hidden_layers=10, num_attention_heads=12, num_key_value_heads=12,
+                 intermediate_size=3072, max_length=1024),  # TRL's default max_length
 }
+# Real preference pairs' lengths, (prompt, chosen, rejected) in tokens (approximately: characters / 4, prompt =
+# every turn of the conversation), measured on the 19 complete records of 8 evenly spaced 16 kB chunks of
+# LLaMA-Factory's English DPO demo set (github.com/hiyouga/LLaMA-Factory, data/dpo_en_demo.json at commit
+# 3075df156a6520392aecf5e30bf888b621c0959c; a sample of real UltraFeedback- and Capybara-style DPO pairs). Quantiles
+# p10 / p50 / p90 / max: prompt 14 / 145 / 576 / 768, chosen 5 / 232 / 676 / 884, rejected 57 / 240 / 645 / 818.
+# Records longer than a chunk could not be measured, so the real tail is heavier than this: padding is understated.
+REAL_CHECK_PAIRS = 24  # held out for the check of the trained models (case `real`)
+REAL_PAIR_TOKENS = ((28, 422, 137), (572, 232, 231), (13, 651, 276), (11, 530, 183), (187, 366, 421), (24, 6, 50),
+                    (768, 452, 743), (185, 116, 212), (222, 156, 240), (20, 775, 136), (594, 325, 621),
+                    (544, 603, 508), (79, 96, 59), (145, 3, 502), (436, 2, 162), (32, 884, 818), (27, 222, 284),
+                    (538, 31, 310), (14, 20, 51))
 
 
 def main() -> None:
@@ -46,9 +74,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="demo,100m")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--case", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--heldout", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.case)))
+        print("RESULT " + json.dumps(worker(args.worker, args.case, args.heldout)))
         return
 
     repeats = args.repeats or (3 if args.quick else 5)
@@ -58,16 +87,18 @@ def main() -> None:
     report = {}
     try:
         for size in args.sizes.split(","):
-            steps, batch = (8, 4) if size == "100m" else (60 if args.quick else 250, 16)
-            case = prepare(size, work / size, steps, batch)
-            variants = (["anneal", "trl", "sweep4", "anneal-lora", "trl-lora"] if size == "100m"
-                        else ["anneal", "trl"] + ([] if args.quick else ["sweep4"]))
+            steps, batch = {"100m": (8, 4), "real": (4 if args.quick else 8, 4)}.get(
+                size, (60 if args.quick else 250, 16))
+            variants = {"100m": ["anneal", "trl", "sweep4", "anneal-lora", "trl-lora"],
+                        "real": ["anneal", "anneal-padded", "trl"]}.get(
+                size, ["anneal", "trl"] + ([] if args.quick else ["sweep4"]))
+            case = prepare(size, work / size, steps, batch, sweep="sweep4" in variants)
             runs = {v: [] for v in variants}
             for r in range(repeats):
                 for v in variants[r % len(variants):] + variants[:r % len(variants)]:  # alternate the order
                     if v == "sweep4" and args.quick and r > 0:
                         continue  # --quick times the sweep (four anneals) once
-                    runs[v].append(run_worker(v, case))
+                    runs[v].append(run_worker(v, case, heldout=size == "real" and r == 0))
                     last = runs[v][-1]
                     phases = " ".join(f"{k} {t:.1f}" for k, t in last.get("phases", {}).items())
                     print(f"  {size} {v:12s} rep {r}: {last['wall_s']:.1f} s, {last['peak_rss_mb']:.0f} MB"
@@ -80,7 +111,7 @@ def main() -> None:
         print(f"wrote {args.json}")
 
 
-def prepare(size: str, case_dir: Path, steps: int, batch: int) -> Path:
+def prepare(size: str, case_dir: Path, steps: int, batch: int, sweep: bool = True) -> Path:
     """Parents, a merged model (merge stage) and one epoch of preference data for the case."""
     sys.path.insert(0, str(REPO))
     from hydra import compose, initialize_config_dir
@@ -97,10 +128,17 @@ def prepare(size: str, case_dir: Path, steps: int, batch: int) -> Path:
         rows = [json.loads(line) for split in ("train", "heldout")  # held-out pairs after all 4000 training ones
                 for line in (root / "data" / f"{split}.jsonl").read_text().splitlines()]
         max_length = 64
+    elif size == "real":
+        base, parents = make_parents(case_dir / "parents", SIZES[size])
+        rows = real_length_pairs(n_train + n_heldout + REAL_CHECK_PAIRS)
+        max_length = SIZES[size]["max_length"]
     else:
         base, parents = make_parents(case_dir / "parents", SIZES[size])
         rows = synthetic_pairs(n_train + n_heldout, SIZES[size]["prompt_chars"], SIZES[size]["completion_chars"])
         max_length = SIZES[size]["prompt_chars"] + SIZES[size]["completion_chars"] + 4
+    if size == "real":  # pairs for the held-out check of the trained models (eval's scoring, not timed)
+        rows, check = rows[: n_train + n_heldout], rows[n_train + n_heldout:]
+        (case_dir / "check.jsonl").write_text("".join(json.dumps(r) + "\n" for r in check))
     rows = rows[: n_train + n_heldout]
     (case_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:n_train]))
     (case_dir / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[n_train:]))
@@ -118,7 +156,7 @@ def prepare(size: str, case_dir: Path, steps: int, batch: int) -> Path:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, "pipeline.stages=[merge]"])
     run_pipeline(cfg, case_dir / "merged-run")
-    for i, weight in enumerate(SWEEP_WEIGHTS):  # the merge sweep's four merged models
+    for i, weight in enumerate(SWEEP_WEIGHTS if sweep else ()):  # the merge sweep's four merged models
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("config", overrides=[*overrides, "pipeline.stages=[merge]",
                                                f"merge.models.0.parameters.weight={weight}"])
@@ -136,9 +174,10 @@ def make_parents(folder: Path, dims: dict):
     from pipeline.demo.build import build_tokenizer
 
     tokenizer = build_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=False,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         **{k: v for k, v in dims.items() if not k.endswith("_chars")})
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=dims.get("max_length", 256),
+                         tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id,
+                         **{k: v for k, v in dims.items() if not k.endswith("_chars") and k != "max_length"})
     torch.manual_seed(0)
     base = LlamaForCausalLM(config)
     paths = []
@@ -154,7 +193,7 @@ def make_parents(folder: Path, dims: dict):
         model.save_pretrained(folder / name)
         tokenizer.save_pretrained(folder / name)
         paths.append(folder / name)
-    print(f"  100m parents: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters")
+    print(f"  parents: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters")
     return paths[0], paths[1:]
 
 
@@ -168,17 +207,59 @@ def synthetic_pairs(n: int, prompt_chars: int, completion_chars: int) -> list[di
             for _ in range(n)]
 
 
-def run_worker(variant: str, case: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", variant, "--case", str(case)], capture_output=True,
-                         text=True, cwd=case)
+def real_length_pairs(n: int) -> list[dict]:
+    """n pairs whose (prompt, chosen, rejected) lengths are drawn from REAL_PAIR_TOKENS (seeded), one character
+    per token of the demo's character tokenizer."""
+    import random
+
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz "
+    text = lambda k: "".join(rng.choice(letters) for _ in range(max(1, k)))
+    return [dict(zip(("prompt", "chosen", "rejected"), map(text, rng.choice(REAL_PAIR_TOKENS)))) for _ in range(n)]
+
+
+def count_padding() -> dict:
+    """Token positions in this process: real ones (non-padding) of every batch TRL's preference collator builds,
+    the stage's reference pass (TRL's precompute) apart from training; and computed ones, every forward of the
+    Llama backbone with and without gradients (the policy's training forwards; the reference's). Packing
+    (anneal.perf.pack_rows) computes fewer positions than the collator's padded batch holds."""
+    import traceback
+
+    import torch
+    from transformers.models.llama import modeling_llama
+    from trl.trainer import dpo_trainer
+
+    counts = {"real": {"train": 0, "reference": 0}, "computed": {"grad": 0, "no_grad": 0}}
+    collate, forward = dpo_trainer.DataCollatorForPreference.torch_call, modeling_llama.LlamaModel.forward
+
+    def collated(self, examples):
+        batch = collate(self, examples)
+        phase = "reference" if any(f.name == "_precompute_ref_logps" for f in traceback.extract_stack()) else "train"
+        counts["real"][phase] += int(batch["attention_mask"].sum())
+        return batch
+
+    def computed(self, input_ids=None, *args, **kwargs):
+        if input_ids is not None:
+            counts["computed"]["grad" if torch.is_grad_enabled() else "no_grad"] += input_ids.numel()
+        return forward(self, input_ids, *args, **kwargs)
+
+    dpo_trainer.DataCollatorForPreference.torch_call = collated
+    modeling_llama.LlamaModel.forward = computed
+    return counts
+
+
+def run_worker(variant: str, case: Path, heldout: bool = False) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", variant, "--case", str(case),
+                          *(["--heldout"] if heldout else [])], capture_output=True, text=True, cwd=case)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
         raise SystemExit(f"worker {variant} failed:\n{out.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def worker(variant: str, case: Path) -> dict:
-    """One measurement in a fresh process: wall time of the anneal work, tokens, peak RSS."""
+def worker(variant: str, case: Path, heldout: bool = False) -> dict:
+    """One measurement in a fresh process: wall time of the anneal work, tokens, peak RSS; with `heldout`, then
+    (untimed) whether the trained model prefers each held-out pair's chosen answer."""
     sys.path.insert(0, str(REPO))
     os.environ.setdefault("TQDM_DISABLE", "1")
     from hydra import compose, initialize_config_dir
@@ -190,8 +271,12 @@ def worker(variant: str, case: Path) -> dict:
     lora = variant.endswith("-lora")
     if lora:
         overrides.append("anneal=lora")
-    if variant in ("anneal", "anneal-lora"):
+    if variant.startswith("anneal"):
         overrides.append("pipeline.cache=false")  # the reference pass is part of the measured work
+    if variant in ("anneal-padded", "anneal-grouped"):  # without packing; grouped: length-grouped batches instead
+        overrides.append("anneal.perf.pack_rows=false")
+    if variant == "anneal-grouped":
+        overrides.append("anneal.trainer.train_sampling_strategy=group_by_length")
     if variant == "sweep4":  # a cache of its own, empty: the sweep's first job computes the reference pass
         overrides = [o for o in overrides if not o.startswith("pipeline.cache_dir=")]
         overrides.append(f"pipeline.cache_dir={tempfile.mkdtemp(prefix='sweep-cache-', dir=case)}")
@@ -203,6 +288,8 @@ def worker(variant: str, case: Path) -> dict:
 
     from stages import anneal
 
+    padding = count_padding()
+
     if variant == "sweep4":
         return sweep_worker(cfg, case, run_dir)
     started = time.perf_counter()
@@ -212,14 +299,31 @@ def worker(variant: str, case: Path) -> dict:
         log = [json.loads(line) for line in Path(entry["outputs"]["metrics"]).read_text().splitlines()]
         bf16 = entry["precision"]["autocast"] == "bfloat16"
         phases = entry["seconds_by_phase"]
+        model_dir = Path(entry["outputs"]["model"])
     else:
         log, bf16 = plain_trl(cfg, run_dir, spec["parent"], lora)
+        model_dir = run_dir / "trl-model"
     wall = time.perf_counter() - started
     final = [r for r in log if "train_runtime" in r][-1]
     tokens = max(r.get("num_tokens", 0) for r in log)
+    peak = peak_rss_mb()
+    correct = heldout_correct(model_dir, case / "check.jsonl", cfg.anneal.trainer.max_length) if heldout else None
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"wall_s": wall, "train_s": final["train_runtime"], "tokens": tokens, "bf16": bf16,
-            "peak_rss_mb": peak_rss_mb(), "phases": phases}
+            "peak_rss_mb": peak, "phases": phases, "positions": padding, "heldout_correct": correct}
+
+
+def heldout_correct(model_dir: Path, pairs: Path, max_length: int) -> list[int]:
+    """Per held-out pair, 1 where the model gives its chosen answer the higher log-prob (eval's scoring)."""
+    from stages import eval as evaluation
+
+    tokenizer, model = evaluation.load_tokenizer(model_dir), evaluation.load_model(model_dir)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    logps = {answer: evaluation.score(model, [evaluation.tokenize_completion(tokenizer, r["prompt"], r[answer],
+                                                                             max_length, "keep_start") for r in rows],
+                                      batch_size=8, pad_id=tokenizer.pad_token_id)["logps"]
+             for answer in ("chosen", "rejected")}
+    return (logps["chosen"] > logps["rejected"]).int().tolist()
 
 
 def sweep_worker(cfg, case: Path, run_dir: Path) -> dict:
@@ -271,6 +375,7 @@ def plain_trl(cfg, run_dir: Path, parent: str, lora: bool):
     args = anneal.dpo_config(cfg.anneal, run_dir / "trl", perf.decide_precision(cfg.anneal,
                                                                                 models.count_parameters(merged_dir)))
     args.precompute_ref_log_probs = False
+    args.train_sampling_strategy = "random"  # TRL's default (its DPO drops the length column grouping needs)
     pairs, _ = preferences.load_preferences(cfg.data)
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     ref_model = AutoModelForCausalLM.from_pretrained(parent, dtype=torch.float32)
@@ -325,6 +430,32 @@ def summarize(size: str, runs: dict, peaks: dict, case: Path) -> dict:
     out["time_ratio"] = paired(lambda i: wall["anneal"][i] / wall["trl"][i])
     out["rss_ratio"] = round(med["anneal"]["peak_rss_mb"] / med["trl"]["peak_rss_mb"], 3)
     out["tokens_per_s_ratio"] = round(out["anneal_tokens_per_s"] / out["trl_tokens_per_s"], 3)
+    # padding and real tokens per second (non-padding training tokens over the whole anneal's wall time)
+    rate = lambda v, i: runs[v][i]["tokens"] / runs[v][i]["wall_s"]
+    for v, rs in runs.items():
+        if rs[0]["tokens"] is None:
+            continue
+        # training forwards: the real training tokens against the positions computed with gradients; the reference:
+        # the stage's pass over every pair against its no-grad forwards (plain TRL's reference scores the training
+        # batches themselves); real training tokens as TRL counts them (num_tokens)
+        total = lambda kind, key, rs=rs: sum(r["positions"][kind][key] for r in rs)
+        trained = sum(r["tokens"] for r in rs)
+        out.setdefault("padding_share", {})[v] = {
+            "train": round(1 - trained / total("computed", "grad"), 3),
+            "reference": round(1 - (total("real", "reference") or trained) / total("computed", "no_grad"), 3)}
+        out.setdefault("real_tokens_per_s", {})[v] = round(statistics.median(rate(v, i) for i in range(len(rs))), 1)
+    if runs.get("anneal-padded") and runs["anneal-padded"][0]["heldout_correct"] is not None:
+        from pipeline import metrics  # paired over the same held-out pairs: packing and grouping against no change
+
+        correct = {v: rs[0]["heldout_correct"] for v, rs in runs.items()}
+        out["heldout_preference_accuracy"] = {v: round(sum(c) / len(c), 3) for v, c in correct.items()}
+        out["heldout_vs_padded"] = {v: metrics.paired_bootstrap(correct[v], correct["anneal-padded"], 1000, 0)
+                                    for v in correct if v != "anneal-padded"}
+    if "anneal-padded" in wall:
+        for v in [v for v in runs if v.startswith("anneal-") or v == "anneal"]:
+            out.setdefault("real_tokens_per_s_ratio", {})[v] = paired(lambda i, v=v: rate(v, i) / rate("trl", i))
+            out.setdefault("rss_ratio_vs_padded", {})[v] = round(
+                med[v]["peak_rss_mb"] / med["anneal-padded"]["peak_rss_mb"], 3)
     if "sweep4" in wall:
         sweeps = range(len(wall["sweep4"]))
         out["sweep4_ratio"] = round(statistics.median(wall["sweep4"][i] / (4 * wall["anneal"][i]) for i in sweeps), 3)
@@ -334,12 +465,24 @@ def summarize(size: str, runs: dict, peaks: dict, case: Path) -> dict:
     print(f"\n== {size}: {out['params_m']}M parameters, bf16 autocast {bf16} ==")
     print(f"{'variant':14s}{'wall s':>9s}{'train s':>9s}{'tokens/s':>10s}{'peak RSS MB':>13s}")
     for v, m in med.items():
-        train, rate = ((f"{m['train_s']:9.2f}", f"{m['tokens'] / m['train_s']:10.0f}") if m["train_s"] is not None
-                       else (f"{'-':>9s}", f"{'-':>10s}"))
-        print(f"{v:14s}{m['wall_s']:9.2f}{train}{rate}{m['peak_rss_mb']:13.0f}")
+        train, speed = ((f"{m['train_s']:9.2f}", f"{m['tokens'] / m['train_s']:10.0f}") if m["train_s"] is not None
+                        else (f"{'-':>9s}", f"{'-':>10s}"))
+        print(f"{v:14s}{m['wall_s']:9.2f}{train}{speed}{m['peak_rss_mb']:13.0f}")
     print(f"time_ratio (anneal / plain TRL, wall) {out['time_ratio']}   rss_ratio {out['rss_ratio']}   "
           f"tokens/s ratio {out['tokens_per_s_ratio']}   4-point sweep / 4 independent "
           f"{out.get('sweep4_ratio', 'not measured')}")
+    if "padding_share" in out:
+        print("padding share of the computed positions (training forwards; reference forwards), real tokens/s:")
+        for v, share in out["padding_share"].items():
+            print(f"  {v:14s} training {share['train']:.1%}   reference {share['reference']:.1%}   "
+                  f"real tokens/s {out['real_tokens_per_s'][v]}")
+    if "real_tokens_per_s_ratio" in out:
+        print(f"real tokens/s, ratio to plain TRL: {out['real_tokens_per_s_ratio']}; peak RSS, ratio to the stage "
+              f"without packing: {out['rss_ratio_vs_padded']}")
+    if "heldout_vs_padded" in out:
+        print(f"held-out preference accuracy {out['heldout_preference_accuracy']}; minus anneal-padded's, paired "
+              f"[95%]: " + "; ".join(f"{v} {d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+                                     for v, d in out["heldout_vs_padded"].items()))
     if "lora_rss_ratio" in out:
         print(f"LoRA: rss_ratio {out['lora_rss_ratio']}   time_ratio {out['lora_time_ratio']}")
     print(f"achieved training throughput: anneal {out['anneal_train_gflops']} GFLOP/s "

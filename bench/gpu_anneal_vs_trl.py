@@ -274,6 +274,7 @@ def plain_trl(cfg, run_dir: Path, parent: str):
     precision = perf.decide_precision(cfg.anneal, models.count_parameters(merged_dir))
     args = anneal.dpo_config(cfg.anneal, run_dir / "trl", precision)  # the stage's DPOConfig, field for field
     args.precompute_ref_log_probs = False  # TRL's default: the reference scores every batch during training
+    args.train_sampling_strategy = "random"  # TRL's default (its DPO drops the length column grouping needs)
     pairs, _ = preferences.load_preferences(cfg.data)
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)

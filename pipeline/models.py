@@ -7,6 +7,7 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -123,21 +124,37 @@ def download(ref: str) -> ModelSource:
     return ModelSource(path=str(Path(folder).resolve()), hub_id=repo_id, revision=commit)
 
 
-def fingerprint(folder: str | Path) -> str:
+def fingerprint(folder: str | Path, memo: Path | None = None) -> str:
     """sha256 over the names and contents of a model folder's files (what a cache key needs). Remembered for
-    the life of the process while every file keeps its size and modification time, so the jobs of a sweep
-    (one process with Hydra's basic launcher) hash a parent once."""
+    the life of the process while every file keeps its size, modification time and inode, so the jobs of a sweep
+    (one process with Hydra's basic launcher) hash a parent once; with `memo` (a folder), across processes too
+    (as git's index trusts a file's stat)."""
     root = Path(folder).resolve()
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    stamp = tuple((str(f.relative_to(root)), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()])
-    return _fingerprint(root, stamp)
+    stamp = tuple((str(f.relative_to(root)), st.st_size, st.st_mtime_ns, st.st_ino) for f in files
+                  for st in [f.stat()])
+    if memo is None:
+        return _fingerprint(root, stamp)
+    remembered = Path(memo) / f"{hashlib.sha256(str(root).encode()).hexdigest()[:32]}.json"
+    try:
+        known = json.loads(remembered.read_text())
+        if [tuple(entry) for entry in known["stamp"]] == list(stamp):
+            return known["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = _fingerprint(root, stamp)
+    remembered.parent.mkdir(parents=True, exist_ok=True)
+    partial = remembered.with_name(f".{remembered.name}.{os.getpid()}")
+    partial.write_text(json.dumps({"folder": str(root), "stamp": stamp, "sha256": digest}))
+    partial.replace(remembered)
+    return digest
 
 
 @functools.lru_cache(maxsize=64)
 def _fingerprint(root: Path, stamp: tuple) -> str:
     digest = hashlib.sha256()
     buffer = memoryview(bytearray(16 << 20))  # big reads: hashing and reading release the GIL, so a thread
-    for name, _, _ in stamp:                  # hashing overlaps the caller's Python work (few GIL hand-overs)
+    for name, *_ in stamp:                    # hashing overlaps the caller's Python work (few GIL hand-overs)
         digest.update(name.encode() + b"\0")
         content = hashlib.sha256()
         with (root / name).open("rb") as handle:

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline import models
+from pipeline import models, packing
 
 # glibc's mallopt parameters (malloc.h) and their documented defaults
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -181,6 +181,8 @@ def training(trainer, model, precision: Precision, perf):
                 float32_attention(model, precision.autocast is not None and precision.attention == "float32")),
         }
         lean = stack.enter_context(lean_saved_tensors(trainer, perf.lean_saved_tensors, precision.autocast))
+        fused = getattr(trainer.model, "get_base_model", lambda: trainer.model)()  # where TRL put its fused head
+        applied["packing"] = stack.enter_context(packing.packed(fused, perf.pack_rows))
         yield applied
         applied["saved_for_backward"] = dict(lean.counts) if lean else {}
 

@@ -190,3 +190,12 @@ def sources(data: DictConfig) -> dict:
     """Where the pairs came from: absolute paths for local files, ids for hub data sets."""
     where = lambda ref: str(Path(ref).expanduser().resolve()) if ref and Path(ref).expanduser().exists() else ref
     return {"path": where(data.path), "heldout": where(data.heldout.path)}
+
+
+def padded_lengths(tokenized, max_length: int | None) -> list[int]:
+    """Each tokenized pair's row length in TRL's DPO batch (prompt_ids, chosen_ids, rejected_ids): chosen and
+    rejected are stacked and padded together, so a pair costs its prompt plus the longer answer (cut at
+    max_length)."""
+    prompts, chosen, rejected = (tokenized[name][:] for name in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected)]
+    return [min(n, max_length) for n in lengths] if max_length else lengths

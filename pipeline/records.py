@@ -99,6 +99,8 @@ class Trainer(Record):
 class AnnealSettings(Record):
     reference: str | int | None = None
     reference_combine: str | None = None
+    method: str = "dpo"
+    method_args: dict = {}
     peft: dict | None = None
     trainer: Trainer
 

@@ -17,7 +17,7 @@ import shutil
 from importlib.metadata import version
 from pathlib import Path
 
-from pipeline import UserError, models, perf, preferences
+from pipeline import UserError, models, packing, perf, preferences
 from pipeline.artifacts import publish, through_cache
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -116,9 +116,11 @@ def reference_logps(reference_dir: str, fingerprint: str, tokenizer, pairs, args
     local = local or stage_dir / "reference_logps"
     pairs = pairs.select_columns(list(preferences.COLUMNS))  # what scoring reads (the data's other columns: not)
     hash_cm = lambda: perf.known_model_hash(fingerprint, cfg.anneal.perf.skip_trl_model_hash)
+    pack = bool(cfg.anneal.perf.pack_rows)
 
     def build(target: Path) -> None:  # collective: every rank scores its share, the main rank writes
-        scored = score_with_reference(reference_dir, tokenizer, pairs, args, precision, hash_cm(), stage_dir, ranks)
+        scored = score_with_reference(reference_dir, tokenizer, pairs, args, precision, hash_cm(), stage_dir, ranks,
+                                      pack=pack)
         if ranks.is_main_process:
             publish(target, lambda tmp: (tmp.mkdir(), preferences.write_store(scored, tmp / "data.parquet")))
 
@@ -131,6 +133,7 @@ def reference_logps(reference_dir: str, fingerprint: str, tokenizer, pairs, args
         "data_rows": {split: preferences.rows_fingerprint(pairs[split]) for split in pairs},
         "max_length": args.max_length, "truncation_mode": args.truncation_mode, "ld_alpha": args.ld_alpha,
         "autocast": bool(args.bf16), "trl": version("trl"), "store": 2,  # 2: with pair_index
+        **({"packed": True} if pack else {}),  # the same values up to float rounding
     }, sort_keys=True).encode()).hexdigest()[:32]
     entry = Path(cfg.pipeline.cache_dir).expanduser() / "reference_logps" / key
     return local / "data.parquet", through_cache(entry, build, local, ranks, files=cfg.pipeline.cache_files,
@@ -138,10 +141,11 @@ def reference_logps(reference_dir: str, fingerprint: str, tokenizer, pairs, args
 
 
 def score_with_reference(reference_dir: str, tokenizer, pairs, args, precision, trl_model_hash, stage_dir: Path,
-                         ranks):
+                         ranks, pack: bool = False):
     """One batched no-grad pass of the reference through TRL's own precompute over the train and held-out pairs,
     split across the ranks. Returns the pairs TRL kept (a prompt alone filling `max_length` is dropped) with their
-    log-probs; a split left empty is refused. The reference is freed before this returns."""
+    log-probs; a split left empty is refused. The reference is freed before this returns. `pack`: batches
+    packed (pipeline/packing.py)."""
     import datasets
     from datasets import DatasetDict
     from trl import DPOTrainer
@@ -156,7 +160,8 @@ def score_with_reference(reference_dir: str, tokenizer, pairs, args, precision, 
                     f"anneal.trainer.max_length={args.max_length} tokens, so TRL drops them all and nothing is left "
                     f"to {'train on' if split == 'train' else 'evaluate'}. Fix: raise anneal.trainer.max_length "
                     "(e.g. 1024 or 2048 for chat models), or shorten the prompts.")
-            return super()._precompute_ref_logps(dataset, name, batch_size)
+            with packing.packed(self.model, pack):
+                return super()._precompute_ref_logps(dataset, name, batch_size)
 
     # TRL's precompute writes its columns next to the data set's own arrow files and every rank reads them back:
     # the pairs are saved once in the stage folder, so those files are shared by the ranks and removed after.

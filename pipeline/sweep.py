@@ -118,6 +118,7 @@ def read_job(job_dir: Path, metric: str, tie_break: str | None = None) -> dict:
         run["sources"] = [source.model_dump(mode="json") for source in merge.inputs.sources]  # provenance
     if anneal:
         run["anneal"] = {"reference": anneal.inputs.reference_label, "loss_type": anneal.trainer.loss_type,
+                         "method": anneal.config.anneal.method, "method_args": anneal.config.anneal.method_args,
                          "reference_source": (anneal.inputs.reference_source.model_dump(mode="json")
                                               if anneal.inputs.reference_source else None)}
     if evaluation:

@@ -33,23 +33,28 @@ CONFIG_NAME = "mergekit_config.yml"
 def run(cfg: DictConfig, run_dir: Path) -> records.MergeRecord:
     """Merge the parents; returns the stage's record (inputs with their provenance, outputs, config, cache)."""
     raw = load_merge_config(cfg)
-    localized, sources = localize(raw)
-    merge_config = validate(localized)
-    options = build_options(cfg.merge_options)
-    check_compatible(merge_config, allow_crimes=options.allow_crimes)
-
     out_dir = Path(run_dir) / "merge" / "model"
-    cache_state = "off"
+    cache_root = Path(cfg.pipeline.cache_dir).expanduser()
+    inputs = inputs_key(cfg, raw, cache_root / "fingerprints") if cfg.pipeline.cache else None
+    if inputs is not None:  # the same inputs merged before: the record and the entry, without importing mergekit
+        known = remembered(cfg, raw, inputs, cache_root, out_dir)
+        if known is not None:
+            log.info(f"merge: {'reused cached merge' if known.cache['merge'] == 'hit' else 'merged'} "
+                     f"{cache_root / 'merges' / known.cache['key']}")
+            return known
+
+    merge_config, options, sources = prepare(cfg, raw)
+    cache_state, key = "off", None
     if cfg.pipeline.cache:
         key = cache_key(merge_config, options, version("mergekit"))
-        cached_dir = Path(cfg.pipeline.cache_dir).expanduser() / "merges" / key
+        cached_dir = cache_root / "merges" / key
         cache_state = through_cache(cached_dir, lambda entry: merge_into(merge_config, options, entry), out_dir,
                                     files=cfg.pipeline.cache_files, digests=cfg.pipeline.cache_verify)
         log.info(f"merge: {'reused cached merge' if cache_state == 'hit' else 'merged'} {cached_dir}")
     else:
         merge_into(merge_config, options, out_dir)
 
-    return records.MergeRecord(
+    record = records.MergeRecord(
         inputs={"models": sorted(str(m.model.path) for m in merge_config.referenced_models()),
                 "parents": parents_in_order(merge_config), "base_model": _base_path(merge_config),
                 "config_file": str(Path(cfg.merge.config_file).resolve()) if "config_file" in cfg.merge else None,
@@ -59,9 +64,87 @@ def run(cfg: DictConfig, run_dir: Path) -> records.MergeRecord:
                 "merge_options": options.model_dump(mode="json"),
                 "models": OmegaConf.to_container(cfg.models, resolve=True)},
         merge_method=merge_config.merge_method,
-        cache={"merge": cache_state},
+        cache={"merge": cache_state, **({"key": key} if key else {})},
         mergekit_version=version("mergekit"),
     )
+    if inputs is not None:
+        remember(cache_root, inputs, record)
+    return record
+
+
+def prepare(cfg: DictConfig, raw: dict):
+    """The merge config with every model a local folder, validated by mergekit's types, the MergeOptions, and
+    the models' provenance; parents that cannot be merged are refused here."""
+    localized, sources = localize(raw)
+    merge_config = validate(localized)
+    options = build_options(cfg.merge_options)
+    check_compatible(merge_config, allow_crimes=options.allow_crimes)
+    return merge_config, options, sources
+
+
+# Where a mergekit config names a model (models[].model, base_model, slices' and modules' sources).
+MODEL_KEYS = ("model", "base_model")
+
+
+def inputs_key(cfg: DictConfig, raw: dict, memo: Path) -> str | None:
+    """A key of everything a merge reads, computed without mergekit: the config as given, the merge, models and
+    merge_options groups, mergekit's version and the fingerprint of every model folder it names (remembered
+    across runs by the files' stat, `memo`). None when a model is not a local folder (a hub id goes through
+    `prepare`, which resolves it)."""
+    import hashlib
+
+    folders, tokenizers = set(), set()
+
+    def walk(node, key=None):
+        if isinstance(node, dict):
+            for name, value in node.items():
+                walk(value, name)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, key)
+        elif key in MODEL_KEYS and isinstance(node, str):
+            folders.update(node.split("+"))
+        elif key == "tokenizer_source" and isinstance(node, str) and Path(node).is_dir():
+            tokenizers.add(node)
+
+    walk(raw)
+    if not folders or not all(Path(folder).is_dir() for folder in folders):
+        return None
+    content = {"config": raw, "groups": {name: OmegaConf.to_container(cfg[name], resolve=True)
+                                         for name in ("merge", "models", "merge_options")},
+               "mergekit": version("mergekit"), "merge-anneal": 1,
+               "folders": {f: models.fingerprint(f, memo) for f in sorted(folders | tokenizers)}}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def remembered(cfg: DictConfig, raw: dict, inputs: str, cache_root: Path, out_dir: Path):
+    """The record of an earlier merge of exactly these inputs, its cached entry put at `out_dir` (merged again,
+    the full way, when the entry is gone or fails its check); None when there is none."""
+    try:
+        known = json.loads((cache_root / "merges" / BY_INPUTS / f"{inputs}.json").read_text())
+        record = records.MergeRecord.model_validate({**known, "outputs": {"model": str(out_dir),
+                                                                          "config": str(out_dir / CONFIG_NAME)}})
+    except (OSError, ValueError):
+        return None
+
+    def build(entry: Path) -> None:  # only when the remembered entry is gone or damaged
+        merge_config, options, _ = prepare(cfg, raw)
+        merge_into(merge_config, options, entry)
+
+    state = through_cache(cache_root / "merges" / record.cache["key"], build, out_dir,
+                          files=cfg.pipeline.cache_files, digests=cfg.pipeline.cache_verify)
+    return record.model_copy(update={"cache": {**record.cache, "merge": state}})
+
+
+BY_INPUTS = ".by-inputs"  # merges/.by-inputs/<inputs_key>.json: the record of that merge, with its cache key
+
+
+def remember(cache_root: Path, inputs: str, record: records.MergeRecord) -> None:
+    from pipeline.artifacts import write_text
+
+    folder = cache_root / "merges" / BY_INPUTS
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text(folder / f"{inputs}.json", record.model_dump_json(exclude={"outputs", "status", "seconds", "versions"}))
 
 
 def load_merge_config(cfg: DictConfig) -> dict:

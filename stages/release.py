@@ -355,17 +355,19 @@ def card_body(name: str, pick: dict, lineage: dict, metrics: dict, merge_config:
         return f"[{model}](https://huggingface.co/{model})" + (f" at commit `{revision}`" if revision else "")
 
     trainer = dpo_settings["anneal"]["trainer"]
+    method, method_args = dpo_settings["anneal"].get("method", "dpo"), dpo_settings["anneal"].get("method_args") or {}
     reference = lineage["reference"]
     pairs = lineage["pairs"]
     bootstrap = metrics["bootstrap"]
-    what = ("the annealed model: the merge after DPO" if pick["picked"] == "annealed"
-            else "the merged model, before DPO")
+    what = (f"the annealed model: the merge after {method.upper()}" if pick["picked"] == "annealed"
+            else f"the merged model, before {method.upper()}")
     lines = [
         f"# {name}", "",
         f"A [mergekit](https://github.com/arcee-ai/mergekit) `{lineage['method']}` merge of "
-        f"{', '.join(model_link(p) for p in lineage['parents'])}, annealed with a short DPO run "
-        f"([TRL](https://github.com/huggingface/trl)) against the unmerged `{reference['model']}`, and evaluated "
-        "against the merge on held-out preference pairs, by merge-anneal.", "",
+        f"{', '.join(model_link(p) for p in lineage['parents'])}, annealed with a short "
+        + (f"DPO run ([TRL](https://github.com/huggingface/trl)) against the unmerged `{reference['model']}`"
+           if method == "dpo" else f"reference-free {method.upper()} run ([TRL](https://github.com/huggingface/trl))")
+        + ", and evaluated against the merge on held-out preference pairs, by merge-anneal.", "",
         f"This release is {what} ({pick['reason']}).", "",
         "## Lineage", "",
         "| step | what |", "|---|---|",
@@ -373,12 +375,15 @@ def card_body(name: str, pick: dict, lineage: dict, metrics: dict, merge_config:
         *([f"| base model | {model_link(lineage['base'])} |"] if lineage["base"] else []),
         f"| merge | mergekit {lineage['mergekit_version'] or ''} `{lineage['method']}`"
         f"{', ' + _parameters(merge_config) if _parameters(merge_config) else ''} |",
-        f"| anneal | TRL {lineage['versions'].get('trl', '')} DPO, loss {', '.join(trainer['loss_type'])}, beta "
-        f"{trainer['beta']}, learning rate {trainer['learning_rate']} ({trainer['lr_scheduler_type']}), "
+        f"| anneal | TRL {lineage['versions'].get('trl', '')} "
+        + (f"DPO, loss {', '.join(trainer['loss_type'])}, beta {trainer['beta']}" if method == "dpo" else
+           f"{method.upper()} (reference-free{''.join(f', {k} {v}' for k, v in sorted(method_args.items()))})")
+        + f", learning rate {trainer['learning_rate']} ({trainer['lr_scheduler_type']}), "
         f"{trainer['max_steps']} steps of {trainer['per_device_train_batch_size']} pairs, max length "
         f"{trainer['max_length']}, {'LoRA' if dpo_settings['anneal']['peft'] else 'all weights'} |",
-        f"| DPO reference | `{reference['model']}` (anneal.reference={reference['setting']}: "
-        f"{reference['chosen_as']}); its log-probs were computed once, before training |",
+        f"| {'DPO reference' if method == 'dpo' else 'reference (evaluation only)'} | `{reference['model']}` "
+        f"(anneal.reference={reference['setting']}: {reference['chosen_as']}); its log-probs were computed once, "
+        f"before training{'' if method == 'dpo' else ', and the loss did not read them'} |",
         f"| preference data | {', '.join(f'`{d}`' for d in datasets(lineage))}: {pairs['train_pairs']} training "
         f"pairs, {pairs['heldout_pairs']} held out |", "",
         f"The merge configuration is in `{MERGE_CONFIG_NAME}` and the DPO settings in `{DPO_NAME}`:", "",

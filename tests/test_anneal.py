@@ -123,6 +123,13 @@ def test_reference_pass_under_autocast_equals_trls_with_a_float32_reference(make
     for split, theirs in (("train", trl_own.train_dataset), ("heldout", trl_own.eval_dataset)):
         for column in reference.REF_COLUMNS:
             assert scored[split][column][:] == theirs[column][:], (split, column)
+    # anneal.perf.pack_rows: the same pass with each batch's rows packed, equal up to float rounding
+    packed = reference.score_with_reference(str(tiny["add"]), tokenizer, pairs, args, precision,
+                                            perf.known_model_hash("fingerprint", True), tmp_path, PartialState(),
+                                            pack=True)
+    for split in scored:
+        for column in reference.REF_COLUMNS:
+            assert packed[split][column][:] == pytest.approx(scored[split][column][:], rel=1e-3, abs=1e-3)
 
 
 def dpo_config(anneal_cfg, output_dir):
@@ -171,6 +178,33 @@ def test_reference_is_released_before_the_policy_trains(make_short_cfg, tmp_path
     assert resident and set(resident) == {1}  # one causal LM alive: the policy alone
 
 
+def test_length_grouped_batches_pad_less_and_cover_every_pair(make_short_cfg, tmp_path, tiny):
+    """anneal.trainer.train_sampling_strategy: group_by_length (the default) against TRL's random batches, on
+    pairs of mixed lengths: the same pairs once each per epoch, far less padding. Rows are TRL's own batches."""
+    import random
+
+    from datasets import Dataset
+
+    rng = random.Random(0)
+    rows = [{"prompt": "12+34=" * rng.choice([1, 1, 1, 8]), "chosen": "9" * rng.randint(1, 24),
+             "rejected": "8" * rng.randint(1, 24), "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0}
+            for _ in range(96)]
+    tokenizer = AutoTokenizer.from_pretrained(tiny["add"])
+    padding, row_lengths = {}, {}
+    for strategy in ("random", "group_by_length"):
+        cfg = make_short_cfg("+merge=slerp", f"anneal.trainer.train_sampling_strategy={strategy}")
+        model = AutoModelForCausalLM.from_pretrained(tiny["add"])
+        trainer = anneal.make_trainer(model, tokenizer, dpo_config(cfg.anneal, tmp_path / strategy),
+                                      Dataset.from_list(rows), cfg.anneal, tmp_path, perf.known_model_hash("x", True))
+        batches = list(trainer.get_train_dataloader())
+        masks = [b["attention_mask"] for b in batches]
+        padding[strategy] = 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+        # each pair's chosen row (the first half of a batch), by its real length: every pair exactly once
+        row_lengths[strategy] = sorted(int(n) for m in masks for n in m[: len(m) // 2].sum(dim=1))
+    assert row_lengths["group_by_length"] == row_lengths["random"] and len(row_lengths["random"]) == len(rows)
+    assert padding["group_by_length"] < padding["random"] / 2, padding
+
+
 def test_reference_logps_shared_across_merges(make_short_cfg, tmp_path):
     """A sweep over merge settings with the same reference and data computes the reference pass once."""
     first = run_pipeline(make_short_cfg("+merge=slerp", "merge.parameters.t=0.7"), tmp_path / "a")["stages"]
@@ -181,15 +215,29 @@ def test_reference_logps_shared_across_merges(make_short_cfg, tmp_path):
     assert off["cache"]["reference_logps"] == "miss"
 
 
-@pytest.mark.parametrize("loss", ["[sigmoid]", "[ipo]", "[hinge]", "[robust]", "[apo_zero]", "[sigmoid,sft]"])
+@pytest.mark.parametrize("loss", ["[sigmoid]", "[ipo]", "[apo_zero]", "[sigmoid,sft]", "simpo", "orpo"])
 def test_every_loss_type_trains(loss, make_short_cfg, tmp_path):
-    overrides = [f"anneal.trainer.loss_type={loss}"]
-    if "," in loss:
-        overrides.append("anneal.trainer.loss_weights=[1.0,0.5]")
+    """DPO's loss types, and TRL's reference-free trainers (anneal.method): simpo is CPO's, orpo its own."""
+    if loss.startswith("["):
+        overrides = [f"anneal.trainer.loss_type={loss}"]
+        if "," in loss:
+            overrides.append("anneal.trainer.loss_weights=[1.0,0.5]")
+    else:  # orpo: through release, whose card names the method
+        overrides = [f"+anneal_variant={loss}", *(["pipeline.stages=[merge,anneal,eval,release]"] * (loss == "orpo"))]
     entry = run_pipeline(make_short_cfg("+merge=slerp", *overrides), tmp_path)["stages"]
     before = load_file(Path(entry["merge"]["outputs"]["model"]) / "model.safetensors")
     after = load_file(Path(entry["anneal"]["outputs"]["model"]) / "model.safetensors")
-    assert entry["anneal"]["config"]["anneal"]["trainer"]["loss_type"] == loss.strip("[]").split(",")
+    settings = entry["anneal"]["config"]["anneal"]
+    if loss.startswith("["):
+        assert settings["method"] == "dpo" and settings["trainer"]["loss_type"] == loss.strip("[]").split(",")
+    else:  # the trainer TRL logged its own metrics: ORPO's odds ratio, SimPO's length-normalised margins
+        assert settings["method"] == {"simpo": "cpo", "orpo": "orpo"}[loss]
+        logged = [json.loads(line) for line in Path(entry["anneal"]["outputs"]["metrics"]).read_text().splitlines()]
+        key = {"simpo": "rewards/margins", "orpo": "log_odds_ratio"}[loss]
+        assert any(key in row for row in logged) and not any("ref_" in k for row in logged for k in row)
+    if loss == "orpo":
+        card = " ".join(Path(entry["release"]["outputs"]["card"]).read_text().split())
+        assert "annealed with a short reference-free ORPO run" in card and "the loss did not read them" in card
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(torch.isfinite(t).all() for t in after.values())
 
@@ -364,6 +412,19 @@ def test_bad_trainer_settings_are_clear(make_short_cfg, tmp_path):
         with pytest.raises(UserError, match=phrase):
             dpo_config(make_short_cfg("+merge=slerp", *override).anneal, tmp_path)
     assert dpo_config(cfg.anneal, tmp_path).precompute_ref_log_probs
+    precision = perf.decide_precision(cfg.anneal, n_params=10**6, cuda=False)
+    for override, phrase in ((["anneal.method=kto"], "Unknown anneal.method=kto"),
+                             (["+anneal.method_args.beta=2.0"], "anneal.method=dpo takes its fields"),
+                             (["anneal.method=cpo", "+anneal.method_args.loss_type=nope"], "CPOConfig rejected"),
+                             (["anneal.method=orpo", "+anneal.method_args.cpo_alpha=1"], "ORPOConfig rejected")):
+        anneal_cfg = make_short_cfg("+merge=slerp", *override).anneal
+        with pytest.raises(UserError, match=phrase):
+            anneal.method_config(anneal_cfg, dpo_config(anneal_cfg, tmp_path), precision)
+    # a reference-free method takes the Trainer fields of anneal.trainer, and its own fields from method_args
+    simpo = make_short_cfg("+merge=slerp", "+anneal_variant=simpo", "anneal.trainer.learning_rate=0.01").anneal
+    args = anneal.method_config(simpo, dpo_config(simpo, tmp_path), precision)
+    assert type(args).__name__ == "CPOConfig" and (args.loss_type, args.beta, args.cpo_alpha) == ("simpo", 2.0, 0.0)
+    assert args.learning_rate == 0.01 and args.output_dir == str(tmp_path)
 
 
 def test_missing_columns_and_nothing_left(cli, tmp_path, tiny):
@@ -426,7 +487,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, shared_cache, tin
     assert f"hydra.run.dir={run_dir}" in message
     assert manifest.load(run_dir)["stages"] == before  # the refused runs wrote nothing
 
-    result = subprocess.run([*args, "pipeline.resume=true"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    result = run_in_process(*args[3:], "pipeline.resume=true", cwd=tmp_path)  # the CLI's entry point, here
     assert result.returncode == 0, result.stderr[-3000:]
     after = manifest.load(run_dir)["stages"]
     assert after["merge"] == before["merge"]  # the merge is not redone

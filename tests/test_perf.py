@@ -20,7 +20,7 @@ from stages import anneal
 
 SWITCHES = ("lean_saved_tensors", "float32_attention", "frozen_weights_bf16", "reference_weights_bf16",
             "reference_pass_tokens", "malloc_keeps_freed_memory", "gc_skips_existing_objects",
-            "fingerprint_in_background", "skip_trl_model_hash")
+            "fingerprint_in_background", "skip_trl_model_hash", "pack_rows")
 ALL_OFF = [f"anneal.perf.{name}={'null' if name == 'reference_pass_tokens' else 'false'}" for name in SWITCHES]
 
 
@@ -87,6 +87,9 @@ def test_each_switch_on_and_off_in_the_stage(lora, make_short_cfg, tmp_path):
     assert on["saved_for_backward"]["silu_recomputed"] > 0 and off["saved_for_backward"] == {}
     assert (on["precision"]["autocast_weight_cache"], off["precision"]["autocast_weight_cache"]) == (False, True)
     # float32_attention (full fine-tuning only) and frozen_weights_bf16 (LoRA only)
+    packed = on["perf"]["applied"].pop("packing")  # pack_rows: every training forward seen (tests/test_packing.py)
+    assert packed["rows"] > 0 and packed["packed_positions"] <= packed["positions"]
+    assert off["perf"]["applied"].pop("packing") is None
     assert on["perf"]["applied"] == {"float32_attention": not lora, "frozen_base_in_bf16": lora}
     assert off["perf"]["applied"] == {"float32_attention": False, "frozen_base_in_bf16": False}
     assert on["precision"]["attention"] == ("bfloat16" if lora else "float32")
@@ -117,7 +120,10 @@ def test_with_every_switch_off_the_stage_trains_as_plain_trl(bf16, make_short_cf
 
     from pipeline import preferences
 
-    cfg = make_short_cfg("+merge=slerp", f"anneal.trainer.bf16={str(bf16).lower()}", *ALL_OFF)
+    # and TRL's random batches (the stage groups pairs by length, which plain TRL 1.16 cannot: it drops the length
+    # column its sampler would need; test_anneal checks the grouped batches)
+    cfg = make_short_cfg("+merge=slerp", f"anneal.trainer.bf16={str(bf16).lower()}", *ALL_OFF,
+                         "anneal.trainer.train_sampling_strategy=random")
     stages = run_pipeline(cfg, tmp_path / "stage")["stages"]
     merged_dir = Path(stages["merge"]["outputs"]["model"])
     precision = perf.decide_precision(cfg.anneal, models.count_parameters(merged_dir))

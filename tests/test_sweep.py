@@ -172,13 +172,15 @@ def test_presets_compose(make_cfg):
     assert preset.pipeline.objective.metric == "annealed.retention.worst"
     assert preset.pipeline.objective.tie_break == "annealed.preference_accuracy"
     variants = preset.hydra.sweeper.params["+anneal_variant"].split(",")
-    assert len(variants) == 11 and {p.stem for p in (CONF_DIR / "anneal_variant").glob("*.yaml")} == set(variants)
+    assert len(variants) == 14 and {p.stem for p in (CONF_DIR / "anneal_variant").glob("*.yaml")} == set(variants)
     for how in ("mean", "max", "route"):
         plain, with_sft = (make_cfg("+merge=slerp", f"+anneal_variant=parents_{how}{sft}").anneal
                            for sft in ("", "_sft"))
         assert plain.reference == with_sft.reference == "parents" and plain.reference_combine == how
         assert plain.trainer.loss_type == ["sigmoid"] and with_sft.trainer.loss_type == ["sigmoid", "sft"]
     assert make_cfg("+merge=slerp", "+anneal_variant=dpo_sft").anneal.trainer.loss_weights == [1.0, 1.0]
+    for variant, method in (("simpo", "cpo"), ("cpo", "cpo"), ("orpo", "orpo")):  # TRL's reference-free trainers
+        assert make_cfg("+merge=slerp", f"+anneal_variant={variant}").anneal.method == method
 
 
 def test_optuna_search_returns_the_objective(tmp_path, shared_cache, demo_subset):

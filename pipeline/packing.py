@@ -1,0 +1,136 @@
+"""Packing: a padded batch computed as fewer rows, each sequence attending only to itself.
+
+TRL's DPO pads every row of a batch (the chosen and the rejected answer of every pair, each after its prompt) to
+the longest one; on real data most of a batch can be padding. `packed(model)` wraps the forward TRL gives the
+model (its fused LM head: `model(input_ids, attention_mask, labels, fused_lm_head=True)` returns per-token
+log-probs) so that a batch's rows are placed first-fit into as few rows of the batch's length as hold them.
+Position ids restart at every sequence, and transformers builds the block-causal mask from them (masking_utils,
+`find_packed_sequence_indices`); a sequence's first label is masked, as it would be predicted from the sequence
+before it; the per-token outputs go back to the padded layout. TRL then reads the same numbers, up to float
+rounding, that it would have computed with the padding.
+
+The first packed batch of a model class (and attention implementation) in a process is also computed unpacked,
+once, without gradients: where the two disagree (a model whose attention ignores packed position ids), packing
+stays off for it, with a warning.
+"""
+
+import contextlib
+import logging
+
+log = logging.getLogger(__name__)
+
+PER_TOKEN = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # TRL's fused-head fields
+CHECKED: dict = {}  # (model class, attention implementation) -> packing gave the padded numbers (this process)
+
+
+def plan(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: row indices into bins of at most `capacity` tokens each, longest rows first."""
+    bins, free = [], []
+    for row in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b, space in enumerate(free):
+            if lengths[row] <= space:
+                bins[b].append(row)
+                free[b] -= lengths[row]
+                break
+        else:
+            bins.append([row])
+            free.append(capacity - lengths[row])
+    return bins
+
+
+def layout(lengths: list[int], capacity: int):
+    """Where every token goes. Returns (bins, token source and destination as flat indices into the padded
+    [rows, capacity] and packed [bins, capacity] grids, the packed position ids as a nested list, the flat packed
+    indices of each sequence's first token, and the moves of the shifted per-token outputs, [rows, capacity - 1]
+    from [bins, capacity - 1])."""
+    bins = plan(lengths, capacity)
+    source, target, starts, out_source, out_target = [], [], [], [], []
+    positions = []
+    for b, rows in enumerate(bins):
+        offset, row_positions = 0, []
+        for row in rows:
+            n = lengths[row]
+            source += range(row * capacity, row * capacity + n)
+            target += range(b * capacity + offset, b * capacity + offset + n)
+            starts.append(b * capacity + offset)
+            out_source += range(b * (capacity - 1) + offset, b * (capacity - 1) + offset + max(n - 1, 0))
+            out_target += range(row * (capacity - 1), row * (capacity - 1) + max(n - 1, 0))
+            row_positions += range(n)
+            offset += n
+        positions.append(row_positions + list(range(capacity - offset)))  # trailing padding: a sequence of its own
+    return bins, source, target, positions, starts, out_source, out_target
+
+
+@contextlib.contextmanager
+def packed(model, enabled: bool):
+    """While active, `model`'s forward packs the rows of every fused-LM-head call with right-padded rows. Yields
+    counts over those calls (rows and positions as TRL padded them, and as computed), or None when not enabled."""
+    if not enabled:
+        yield None
+        return
+    import torch
+
+    had_own = "forward" in vars(model)
+    forward = model.forward
+    kind = (type(model).__qualname__, getattr(getattr(model, "config", None), "_attn_implementation", None))
+    state = {"rows": 0, "packed_rows": 0, "positions": 0, "packed_positions": 0, "off": CHECKED.get(kind) is False}
+
+    def unpack(value, moves, rows: int, width: int):
+        source, target = moves
+        flat = value.new_zeros(rows * width)
+        return flat.index_copy(0, target, value.reshape(-1).index_select(0, source)).view(rows, width)
+
+    def wrapped(*args, **kwargs):
+        ids, mask, labels = kwargs.get("input_ids"), kwargs.get("attention_mask"), kwargs.get("labels")
+        if (args or state["off"] or not kwargs.get("fused_lm_head") or ids is None or mask is None or labels is None
+                or kwargs.get("position_ids") is not None or kwargs.get("shift_labels") is not None):
+            return forward(*args, **kwargs)
+        rows, width = ids.shape
+        lengths = mask.sum(dim=1)
+        right_padded = torch.equal(mask.bool(), torch.arange(width, device=mask.device) < lengths[:, None])
+        bins, source, target, positions, starts, out_source, out_target = layout(lengths.tolist(), width)
+        state["rows"] += rows
+        state["positions"] += rows * width
+        if not right_padded or len(bins) >= rows:
+            state["packed_rows"] += rows
+            state["packed_positions"] += rows * width
+            return forward(*args, **kwargs)
+        device = ids.device
+        index = lambda values: torch.tensor(values, dtype=torch.long, device=device)
+        source, target, starts = index(source), index(target), index(starts)
+        packed_ids = ids.new_zeros(len(bins) * width).index_copy_(0, target, ids.reshape(-1)[source])
+        packed_labels = labels.new_full((len(bins) * width,), -100).index_copy_(0, target, labels.reshape(-1)[source])
+        packed_labels[starts] = -100  # a sequence's first token is not predicted from the one packed before it
+        packed_kwargs = {**kwargs, "input_ids": packed_ids.view(len(bins), width), "attention_mask": None,
+                         "labels": packed_labels.view(len(bins), width), "position_ids": index(positions)}
+        out = forward(**packed_kwargs)
+        moves = (index(out_source), index(out_target))
+        for name in PER_TOKEN:
+            value = getattr(out, name, None)
+            if value is not None:
+                out[name] = unpack(value, moves, rows, width - 1)
+        if kind not in CHECKED:
+            with torch.no_grad():
+                padded = forward(*args, **kwargs).log_probs.sum(dim=1)
+            ours = out.log_probs.detach().sum(dim=1)
+            CHECKED[kind] = torch.allclose(ours.float(), padded.float(), rtol=1e-2, atol=1e-2)
+            if not CHECKED[kind]:
+                state["off"] = True
+                log.warning(f"anneal: packed rows gave other log-probs than padded ones for {type(model).__name__} "
+                            f"(largest difference {(ours - padded).abs().max().item():.3g}): its attention does not "
+                            "follow packed position ids, so batches are computed padded (anneal.perf.pack_rows)")
+                state["packed_rows"] += rows
+                state["packed_positions"] += rows * width
+                return forward(*args, **kwargs)
+        state["packed_rows"] += len(bins)
+        state["packed_positions"] += len(bins) * width
+        return out
+
+    model.forward = wrapped
+    try:
+        yield state
+    finally:
+        if had_own:
+            model.forward = forward
+        else:
+            del model.forward
