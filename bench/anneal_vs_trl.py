@@ -87,7 +87,7 @@ def main() -> None:
     report = {}
     try:
         for size in args.sizes.split(","):
-            steps, batch = {"100m": (8, 4), "real": (4 if args.quick else 8, 4)}.get(
+            steps, batch = {"100m": (8, 4), "real": (2 if args.quick else 4, 8)}.get(
                 size, (60 if args.quick else 250, 16))
             variants = {"100m": ["anneal", "trl", "sweep4", "anneal-lora", "trl-lora"],
                         "real": ["anneal", "anneal-padded", "trl"]}.get(
@@ -306,23 +306,26 @@ def worker(variant: str, case: Path, heldout: bool = False) -> dict:
     wall = time.perf_counter() - started
     final = [r for r in log if "train_runtime" in r][-1]
     tokens = max(r.get("num_tokens", 0) for r in log)
-    peak = peak_rss_mb()
+    peak, positions = peak_rss_mb(), json.loads(json.dumps(padding))  # before the (untimed) held-out check
     correct = heldout_correct(model_dir, case / "check.jsonl", cfg.anneal.trainer.max_length) if heldout else None
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"wall_s": wall, "train_s": final["train_runtime"], "tokens": tokens, "bf16": bf16,
-            "peak_rss_mb": peak, "phases": phases, "positions": padding, "heldout_correct": correct}
+            "peak_rss_mb": peak, "phases": phases, "positions": positions, "heldout_correct": correct}
 
 
 def heldout_correct(model_dir: Path, pairs: Path, max_length: int) -> list[int]:
     """Per held-out pair, 1 where the model gives its chosen answer the higher log-prob (eval's scoring)."""
+    import torch
+
     from stages import eval as evaluation
 
     tokenizer, model = evaluation.load_tokenizer(model_dir), evaluation.load_model(model_dir)
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
-    logps = {answer: evaluation.score(model, [evaluation.tokenize_completion(tokenizer, r["prompt"], r[answer],
-                                                                             max_length, "keep_start") for r in rows],
-                                      batch_size=8, pad_id=tokenizer.pad_token_id)["logps"]
-             for answer in ("chosen", "rejected")}
+    with torch.no_grad():
+        logps = {answer: evaluation.score(model, [evaluation.tokenize_completion(tokenizer, r["prompt"], r[answer],
+                                                                                 max_length, "keep_start")
+                                                 for r in rows], batch_size=8, pad_id=tokenizer.pad_token_id)["logps"]
+                 for answer in ("chosen", "rejected")}
     return (logps["chosen"] > logps["rejected"]).int().tolist()
 
 
