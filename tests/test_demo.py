@@ -371,8 +371,8 @@ def test_failed_build_leaves_nothing_complete(tmp_path, monkeypatch):
 def test_build_is_deterministic(tmp_path, monkeypatch):
     """Two builds from the fixed seeds are byte-identical (on a shortened recipe: the full build takes minutes,
     and the session's demo fixture is built by the same code)."""
-    monkeypatch.setitem(demo.RECIPE["base"], "steps", 20)
-    monkeypatch.setitem(demo.RECIPE["children"], "steps", 20)
+    monkeypatch.setitem(demo.RECIPE["base"], "steps", 10)
+    monkeypatch.setitem(demo.RECIPE["children"], "steps", 10)
     first, second = demo.ensure_demo(tmp_path / "a"), demo.ensure_demo(tmp_path / "b")
     assert first.name == second.name == demo.recipe_hash()
     files = [f"{m}/model.safetensors" for m in MODELS] + [

@@ -207,28 +207,28 @@ def test_submitit_local_runs_jobs_as_separate_processes(tmp_path, shared_cache, 
 
 
 def test_anneal_ablation_compares_every_recipe_on_one_merge(tmp_path, shared_cache, demo_subset):
-    """Three of the preset's recipes (its list is checked in test_presets_compose; each job costs the fast tier
-    seconds), ranked by preference accuracy: the tiny random parents score 0 on their own skills, so there is no
-    retention to rank by (as with any data without per-parent skills)."""
+    """Two of the preset's recipes, one reference-free (its list is checked in test_presets_compose; each job
+    costs the fast tier seconds), ranked by preference accuracy: the tiny random parents score 0 on their own
+    skills, so there is no retention to rank by (as with any data without per-parent skills)."""
     sweep_dir = tmp_path / "ablation"
     summary, _ = sweep_cli(sweep_dir, shared_cache, demo_subset, "+sweep=anneal_ablation", "+merge=slerp",
-                           "merge.parameters.t=0.3", "+anneal_variant=reference_parent0,parents_mean,sft_only",
+                           "merge.parameters.t=0.3", "+anneal_variant=parents_mean,orpo",
                            "pipeline.objective.metric=annealed.preference_accuracy")
     markdown = check_summary_files(sweep_dir, summary)
     runs = {r["label"]: r for r in summary["runs"]}
-    assert set(runs) == {f"+anneal_variant={v}" for v in ("reference_parent0", "parents_mean", "sft_only")}
-    anneal = {label.split("=")[1]: (r["anneal"]["reference"], r["anneal"]["loss_type"]) for label, r in runs.items()}
-    assert anneal == {"reference_parent0": ("parent:0", ["sigmoid"]), "parents_mean": ("parents:mean", ["sigmoid"]),
-                      "sft_only": ("base_model", ["sft"])}
-    # one merge for the whole ablation; slerp's base (`add`) is scored once and shared with the other jobs
-    assert summary["cache"]["merge"].get("miss", 0) <= 1 and summary["cache"]["merge"]["hit"] >= 2
+    assert set(runs) == {f"+anneal_variant={v}" for v in ("parents_mean", "orpo")}
+    anneal = {label.split("=")[1]: (r["anneal"]["reference"], r["anneal"]["method"]) for label, r in runs.items()}
+    assert anneal == {"parents_mean": ("parents:mean", "dpo"), "orpo": ("base_model", "orpo")}
+    # one merge for the whole ablation; slerp's base (`add`) is scored once and shared with the other job (ORPO's
+    # loss does not read it; eval does)
+    assert summary["cache"]["merge"].get("miss", 0) <= 1 and summary["cache"]["merge"]["hit"] >= 1
     assert summary["cache"]["reference_logps"]["hit"] >= 1
     assert summary["objective"]["tie_break"] == "annealed.preference_accuracy"
     best = next(r for r in summary["runs"] if r["rank"] == 1)
-    assert summary["conclusion"].startswith(f"`{best['label']}` came first of 3 ranked jobs")
+    assert summary["conclusion"].startswith(f"`{best['label']}` came first of 2 ranked jobs")
     assert f"**Conclusion.** {summary['conclusion']}" in markdown
     pairs = summary["comparisons"]["pairs"]
-    assert summary["comparisons"]["mode"] == "all" and len(pairs) == 3 and all(p["comparable"] for p in pairs)
+    assert summary["comparisons"]["mode"] == "all" and len(pairs) == 1 and all(p["comparable"] for p in pairs)
     for pair in pairs:
         value = pair["metrics"]["preference_accuracy"]
         assert value["differs"] == (value["ci95"][0] > 0 or value["ci95"][1] < 0)
