@@ -9,9 +9,9 @@ Position ids restart at every sequence, and transformers builds the block-causal
 before it; the per-token outputs go back to the padded layout. TRL then reads the same numbers, up to float
 rounding, that it would have computed with the padding.
 
-The sequences of one packed row of the first packed batch of a model class (and attention implementation) in a
-process are also computed unpacked, once, without gradients: where the two disagree (a model whose attention
-ignores packed position ids), packing stays off for it, with a warning.
+The first packed batch of a model class (and attention implementation) in a process is also computed unpacked,
+once, without gradients: where the two disagree (a model whose attention ignores packed position ids), packing
+stays off for it, with a warning.
 """
 
 import contextlib
@@ -109,12 +109,10 @@ def packed(model, enabled: bool):
             value = getattr(out, name, None)
             if value is not None:
                 out[name] = unpack(value, moves, rows, width - 1)
-        if kind not in CHECKED:  # the sequences of one packed row, computed padded on their own
-            probe = index(next((b for b in bins if len(b) > 1), bins[0]))
+        if kind not in CHECKED:
             with torch.no_grad():
-                padded = forward(**{**kwargs, "input_ids": ids[probe], "attention_mask": mask[probe],
-                                    "labels": labels[probe]}).log_probs.sum(dim=1)
-            ours = out.log_probs.detach()[probe].sum(dim=1)
+                padded = forward(*args, **kwargs).log_probs.sum(dim=1)
+            ours = out.log_probs.detach().sum(dim=1)
             CHECKED[kind] = torch.allclose(ours.float(), padded.float(), rtol=1e-2, atol=1e-2)
             if not CHECKED[kind]:
                 state["off"] = True
