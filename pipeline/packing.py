@@ -80,6 +80,12 @@ def packed(model, enabled: bool):
         flat = value.new_zeros(rows * width)
         return flat.index_copy(0, target, value.reshape(-1).index_select(0, source)).view(rows, width)
 
+    def tally(rows: int, computed_rows: int, width: int) -> None:
+        state["rows"] += rows
+        state["positions"] += rows * width
+        state["packed_rows"] += computed_rows
+        state["packed_positions"] += computed_rows * width
+
     def wrapped(*args, **kwargs):
         ids, mask, labels = kwargs.get("input_ids"), kwargs.get("attention_mask"), kwargs.get("labels")
         if (args or state["off"] or not kwargs.get("fused_lm_head") or ids is None or mask is None or labels is None
@@ -89,11 +95,8 @@ def packed(model, enabled: bool):
         lengths = mask.sum(dim=1)
         right_padded = torch.equal(mask.bool(), torch.arange(width, device=mask.device) < lengths[:, None])
         bins, source, target, positions, starts, out_source, out_target = layout(lengths.tolist(), width)
-        state["rows"] += rows
-        state["positions"] += rows * width
         if not right_padded or len(bins) >= rows:
-            state["packed_rows"] += rows
-            state["packed_positions"] += rows * width
+            tally(rows, rows, width)
             return forward(*args, **kwargs)
         device = ids.device
         index = lambda values: torch.tensor(values, dtype=torch.long, device=device)
@@ -119,11 +122,9 @@ def packed(model, enabled: bool):
                 log.warning(f"anneal: packed rows gave other log-probs than padded ones for {type(model).__name__} "
                             f"(largest difference {(ours - padded).abs().max().item():.3g}): its attention does not "
                             "follow packed position ids, so batches are computed padded (anneal.perf.pack_rows)")
-                state["packed_rows"] += rows
-                state["packed_positions"] += rows * width
+                tally(rows, rows, width)
                 return forward(*args, **kwargs)
-        state["packed_rows"] += len(bins)
-        state["packed_positions"] += len(bins) * width
+        tally(rows, len(bins), width)
         return out
 
     model.forward = wrapped

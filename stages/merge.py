@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import UserError, models, records
-from pipeline.artifacts import disk_full, publish, through_cache
+from pipeline.artifacts import disk_full, publish, through_cache, write_text
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,7 @@ def run(cfg: DictConfig, run_dir: Path) -> records.MergeRecord:
     if inputs is not None:  # the same inputs merged before: the record and the entry, without importing mergekit
         known = remembered(cfg, raw, inputs, cache_root, out_dir)
         if known is not None:
-            log.info(f"merge: {'reused cached merge' if known.cache['merge'] == 'hit' else 'merged'} "
-                     f"{cache_root / 'merges' / known.cache['key']}")
+            log_cache(known.cache["merge"], cache_root / "merges" / known.cache["key"])
             return known
 
     merge_config, options, sources = prepare(cfg, raw)
@@ -50,7 +49,7 @@ def run(cfg: DictConfig, run_dir: Path) -> records.MergeRecord:
         cached_dir = cache_root / "merges" / key
         cache_state = through_cache(cached_dir, lambda entry: merge_into(merge_config, options, entry), out_dir,
                                     files=cfg.pipeline.cache_files, digests=cfg.pipeline.cache_verify)
-        log.info(f"merge: {'reused cached merge' if cache_state == 'hit' else 'merged'} {cached_dir}")
+        log_cache(cache_state, cached_dir)
     else:
         merge_into(merge_config, options, out_dir)
 
@@ -70,6 +69,10 @@ def run(cfg: DictConfig, run_dir: Path) -> records.MergeRecord:
     if inputs is not None:
         remember(cache_root, inputs, record)
     return record
+
+
+def log_cache(state: str, entry: Path) -> None:
+    log.info(f"merge: {'reused cached merge' if state == 'hit' else 'merged'} {entry}")
 
 
 def prepare(cfg: DictConfig, raw: dict):
@@ -140,8 +143,6 @@ BY_INPUTS = ".by-inputs"  # merges/.by-inputs/<inputs_key>.json: the record of t
 
 
 def remember(cache_root: Path, inputs: str, record: records.MergeRecord) -> None:
-    from pipeline.artifacts import write_text
-
     folder = cache_root / "merges" / BY_INPUTS
     folder.mkdir(parents=True, exist_ok=True)
     write_text(folder / f"{inputs}.json", record.model_dump_json(exclude={"outputs", "status", "seconds", "versions"}))

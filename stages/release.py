@@ -355,7 +355,7 @@ def card_body(name: str, pick: dict, lineage: dict, metrics: dict, merge_config:
         return f"[{model}](https://huggingface.co/{model})" + (f" at commit `{revision}`" if revision else "")
 
     trainer = dpo_settings["anneal"]["trainer"]
-    method, method_args = dpo_settings["anneal"].get("method", "dpo"), dpo_settings["anneal"].get("method_args") or {}
+    method, method_args = dpo_settings["anneal"]["method"], dpo_settings["anneal"]["method_args"]
     reference = lineage["reference"]
     pairs = lineage["pairs"]
     bootstrap = metrics["bootstrap"]
