@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the ~100M results (rss_ratio, time_ratio, ...) here")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--sizes", default="demo,100m")
+    parser.add_argument("--runs-log", type=Path, help="append each measurement here (JSON lines) as it lands")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--case", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--heldout", action="store_true", help=argparse.SUPPRESS)
@@ -100,6 +101,9 @@ def main() -> None:
                         continue  # --quick times the sweep (four anneals) once
                     runs[v].append(run_worker(v, case, heldout=size == "real" and r == 0))
                     last = runs[v][-1]
+                    if args.runs_log:  # every measurement as it lands, so a stopped run keeps what it measured
+                        with args.runs_log.open("a") as log:
+                            log.write(json.dumps({"size": size, "variant": v, "rep": r, "result": last}) + "\n")
                     phases = " ".join(f"{k} {t:.1f}" for k, t in last.get("phases", {}).items())
                     print(f"  {size} {v:12s} rep {r}: {last['wall_s']:.1f} s, {last['peak_rss_mb']:.0f} MB"
                           + (f"  ({phases})" if phases else ""), flush=True)

@@ -16,7 +16,9 @@ repetitions' own ratios:
             (the output's float32 shapes) with safetensors: no arithmetic. `floor io` is that process's reading
             and writing alone, `imports` a process that imports mergekit's merge module and exits;
   hit       the stage once more with the cache on, after one run filled it: the merge stage's own seconds
-            (manifest) and the whole process.
+            (manifest) and the whole process; as root, `pipeline.cache_files=auto` copies the cached files into
+            the run folder where the file system has no reflinks (ext4), so the hit is timed once more with
+            read-only hard links (`cache_files=hardlink`, what `auto` does for a user who is not root).
 
 Checks: the stage's and mergekit's outputs hold identical tensors (else the run stops).
 """
@@ -142,17 +144,18 @@ def measure(method: str, parents: dict, folder: Path, repeats: int) -> dict:
     from safetensors.torch import load_file
 
     folder.mkdir(parents=True)
-    # one stage run first: it writes the resolved mergekit config and options that the other variants use
-    timed(stage_command(method, parents, folder / "first", folder / "cache-off", cache=False), folder)
-    record = json.loads((folder / "first" / "manifest.json").read_text())["stages"]["merge"]
-    config, options = Path(record["outputs"]["config"]), record["config"]["merge_options"]
+    config, options = folder / "mergekit_config.yml", None
     runs = {v: [] for v in VARIANTS}
     for r in range(repeats):
-        order = VARIANTS[r % 3:] + VARIANTS[:r % 3]
-        for variant in order:
+        order = VARIANTS[r % 3:] + VARIANTS[:r % 3]  # the first repetition starts with the stage: its resolved
+        for variant in order:                        # mergekit config and options are what the others run
             out = folder / f"{variant}-{r}"
             if variant == "stage":
                 runs[variant].append(timed(stage_command(method, parents, out, folder / "cache-off", False), folder))
+                if options is None:
+                    record = json.loads((out / "manifest.json").read_text())["stages"]["merge"]
+                    shutil.copyfile(record["outputs"]["config"], config)
+                    options = record["config"]["merge_options"]
             elif variant == "mergekit":
                 runs[variant].append(timed(mergekit_command(config, out, options), folder))
             else:
@@ -171,11 +174,17 @@ def measure(method: str, parents: dict, folder: Path, repeats: int) -> dict:
     hit_process = timed(stage_command(method, parents, folder / "hit", cache, cache=True), folder)
     hit = json.loads((folder / "hit" / "manifest.json").read_text())["stages"]["merge"]
     assert hit["cache"]["merge"] == "hit", hit["cache"]
+    # the same with read-only hard links instead of copies (what cache_files=auto does for a user who is not root)
+    timed(stage_command(method, parents, folder / "hit-linked", cache, cache=True) + ["pipeline.cache_files=hardlink"],
+          folder)
+    linked = json.loads((folder / "hit-linked" / "manifest.json").read_text())["stages"]["merge"]
+    assert linked["cache"]["merge"] == "hit", linked["cache"]
     shutil.rmtree(folder, ignore_errors=True)
     ratio = lambda a, b: round(statistics.median(x / y for x, y in zip(runs[a], runs[b])), 3)
     return {"seconds": {v: round(statistics.median(t), 2) for v, t in runs.items()},
             "stage_over_mergekit": ratio("stage", "mergekit"), "mergekit_over_floor": ratio("mergekit", "floor"),
-            "identical_tensors": True, "hit_stage_s": round(hit["seconds"], 3), "hit_process_s": round(hit_process, 2)}
+            "identical_tensors": True, "hit_stage_s": round(hit["seconds"], 3), "hit_process_s": round(hit_process, 2),
+            "hit_hardlink_stage_s": round(linked["seconds"], 3), "copies": os.geteuid() == 0}
 
 
 def floor_worker(config: Path, out: Path, result: Path) -> None:
@@ -219,21 +228,22 @@ def show(size: str, method: str, report: dict) -> None:
     s = m["seconds"]
     print(f"  {size} {method:10s} stage {s['stage']:.1f} s  mergekit {s['mergekit']:.1f} s  floor {s['floor']:.1f} s "
           f"(io {s['floor_io']:.1f} s)  stage/mergekit {m['stage_over_mergekit']}  mergekit/floor "
-          f"{m['mergekit_over_floor']}  cache hit: stage {m['hit_stage_s']} s, process {m['hit_process_s']} s",
+          f"{m['mergekit_over_floor']}  cache hit: stage {m['hit_stage_s']} s, process {m['hit_process_s']} s, "
+          f"stage with hard links {m['hit_hardlink_stage_s']} s",
           flush=True)
 
 
 def table(report: dict) -> None:
     print("\n| size | method | stage s | mergekit-yaml s | stage / mergekit | I/O floor s (process; I/O alone) | "
-          "mergekit / floor | (mergekit - imports) / I/O | cache hit: stage s (process s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "mergekit / floor | (mergekit - imports) / I/O | cache hit: stage s (process s) | hit, hard links: stage s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in report.values():
         for method, m in r["methods"].items():
             s = m["seconds"]
             compute = (s["mergekit"] - r["imports_s"]) / s["floor_io"]
             print(f"| {r['params_m']}M | {method} | {s['stage']:.1f} | {s['mergekit']:.1f} | "
                   f"{m['stage_over_mergekit']} | {s['floor']:.1f}; {s['floor_io']:.1f} | {m['mergekit_over_floor']} | "
-                  f"{compute:.1f} | {m['hit_stage_s']} ({m['hit_process_s']}) |")
+                  f"{compute:.1f} | {m['hit_stage_s']} ({m['hit_process_s']}) | {m['hit_hardlink_stage_s']} |")
     imports = ", ".join(f"{size}: {r['imports_s']} s" for size, r in report.items())
     print(f"(imports: a process importing mergekit.merge and torch, {imports})")
 

@@ -1,6 +1,6 @@
 """Scaling curves: what an anneal costs as the model and the data grow, for the stage and for plain TRL.
 
-    python bench/scaling.py                         # 1M, 10M, 100M parameters x 64, 256 pairs; ~15 min, 2 cores
+    python bench/scaling.py --out docs/scaling      # 1M, 10M, 100M parameters x 32, 128 pairs; ~20 min, 2 cores
     python bench/scaling.py --sizes 1m,10m --pairs 64,256,1024 --out scaling/
 
 For every model size and number of training pairs, the anneal stage (one run, its reference pass included) and
@@ -28,7 +28,7 @@ BATCH = 8
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1m,10m,100m")
-    parser.add_argument("--pairs", default="64,256")
+    parser.add_argument("--pairs", default="32,128")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("scaling"))
     args = parser.parse_args()

@@ -153,7 +153,7 @@ def main(cfg: DictConfig) -> float | None:
     +sweep=search reads), a failed run fails only its own job, and memory is freed before the next job."""
     if needs_merge_config(cfg):  # multirun jobs do not pass through RequireMerge.on_run_start
         fail(missing_merge_message())
-    logs.route_library_logs(cfg.pipeline.library_logs)
+    logs.route_library_logs(cfg.pipeline.library_logs, datasets=set(cfg.pipeline.stages) != {"merge"})
     logging.raiseExceptions = False  # a log line that cannot be written (a full disk) prints no traceback
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -163,10 +163,12 @@ def main(cfg: DictConfig) -> float | None:
         outcome = run_pipeline(cfg, run_dir, command=HydraConfig.get().overrides.task)
         objective = sweep.run_objective(outcome, cfg.pipeline.objective.metric) if sweeping else None
     except Exception as err:
-        free_job_memory(err)
+        if sweeping:
+            free_job_memory(err)
         if isinstance(err, UserError) and not sweeping:
             fail(str(err))
         raise  # in a sweep, Hydra records the job as failed and runs the next; the sweep summary lists it
-    free_job_memory()
+    if sweeping:  # the next job runs in this process (a single run's process ends here: nothing to free)
+        free_job_memory()
     log.info(f"merge-anneal: done; manifest: {manifest.manifest_path(run_dir)}")
     return objective

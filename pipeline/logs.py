@@ -22,20 +22,24 @@ class LibraryFilter(logging.Filter):
         return record.name.split(".")[0] in OURS or record.levelno >= self.level
 
 
-def route_library_logs(library_logs: bool) -> None:
-    """Send transformers', datasets' and Python's warnings through the root handlers, filtered unless
-    `library_logs`."""
-    import datasets.utils.logging as datasets_logging
+def route_library_logs(library_logs: bool, datasets: bool = True) -> None:
+    """Send transformers', datasets' (unless `datasets` is false: a run that never reads data, such as a merge
+    alone, need not import it) and Python's warnings through the root handlers, filtered unless `library_logs`."""
     import transformers.utils.logging as transformers_logging
 
+    libraries = [transformers_logging]
+    if datasets:
+        import datasets.utils.logging as datasets_logging
+
+        libraries.append(datasets_logging)
+        # datasets' bars for instant steps (map, filter, flatten, parquet) are noise; training and the reference
+        # pass keep theirs
+        (datasets_logging.enable_progress_bar if library_logs else datasets_logging.disable_progress_bar)()
     logging.captureWarnings(True)
-    for library in (transformers_logging, datasets_logging):  # each has a stderr handler of its own: use ours
+    for library in libraries:  # each has a stderr handler of its own: use ours
         logging.getLogger(library.__name__.split(".")[0]).handlers.clear()
         library.enable_propagation()
         library.set_verbosity(logging.INFO if library_logs else logging.WARNING)
-    # datasets' bars for instant steps (map, filter, flatten, parquet) are noise; training and the reference
-    # pass keep theirs
-    (datasets_logging.enable_progress_bar if library_logs else datasets_logging.disable_progress_bar)()
     level = logging.NOTSET if library_logs else logging.ERROR
     for handler in logging.getLogger().handlers:
         for old in [f for f in handler.filters if isinstance(f, LibraryFilter)]:
