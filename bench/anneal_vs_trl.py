@@ -170,33 +170,33 @@ def prepare(size: str, case_dir: Path, steps: int, batch: int, sweep: bool = Tru
     return case_dir
 
 
-def make_parents(folder: Path, dims: dict):
-    """A random ~100M-parameter Llama base and two children (base + seeded noise), demo tokenizer."""
+def make_parents(folder: Path, dims: dict, vocab_size: int | None = None, dtype=None):
+    """A random Llama base and two children (base + seeded noise), the demo tokenizer; `vocab_size` (default: the
+    tokenizer's) and `dtype` (default: torch's default dtype) as stored."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pipeline.demo.build import build_tokenizer
 
     tokenizer = build_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=dims.get("max_length", 256),
+    config = LlamaConfig(vocab_size=vocab_size or len(tokenizer), max_position_embeddings=dims.get("max_length", 256),
                          tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id,
                          **{k: v for k, v in dims.items() if not k.endswith("_chars") and k != "max_length"})
     torch.manual_seed(0)
     base = LlamaForCausalLM(config)
-    paths = []
-    for name, seed in (("base", None), ("a", 1), ("b", 2)):
-        model = base
-        if seed is not None:
-            model = LlamaForCausalLM(config)
-            model.load_state_dict(base.state_dict())
-            generator = torch.Generator().manual_seed(seed)
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(torch.randn(p.shape, generator=generator) * 0.002)
-        model.save_pretrained(folder / name)
-        tokenizer.save_pretrained(folder / name)
-        paths.append(folder / name)
+    for name, seed in (("a", 1), ("b", 2)):
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(base.state_dict())
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator) * 0.002)
+        (model.to(dtype) if dtype else model).save_pretrained(folder / name)
+    (base.to(dtype) if dtype else base).save_pretrained(folder / "base")  # last: .to() converts it in place
+    paths = [folder / name for name in ("base", "a", "b")]
+    for path in paths:
+        tokenizer.save_pretrained(path)
     print(f"  parents: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters")
     return paths[0], paths[1:]
 

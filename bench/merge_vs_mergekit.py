@@ -37,7 +37,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SIZES = {  # Llama dimensions, vocabulary 8192 (the demo's character tokenizer is copied along)
+sys.path.insert(0, str(REPO))
+from anneal_vs_trl import make_parents  # noqa: E402  (bench/ is on the path: the script's own folder)
+
+VOCAB = 8192  # the parents' vocabulary (the demo's character tokenizer is copied along)
+SIZES = {  # Llama dimensions
     "100m": dict(hidden_size=768, num_hidden_layers=10, num_attention_heads=12, intermediate_size=3072),
     "500m": dict(hidden_size=1536, num_hidden_layers=16, num_attention_heads=12, intermediate_size=4096),
 }
@@ -61,7 +65,10 @@ def main() -> None:
     report = {}
     try:
         for size in args.sizes.split(","):
-            parents = make_parents(work / size / "parents", SIZES[size])
+            import torch
+
+            base, (a, b) = make_parents(work / size / "parents", SIZES[size], vocab_size=VOCAB, dtype=torch.bfloat16)
+            parents = {"base": base, "a": a, "b": b}
             if args.profile:
                 profile(parents, args.profile, work / size)
                 continue
@@ -82,38 +89,9 @@ def main() -> None:
         print(f"wrote {args.json}")
 
 
-def make_parents(folder: Path, dims: dict) -> dict:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    sys.path.insert(0, str(REPO))
-    from pipeline.demo.build import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(vocab_size=8192, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, num_key_value_heads=dims["num_attention_heads"], **dims)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config)
-    paths = {}
-    for name, seed in (("base", None), ("a", 1), ("b", 2)):
-        model = base
-        if seed is not None:
-            generator = torch.Generator().manual_seed(seed)
-            model = LlamaForCausalLM(config)
-            with torch.no_grad():
-                for (_, mine), theirs in zip(model.named_parameters(), base.parameters()):
-                    mine.copy_(theirs + torch.randn(theirs.shape, generator=generator) * 0.002)
-        model.to(torch.bfloat16).save_pretrained(folder / name)
-        tokenizer.save_pretrained(folder / name)
-        paths[name] = folder / name
-    print(f"{folder.parent.name}: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters, bf16 parents",
-          flush=True)
-    return paths
-
-
 def parameter_count(dims: dict) -> int:
     h, i, layers = dims["hidden_size"], dims["intermediate_size"], dims["num_hidden_layers"]
-    return 2 * 8192 * h + layers * (4 * h * h + 3 * h * i + 2 * h) + h
+    return 2 * VOCAB * h + layers * (4 * h * h + 3 * h * i + 2 * h) + h
 
 
 def stage_command(method: str, parents: dict, run_dir: Path, cache_dir: Path, cache: bool) -> list[str]:
@@ -209,7 +187,6 @@ def floor_worker(config: Path, out: Path, result: Path) -> None:
 
 def profile(parents: dict, method: str, folder: Path) -> None:
     """mergekit's run_merge of the stage's config, in this process under cProfile: the top functions."""
-    sys.path.insert(0, str(REPO))
     timed(stage_command(method, parents, folder / "p", folder / "pc", cache=False), folder)
     record = json.loads((folder / "p" / "manifest.json").read_text())["stages"]["merge"]
     import yaml
