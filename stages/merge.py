@@ -45,7 +45,7 @@ def run(cfg: DictConfig, run_dir: Path) -> records.MergeRecord:
     merge_config, options, sources = prepare(cfg, raw)
     cache_state, key = "off", None
     if cfg.pipeline.cache:
-        key = cache_key(merge_config, options, version("mergekit"))
+        key = cache_key(merge_config, options, version("mergekit"), cache_root / "fingerprints")
         cached_dir = cache_root / "merges" / key
         cache_state = through_cache(cached_dir, lambda entry: merge_into(merge_config, options, entry), out_dir,
                                     files=cfg.pipeline.cache_files, digests=cfg.pipeline.cache_verify)
@@ -301,16 +301,18 @@ def build_options(section: DictConfig):
                         "(see conf/merge_options/default.yaml).") from None
 
 
-def cache_key(merge_config, options, version: str) -> str:
+def cache_key(merge_config, options, version: str, memo: Path | None = None) -> str:
     """Content address of a merge: the resolved config with each model path replaced by its file
-    fingerprint, the options that change the output, and the mergekit version."""
+    fingerprint (remembered across runs by the files' stat in `memo`, as `inputs_key` does: a hub snapshot, which
+    `inputs_key` cannot key, is hashed once, not on every run), the options that change the output, and the
+    mergekit version."""
     import hashlib
 
-    fingerprints = {str(ref.model.path): "sha256:" + models.fingerprint(ref.model.path)
+    fingerprints = {str(ref.model.path): "sha256:" + models.fingerprint(ref.model.path, memo)
                     for ref in merge_config.referenced_models()}
     for ref in merge_config.referenced_models():
         if ref.lora is not None:
-            fingerprints[str(ref.lora.path)] = "sha256:" + models.fingerprint(ref.lora.path)
+            fingerprints[str(ref.lora.path)] = "sha256:" + models.fingerprint(ref.lora.path, memo)
     content = {
         "config": _replace_strings(merge_config.model_dump(mode="json"), fingerprints),
         "options": {k: v for k, v in options.model_dump(mode="json").items() if k not in RUNTIME_ONLY_OPTIONS},
