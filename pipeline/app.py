@@ -14,7 +14,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pipeline import CONF_DIR, UserError, artifacts, demo, logs, manifest, models, sweep
+from pipeline import CONF_DIR, UserError, artifacts, demo, logs, manifest, models, records, sweep
 
 log = logging.getLogger(__name__)
 STAGES = ("merge", "anneal", "eval", "release")  # every stage that exists, in pipeline order
@@ -71,15 +71,36 @@ def check_stages(names) -> list[str]:
     return sorted(names, key=STAGES.index)
 
 
-def check_data_fits_models(cfg: DictConfig, stages: list[str]) -> None:
-    """The demo's pairs (arithmetic and word reversal, with the demo's recipe) anneal the demo parents only."""
-    if (cfg.data.source == "demo" and cfg.models.source != "demo" and "anneal" in stages
-            and not cfg.data.get("with_other_models")):
-        raise UserError("These parents would be annealed on the embedded demo's preference pairs (two-digit sums "
-                        "and reversed words, with the demo's recipe: learning rate 3e-4, max_length 64), since no "
-                        "data was chosen. Fix: name your preference data, data=custom data.path=prefs.jsonl (a local "
-                        "file or a hub data set id; conf/data/custom.yaml). For a smoke test on the demo's pairs: "
-                        "data.with_other_models=true.")
+def merge_inputs(cfg: DictConfig, stages: list[str], run_dir: Path) -> list[str] | None:
+    """The models the run's merge reads, as its config names them: the merge config (a preset or the user's own
+    mergekit YAML, whatever `models` says) when the merge runs, else the run folder's merge record; None when
+    neither exists yet."""
+    if "merge" in stages:
+        from stages.merge import load_merge_config, model_references
+
+        return model_references(load_merge_config(cfg))[0]
+    try:
+        return records.load(run_dir, records.MergeRecord).inputs.models
+    except UserError:
+        return None
+
+
+def in_demo(cfg: DictConfig, model: str) -> bool:
+    """A model reference that points into the embedded demo's folder."""
+    return Path(model).expanduser().resolve().is_relative_to(demo.demo_dir(cfg.models.cache_dir))
+
+
+def check_data_fits_models(cfg: DictConfig, stages: list[str], merged: list[str] | None) -> None:
+    """The demo's pairs (arithmetic and word reversal, with the demo's recipe) anneal the demo parents only: `merged`,
+    the models the merge reads (`merge_inputs`), must all be the demo's."""
+    if (cfg.data.source == "demo" and "anneal" in stages and merged is not None
+            and not all(in_demo(cfg, m) for m in merged) and not cfg.data.get("with_other_models")):
+        others = ", ".join(Path(m).name for m in merged if not in_demo(cfg, m))
+        raise UserError(f"Your merge's models ({others}) would be annealed on the embedded demo's preference pairs "
+                        "(two-digit sums and reversed words, with the demo's recipe: learning rate 3e-4, max_length "
+                        "64), since no data was chosen. Fix: name your preference data, data=custom "
+                        "data.path=prefs.jsonl (a local file or a hub data set id; conf/data/custom.yaml). For a smoke "
+                        "test on the demo's pairs: data.with_other_models=true.")
 
 
 def run_pipeline(cfg: DictConfig, run_dir: Path, command=None) -> dict:
@@ -87,18 +108,22 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, command=None) -> dict:
     `command`: the invocation's Hydra overrides, recorded for the model card once the folder is ours."""
     run_dir = Path(run_dir).resolve()
     stages = check_stages(cfg.pipeline.stages)
-    check_data_fits_models(cfg, stages)
+    merged = merge_inputs(cfg, stages, run_dir)
+    check_data_fits_models(cfg, stages, merged)
     with manifest.owned(run_dir):
         for name in manifest.check_interrupted(run_dir, cfg.pipeline.resume):
             log.warning(f"{name}: interrupted in an earlier attempt; resuming (pipeline.resume=true)")
         if command is not None:
             manifest.record_command(run_dir, command, cfg.pipeline.stages)
-        return _run_stages(cfg, run_dir, stages)
+        return _run_stages(cfg, run_dir, stages, merged)
 
 
-def _run_stages(cfg: DictConfig, run_dir: Path, stages: list[str]) -> dict:
-    if (cfg.models.source == "demo" and "merge" in stages) or (cfg.data.source == "demo" and "anneal" in stages):
-        demo.ensure_demo(cfg.models.cache_dir)  # built on first use, never rebuilt while present
+def _run_stages(cfg: DictConfig, run_dir: Path, stages: list[str], merged: list[str] | None) -> dict:
+    # The demo is built on first use (never rebuilt while present): when the merge reads its parents, or the anneal
+    # its pairs. A merge of other models never builds it.
+    if ("merge" in stages and any(in_demo(cfg, m) for m in merged)) or (cfg.data.source == "demo"
+                                                                         and "anneal" in stages):
+        demo.ensure_demo(cfg.models.cache_dir)
     for name in stages:
         if cfg.pipeline.resume and manifest.load(run_dir)["stages"].get(name, {}).get("status") == "done":
             log.info(f"{name}: done in an earlier attempt, skipped (pipeline.resume=true)")

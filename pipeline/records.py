@@ -60,7 +60,7 @@ class MergeOutputs(Record):
 class MergeConfig(Record):
     merge: dict  # the resolved mergekit configuration (MergeConfiguration.model_dump)
     merge_options: dict
-    models: dict
+    models: dict | None = None  # the `models` group, where a method preset read it (not for merge.config_file)
 
 
 class MergeRecord(StageRecord):

@@ -61,7 +61,8 @@ def run(cfg: DictConfig, run_dir: Path) -> records.MergeRecord:
         outputs={"model": str(out_dir), "config": str(out_dir / CONFIG_NAME)},
         config={"merge": merge_config.model_dump(mode="json", exclude_defaults=True),
                 "merge_options": options.model_dump(mode="json"),
-                "models": OmegaConf.to_container(cfg.models, resolve=True)},
+                # the `models` group feeds the method presets only: a user's own mergekit YAML names its models
+                "models": None if "config_file" in cfg.merge else OmegaConf.to_container(cfg.models, resolve=True)},
         merge_method=merge_config.merge_method,
         cache={"merge": cache_state, **({"key": key} if key else {})},
         mergekit_version=version("mergekit"),
@@ -89,14 +90,10 @@ def prepare(cfg: DictConfig, raw: dict):
 MODEL_KEYS = ("model", "base_model")
 
 
-def inputs_key(cfg: DictConfig, raw: dict, memo: Path) -> str | None:
-    """A key of everything a merge reads, computed without mergekit: the config as given, the merge, models and
-    merge_options groups, mergekit's version and the fingerprint of every model folder it names (remembered
-    across runs by the files' stat, `memo`). None when a model is not a local folder (a hub id goes through
-    `prepare`, which resolves it)."""
-    import hashlib
-
-    folders, tokenizers = set(), set()
+def model_references(raw) -> tuple[list[str], list[str]]:
+    """The models a mergekit config names, as written and in order (`model+lora`: both), and the local folders its
+    `tokenizer_source` names; read from the config alone (no mergekit import, nothing resolved)."""
+    named, tokenizers = [], []
 
     def walk(node, key=None):
         if isinstance(node, dict):
@@ -106,17 +103,28 @@ def inputs_key(cfg: DictConfig, raw: dict, memo: Path) -> str | None:
             for value in node:
                 walk(value, key)
         elif key in MODEL_KEYS and isinstance(node, str):
-            folders.update(node.split("+"))
+            named.extend(node.split("+"))
         elif key == "tokenizer_source" and isinstance(node, str) and Path(node).is_dir():
-            tokenizers.add(node)
+            tokenizers.append(node)
 
     walk(raw)
+    return list(dict.fromkeys(named)), list(dict.fromkeys(tokenizers))
+
+
+def inputs_key(cfg: DictConfig, raw: dict, memo: Path) -> str | None:
+    """A key of everything a merge reads, computed without mergekit: the config as given, the merge, models and
+    merge_options groups, mergekit's version and the fingerprint of every model folder it names (remembered
+    across runs by the files' stat, `memo`). None when a model is not a local folder (a hub id goes through
+    `prepare`, which resolves it)."""
+    import hashlib
+
+    folders, tokenizers = model_references(raw)
     if not folders or not all(Path(folder).is_dir() for folder in folders):
         return None
     content = {"config": raw, "groups": {name: OmegaConf.to_container(cfg[name], resolve=True)
                                          for name in ("merge", "models", "merge_options")},
                "mergekit": version("mergekit"), "merge-anneal": 1,
-               "folders": {f: models.fingerprint(f, memo) for f in sorted(folders | tokenizers)}}
+               "folders": {f: models.fingerprint(f, memo) for f in sorted({*folders, *tokenizers})}}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

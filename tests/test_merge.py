@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import UserError, manifest, models
 from pipeline.app import merge_options, run_pipeline
+from pipeline.demo import demo_dir
 from stages import merge
 
 ALL_METHODS = sorted(p for p in merge_options() if p != "custom")
@@ -148,15 +149,7 @@ def test_local_folders_as_parents(make_cfg, tmp_path, tiny):
 
 
 def test_custom_mergekit_yaml_runs_verbatim(cli, tmp_path, tiny):
-    config_path = tmp_path / "my-merge.yml"
-    config_path.write_text(
-        "merge_method: task_arithmetic\n"
-        f"base_model: {tiny['base']}\n"
-        "models:\n"
-        f"  - model: {tiny['add']}\n    parameters: {{weight: 0.7}}\n"
-        f"  - model: {tiny['reverse']}\n    parameters: {{weight: 0.3}}\n"
-        "dtype: float32\n"
-    )
+    config_path = write_task_arithmetic_yaml(tmp_path / "my-merge.yml", tiny)
     result, run_dir = cli("+merge=custom", f"merge.config_file={config_path}", MERGE_ONLY, *tiny.models, *tiny.data,
                           process=True)  # a real `python -m pipeline`
     assert result.returncode == 0, result.stderr
@@ -177,6 +170,45 @@ def test_custom_mergekit_yaml_runs_verbatim(cli, tmp_path, tiny):
     imported = [line.split("|")[-1].strip() for line in again.stderr.splitlines() if line.startswith("import time:")]
     assert "pipeline.app" in imported and not [m for m in imported if m.startswith(("mergekit", "peft", "datasets"))]
     assert weight_files(run2 / "merge" / "model") == weight_files(run_dir / "merge" / "model")
+
+
+def write_task_arithmetic_yaml(path: Path, tiny) -> Path:
+    path.write_text(
+        "merge_method: task_arithmetic\n"
+        f"base_model: {tiny['base']}\n"
+        "models:\n"
+        f"  - model: {tiny['add']}\n    parameters: {{weight: 0.7}}\n"
+        f"  - model: {tiny['reverse']}\n    parameters: {{weight: 0.3}}\n"
+        "dtype: float32\n"
+    )
+    return path
+
+
+def test_a_custom_merge_never_builds_or_reads_the_demo(tmp_path, tiny):
+    """Your own mergekit YAML is the source of truth for the parents: with a fresh cache, README's command without
+    data is refused at once naming `data=custom data.path=...`; with your data it merges and anneals on it with TRL's
+    defaults, and the demo is never built (a real `python -m pipeline`)."""
+    from conftest import ONE_THREAD, SHORT, run_cli, run_in_process
+
+    fresh = tmp_path / "fresh-cache"  # the demo's folder too (models.cache_dir follows pipeline.cache_dir)
+    config_path = write_task_arithmetic_yaml(tmp_path / "my-merge.yml", tiny)
+    custom = ("+merge=custom", f"merge.config_file={config_path}", f"pipeline.cache_dir={fresh}")
+    refused = run_in_process(*custom, f"hydra.run.dir={tmp_path / 'refused'}", cwd=tmp_path)
+    assert_clean_failure(refused, tmp_path / "refused", "data=custom data.path=", "(base, add, reverse)")
+    assert refused.returncode == 2 and not (tmp_path / "refused" / "merge").exists()
+
+    run_dir = tmp_path / "run"
+    result = run_cli(*custom, *tiny.data, *SHORT, "anneal.trainer.per_device_train_batch_size=4",
+                     "anneal.trainer.max_length=64", "pipeline.stages=[merge,anneal]", f"hydra.run.dir={run_dir}",
+                     cwd=tmp_path, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (fresh / "demo").exists() and not demo_dir(fresh).exists()
+    stages = manifest.load(run_dir)["stages"]
+    assert stages["merge"]["config"]["models"] is None  # the `models` group played no part
+    assert {Path(p).name for p in stages["merge"]["inputs"]["models"]} == {"base", "add", "reverse"}
+    data = stages["anneal"]["config"]["data"]
+    assert data["source"] == "custom" and data["path"] == str(tiny.root / "data" / "train.jsonl")
+    assert stages["anneal"]["config"]["anneal"]["trainer"]["learning_rate"] == 1e-6  # TRL's, not the demo's recipe
 
 
 def test_same_config_is_byte_identical_across_hash_seeds(tmp_path, cache_dir, tiny):

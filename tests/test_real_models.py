@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import SHORT
 from pipeline import UserError, manifest, models, perf
-from pipeline.app import check_data_fits_models
+from pipeline.app import check_data_fits_models, merge_inputs
 
 # The fields dpo.yaml keeps at TRL's DPOConfig defaults (the others carry a comment saying why not).
 TRL_DEFAULTS = ("loss_type", "beta", "learning_rate", "lr_scheduler_type", "warmup_steps",
@@ -47,11 +47,18 @@ def test_other_parents_on_the_demos_pairs_are_refused_naming_the_data_to_give(cl
     message = " ".join(result.stderr.split())
     assert "data=custom data.path=" in message and "data.with_other_models=true" in message
     assert not (run_dir / "merge").exists()  # refused before anything ran
+    stages = ["merge", "anneal"]
     allowed = make_cfg("+merge=slerp", *tiny.models, "data.with_other_models=true")
-    assert check_data_fits_models(allowed, ["merge", "anneal"]) is None
+    assert check_data_fits_models(allowed, stages, merge_inputs(allowed, stages, run_dir)) is None
+    refused = make_cfg("+merge=slerp", *tiny.models)
     with pytest.raises(UserError):
-        check_data_fits_models(make_cfg("+merge=slerp", *tiny.models), ["merge", "anneal"])
-    assert check_data_fits_models(make_cfg("+merge=slerp", *tiny.models), ["merge"]) is None
+        check_data_fits_models(refused, stages, merge_inputs(refused, stages, run_dir))
+    assert check_data_fits_models(refused, ["merge"], merge_inputs(refused, ["merge"], run_dir)) is None
+    # the models the merge config names decide, not the `models` group: the demo's group, another model in the merge
+    mixed = make_cfg("+merge=slerp", "merge.models.1.model=" + str(tiny["add"]))
+    assert str(tiny["add"]) in merge_inputs(mixed, stages, run_dir)
+    with pytest.raises(UserError, match="add"):
+        check_data_fits_models(mixed, stages, merge_inputs(mixed, stages, run_dir))
 
 
 @pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
