@@ -374,13 +374,12 @@ def plain_trl(cfg, run_dir: Path, parent: str, lora: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOTrainer
 
-    from pipeline import models, perf, preferences, records
-    from stages import anneal
+    from pipeline import models, perf, preferences, records, training
 
     merged_dir = records.load(run_dir, records.MergeRecord).outputs.model
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    args = anneal.dpo_config(cfg.anneal, run_dir / "trl", perf.decide_precision(cfg.anneal,
-                                                                                models.count_parameters(merged_dir)))
+    args = training.dpo_config(cfg.anneal, run_dir / "trl", perf.decide_precision(cfg.anneal,
+                                                                                  models.count_parameters(merged_dir)))
     args.precompute_ref_log_probs = False
     args.train_sampling_strategy = "random"  # TRL's default (its DPO drops the length column grouping needs)
     pairs, _ = preferences.load_preferences(cfg.data)

@@ -9,7 +9,7 @@ order, medians over repeats:
            the measured work), parent 0 as the reference;
   trl      plain TRL as a user writes it: `DPOTrainer(model=merged, ref_model=parent, args=DPOConfig(...))` with
            the parent resident and scored online, then `trainer.save_model`. DPOConfig is the stage's own
-           (`stages.anneal.dpo_config`: same fields, bf16=True) with TRL's default precompute_ref_log_probs=False;
+           (`pipeline.training.dpo_config`: same fields, bf16=True) with TRL's default precompute_ref_log_probs=False;
            both load the models in float32 (master weights, as the stage does) and train under bf16 autocast;
   *-lora   the same with `anneal=lora`; plain TRL passes the same LoraConfig and, for the stage's deliverable,
            also saves the adapter merged into the weights.
@@ -267,12 +267,11 @@ def plain_trl(cfg, run_dir: Path, parent: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOTrainer
 
-    from pipeline import models, perf, preferences, records
-    from stages import anneal
+    from pipeline import models, perf, preferences, records, training
 
     merged_dir = records.load(run_dir, records.MergeRecord).outputs.model
     precision = perf.decide_precision(cfg.anneal, models.count_parameters(merged_dir))
-    args = anneal.dpo_config(cfg.anneal, run_dir / "trl", precision)  # the stage's DPOConfig, field for field
+    args = training.dpo_config(cfg.anneal, run_dir / "trl", precision)  # the stage's DPOConfig, field for field
     args.precompute_ref_log_probs = False  # TRL's default: the reference scores every batch during training
     args.train_sampling_strategy = "random"  # TRL's default (its DPO drops the length column grouping needs)
     pairs, _ = preferences.load_preferences(cfg.data)

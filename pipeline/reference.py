@@ -140,6 +140,27 @@ def reference_logps(reference_dir: str, fingerprint: str, tokenizer, pairs, args
                                                 digests=cfg.pipeline.cache_verify)
 
 
+def parents_reference_logps(references: dict, fingerprints: dict, tokenizer, pairs, routes, args, precision, cfg,
+                             stage_dir: Path, ranks):
+    """`anneal.reference=parents`: each parent's pass (cached on its own) at `reference_logps_by_parent/<name>`,
+    combined into `reference_logps/data.parquet` by `anneal.reference_combine` (`routes`: `route_of`'s, under
+    route). Returns (store, "hit" when every
+    parent's pass was, else "miss", per parent: path, fingerprint, cache)."""
+    by_parent = {}
+    for name, source in references.items():
+        path, state = reference_logps(source.path, fingerprints[name], tokenizer, pairs, args, precision, cfg,
+                                      stage_dir, ranks, local=stage_dir / "reference_logps_by_parent" / name)
+        by_parent[name] = {"path": source.path, "fingerprint": fingerprints[name], "store": str(path), "cache": state}
+    store = stage_dir / "reference_logps" / "data.parquet"
+    if ranks.is_main_process:
+        stores = {name: preferences.read_store(Path(p["store"])) for name, p in by_parent.items()}
+        combined = combine(stores, cfg.anneal.reference_combine, routes)
+        publish(store.parent, lambda tmp: (tmp.mkdir(), preferences.write_store(combined, tmp / "data.parquet")))
+    ranks.wait_for_everyone()
+    state = "hit" if all(p["cache"] == "hit" for p in by_parent.values()) else "miss"
+    return store, state, by_parent
+
+
 def score_with_reference(reference_dir: str, tokenizer, pairs, args, precision, trl_model_hash, stage_dir: Path,
                          ranks, pack: bool = False):
     """One batched no-grad pass of the reference through TRL's own precompute over the train and held-out pairs,

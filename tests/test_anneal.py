@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainerCallback
 
 from conftest import ONE_THREAD, SHORT, TEST_CACHE, run_in_process, write_jsonl
-from pipeline import UserError, manifest, models, perf, preferences, records, reference
+from pipeline import UserError, manifest, models, perf, preferences, records, reference, training
 from pipeline.app import run_pipeline
 from stages import anneal
 
@@ -105,7 +105,7 @@ def test_reference_pass_under_autocast_equals_trls_with_a_float32_reference(make
     cfg = make_short_cfg("+merge=slerp", "anneal.trainer.bf16=true", "anneal.trainer.precompute_ref_batch_size=8")
     tokenizer = AutoTokenizer.from_pretrained(tiny["add"])
     precision = perf.decide_precision(cfg.anneal, n_params=10**6, cuda=False)
-    args = anneal.dpo_config(cfg.anneal, tmp_path / "ckpt", precision)
+    args = training.dpo_config(cfg.anneal, tmp_path / "ckpt", precision)
     assert args.bf16 and args.precompute_ref_batch_size == 8  # set by the user: kept
     assert precision.reference_linear_weights == "bfloat16"
     pairs, _ = preferences.load_preferences(cfg.data)
@@ -133,7 +133,7 @@ def test_reference_pass_under_autocast_equals_trls_with_a_float32_reference(make
 
 
 def dpo_config(anneal_cfg, output_dir):
-    return anneal.dpo_config(anneal_cfg, output_dir, perf.decide_precision(anneal_cfg, n_params=10**6, cuda=False))
+    return training.dpo_config(anneal_cfg, output_dir, perf.decide_precision(anneal_cfg, n_params=10**6, cuda=False))
 
 
 def test_reference_batch_size_fills_a_token_budget(make_short_cfg, tmp_path):
@@ -155,7 +155,7 @@ def test_reference_is_released_before_the_policy_trains(make_short_cfg, tmp_path
     merged_dir = Path(records.load(tmp_path, records.MergeRecord).outputs.model)
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     precision = perf.decide_precision(cfg.anneal, models.count_parameters(merged_dir), cuda=False)
-    args = anneal.dpo_config(cfg.anneal, tmp_path / "ckpt", precision)
+    args = training.dpo_config(cfg.anneal, tmp_path / "ckpt", precision)
     pairs, _ = preferences.load_preferences(cfg.data)
     with perf.gc_skips_existing_objects(True):  # as in the stage
         scored = reference.score_with_reference(str(tiny["add"]), tokenizer, pairs, args, precision,
@@ -170,8 +170,8 @@ def test_reference_is_released_before_the_policy_trains(make_short_cfg, tmp_path
             resident.append(sum(isinstance(o, PreTrainedModel) and hasattr(o, "lm_head") for o in gc.get_objects()))
 
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
-    trainer = anneal.make_trainer(model, tokenizer, args, scored["train"], cfg.anneal, tmp_path,
-                                  perf.known_model_hash("fingerprint", True))
+    trainer = training.make_trainer(model, tokenizer, args, scored["train"], cfg.anneal, tmp_path,
+                                    perf.known_model_hash("fingerprint", True))
     trainer.add_callback(CountModels())
     trainer.train()
     assert trainer.ref_model is None
@@ -194,8 +194,9 @@ def test_length_grouped_batches_pad_less_and_cover_every_pair(make_short_cfg, tm
     for strategy in ("random", "group_by_length"):
         cfg = make_short_cfg("+merge=slerp", f"anneal.trainer.train_sampling_strategy={strategy}")
         model = AutoModelForCausalLM.from_pretrained(tiny["add"])
-        trainer = anneal.make_trainer(model, tokenizer, dpo_config(cfg.anneal, tmp_path / strategy),
-                                      Dataset.from_list(rows), cfg.anneal, tmp_path, perf.known_model_hash("x", True))
+        trainer = training.make_trainer(model, tokenizer, dpo_config(cfg.anneal, tmp_path / strategy),
+                                        Dataset.from_list(rows), cfg.anneal, tmp_path,
+                                        perf.known_model_hash("x", True))
         batches = list(trainer.get_train_dataloader())
         masks = [b["attention_mask"] for b in batches]
         padding[strategy] = 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
@@ -419,10 +420,10 @@ def test_bad_trainer_settings_are_clear(make_short_cfg, tmp_path):
                              (["anneal.method=orpo", "+anneal.method_args.cpo_alpha=1"], "ORPOConfig rejected")):
         anneal_cfg = make_short_cfg("+merge=slerp", *override).anneal
         with pytest.raises(UserError, match=phrase):
-            anneal.method_config(anneal_cfg, dpo_config(anneal_cfg, tmp_path), precision)
+            training.method_config(anneal_cfg, dpo_config(anneal_cfg, tmp_path), precision)
     # a reference-free method takes the Trainer fields of anneal.trainer, and its own fields from method_args
     simpo = make_short_cfg("+merge=slerp", "+anneal_variant=simpo", "anneal.trainer.learning_rate=0.01").anneal
-    args = anneal.method_config(simpo, dpo_config(simpo, tmp_path), precision)
+    args = training.method_config(simpo, dpo_config(simpo, tmp_path), precision)
     assert type(args).__name__ == "CPOConfig" and (args.loss_type, args.beta, args.cpo_alpha) == ("simpo", 2.0, 0.0)
     assert args.learning_rate == 0.01 and args.output_dir == str(tmp_path)
 

@@ -85,17 +85,17 @@ def test_a_malformed_preference_line_is_named(cli, tiny, tmp_path):
 def test_resume_skips_a_checkpoint_cut_short_while_saving(tmp_path):
     """A kill while the Trainer saves leaves a checkpoint folder without its trainer_state.json (written last):
     resuming takes the complete one before it."""
-    from stages import anneal
+    from pipeline import training
 
-    assert anneal.last_checkpoint(str(tmp_path / "none")) is None
+    assert training.last_checkpoint(str(tmp_path / "none")) is None
     for step in (10, 20, 30):
         (tmp_path / f"checkpoint-{step}").mkdir()
     (tmp_path / "checkpoint-10" / "trainer_state.json").write_text('{"global_step": 10}')
     (tmp_path / "checkpoint-20" / "trainer_state.json").write_text('{"global_step": 2')  # torn write
     (tmp_path / "checkpoint-30" / "model.safetensors").write_bytes(b"partial")
-    assert anneal.last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert training.last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
     (tmp_path / "checkpoint-30" / "trainer_state.json").write_text('{"global_step": 30}')
-    assert anneal.last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-30")
+    assert training.last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-30")
 
 
 # ------------------------------------------------------------------------------------- a self-checking cache

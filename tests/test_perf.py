@@ -14,9 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, TEST_CACHE
-from pipeline import models, perf
+from pipeline import models, perf, training
 from pipeline.app import run_pipeline
-from stages import anneal
 
 SWITCHES = ("lean_saved_tensors", "float32_attention", "frozen_weights_bf16", "reference_weights_bf16",
             "reference_pass_tokens", "malloc_keeps_freed_memory", "gc_skips_existing_objects",
@@ -128,7 +127,7 @@ def test_with_every_switch_off_the_stage_trains_as_plain_trl(bf16, make_short_cf
     merged_dir = Path(stages["merge"]["outputs"]["model"])
     precision = perf.decide_precision(cfg.anneal, models.count_parameters(merged_dir))
     assert precision.record() == stages["anneal"]["precision"]  # the stage's decision, recorded verbatim
-    args = anneal.dpo_config(cfg.anneal, tmp_path / "trl", precision)
+    args = training.dpo_config(cfg.anneal, tmp_path / "trl", precision)
     assert args.precompute_ref_log_probs and args.precompute_ref_batch_size is None
     pairs, _ = preferences.load_preferences(cfg.data)
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32),

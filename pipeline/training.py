@@ -1,0 +1,204 @@
+"""TRL trainer and config plumbing for the anneal stage (`stages/anneal.py`): TRL's DPOConfig built from
+`anneal.trainer`, the config of a reference-free `anneal.method` (CPO, ORPO), the DPOTrainer that reads the stored
+reference log-probs instead of loading a reference, and the checks around training (a loss or weights that stop
+being finite, the newest complete checkpoint to resume from).
+
+Heavy libraries (torch, TRL, transformers, PEFT, accelerate) are imported inside the functions: importing this
+module stays cheap.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import UserError, logs, perf, preferences
+from pipeline.reference import REF_COLUMNS
+
+log = logging.getLogger(__name__)
+
+# TRL 1.16's DPO loss types (dpo_trainer.py, `_compute_loss`).
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+# DPOConfig fields the stage owns: where things are written, and the precomputed reference.
+OWNED_FIELDS = {"output_dir", "precompute_ref_log_probs"}
+# transformers' samplers that read a length per row (TrainingArguments.train_sampling_strategy).
+LENGTH_SAMPLERS = ("group_by_length", "batch_rebalance")
+# anneal.method: TRL's reference-free trainers besides DPO (module, config, trainer), experimental in TRL 1.16.
+METHODS = {"cpo": ("trl.experimental.cpo", "CPOConfig", "CPOTrainer"),
+           "orpo": ("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer")}
+
+
+def dpo_config(anneal: DictConfig, output_dir: Path, precision: perf.Precision):
+    """TRL's own DPOConfig from `anneal.trainer` (field names unchanged), plus the fields the stage owns; bf16
+    as `precision` decided."""
+    from trl import DPOConfig
+
+    fields = trainer_fields(anneal.trainer, precision)
+    owned = sorted(set(fields) & OWNED_FIELDS)
+    if owned:
+        raise UserError(f"anneal.trainer.{owned[0]} is set by merge-anneal. Fix: remove it.")
+    try:
+        args = DPOConfig(output_dir=str(output_dir), precompute_ref_log_probs=True, **fields)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"TRL's DPOConfig rejected anneal.trainer: {err}. Fix: use DPOConfig field names and "
+                        "values (conf/anneal/dpo.yaml lists the common ones).") from None
+    unknown = [name for name in args.loss_type if name not in LOSS_TYPES]
+    if unknown:
+        raise UserError(f"Unknown DPO loss type(s) {unknown}. Fix: use TRL's loss types: {', '.join(LOSS_TYPES)}, "
+                        "e.g. anneal.trainer.loss_type=[sigmoid].")
+    if args.beta <= 0:
+        raise UserError(f"anneal.trainer.beta must be positive (got {args.beta}): it scales the implicit "
+                        "reward. Fix: e.g. anneal.trainer.beta=0.1.")
+    tokens = anneal.perf.reference_pass_tokens
+    if args.precompute_ref_batch_size is None and tokens:
+        args.precompute_ref_batch_size = perf.reference_batch_size(args.per_device_train_batch_size, args.max_length,
+                                                                   tokens)
+    return args
+
+
+def trainer_fields(trainer: DictConfig, precision: perf.Precision) -> dict:
+    """`anneal.trainer` as a dict, with bf16 as `precision` decided (and use_cpu where that means CPU)."""
+    import torch
+    from accelerate.utils import parse_flag_from_env
+
+    fields = OmegaConf.to_container(trainer, resolve=True)
+    fields["bf16"] = precision.autocast == "bfloat16"
+    if (fields["bf16"] and not torch.cuda.is_available()) or parse_flag_from_env("ACCELERATE_USE_CPU"):
+        fields.setdefault("use_cpu", True)  # bf16 on CPU is meant; CPU processes under accelerate launch
+    return fields
+
+
+def method_config(anneal: DictConfig, dpo_args, precision: perf.Precision):
+    """The training config of `anneal.method`: `dpo_args` for DPO; for a reference-free method, TRL's own
+    CPOConfig / ORPOConfig from `anneal.method_args` and the Trainer fields of `anneal.trainer`."""
+    import dataclasses
+    import importlib
+
+    from transformers import TrainingArguments
+
+    method, method_args = str(anneal.method), OmegaConf.to_container(anneal.method_args, resolve=True) or {}
+    if method == "dpo":
+        if method_args:
+            raise UserError(f"anneal.method_args {sorted(method_args)} are set but anneal.method=dpo takes its fields "
+                            "from anneal.trainer. Fix: move them to anneal.trainer, or choose anneal.method=cpo/orpo.")
+        return dpo_args
+    if method not in METHODS:
+        raise UserError(f"Unknown anneal.method={method}. Fix: use dpo (default), or one of TRL's reference-free "
+                        f"trainers: {', '.join(METHODS)}.")
+    module, config_name, _ = METHODS[method]
+    config_class = getattr(importlib.import_module(module), config_name)
+    shared = {f.name for f in dataclasses.fields(TrainingArguments)} | {"max_length"}  # what means the same there
+    fields = {k: v for k, v in trainer_fields(anneal.trainer, precision).items() if k in shared}
+    if fields.get("train_sampling_strategy") in LENGTH_SAMPLERS:  # needs a length column those trainers drop
+        log.info(f"anneal: {method} trains on random batches (train_sampling_strategy="
+                 f"{fields['train_sampling_strategy']} is for DPO)")
+        fields["train_sampling_strategy"] = "random"
+    owned = sorted(set(method_args) & OWNED_FIELDS)
+    if owned:
+        raise UserError(f"anneal.method_args.{owned[0]} is set by merge-anneal. Fix: remove it.")
+    try:
+        args = config_class(**{**fields, **method_args, "output_dir": dpo_args.output_dir})
+        for field in dataclasses.fields(config_class):  # the choices TRL lists but does not check until training
+            choices = field.metadata.get("choices")
+            if choices and field.name in method_args and getattr(args, field.name) not in choices:
+                raise ValueError(f"{field.name}={getattr(args, field.name)!r} is not one of {choices}")
+    except (TypeError, ValueError) as err:
+        raise UserError(f"TRL's {config_name} rejected anneal.method_args: {err}. Fix: use {config_name} field "
+                        f"names and values (see conf/anneal/dpo.yaml and conf/anneal_variant/).") from None
+    return args
+
+
+def make_trainer(model, tokenizer, args, train_dataset, anneal: DictConfig, stage_dir: Path, trl_model_hash):
+    """TRL's DPOTrainer, reading the reference log-probs from the dataset's columns instead of computing them:
+    no reference model is loaded or kept (TRL 1.16 has no option for log-probs computed elsewhere). With
+    `anneal.method` cpo or orpo, that reference-free trainer on the pairs alone. A loss that stops being finite
+    stops training at that step."""
+    import importlib
+
+    import torch
+    from trl import DPOTrainer
+
+    class StopsWhenNotFinite:
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            if not torch.isfinite(loss):
+                raise UserError(diverged(f"the {anneal.method.upper()} loss became {loss.item()}",
+                                         self.state.global_step + 1, self.args))
+            return loss
+
+    class PrecomputedReferenceDPOTrainer(StopsWhenNotFinite, DPOTrainer):
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            missing = [c for c in REF_COLUMNS if c not in dataset.column_names]
+            if missing:
+                raise RuntimeError(f"{name} dataset lacks precomputed reference columns {missing}")
+            return dataset
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            """TRL's tokenized pairs, with each row's padded length where the sampler groups by it."""
+            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            if args.train_sampling_strategy in LENGTH_SAMPLERS and args.length_column_name not in dataset.column_names:
+                lengths = preferences.padded_lengths(dataset, args.max_length)
+                dataset = dataset.add_column(args.length_column_name, lengths)
+            return dataset
+
+        def _set_signature_columns_if_needed(self):  # the length column reaches the sampler (TRL's collator skips it)
+            super()._set_signature_columns_if_needed()
+            if self.args.train_sampling_strategy in LENGTH_SAMPLERS:
+                self._signature_columns = [*self._signature_columns, self.args.length_column_name]
+
+    peft_config = None
+    if anneal.peft is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(**OmegaConf.to_container(anneal.peft, resolve=True))
+    callbacks = [logs.JsonlLogger(stage_dir / "metrics.jsonl")]
+    if str(anneal.method) in METHODS:
+        module, _, trainer_name = METHODS[str(anneal.method)]
+        trainer_class = type(trainer_name, (StopsWhenNotFinite, getattr(importlib.import_module(module), trainer_name)),
+                             {})
+        return trainer_class(model=model, args=args, train_dataset=train_dataset.select_columns(preferences.COLUMNS),
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    with trl_model_hash:  # TRL names its (unused) precompute cache by a hash of the model
+        return PrecomputedReferenceDPOTrainer(model=model, ref_model=None, args=args, train_dataset=train_dataset,
+                                              processing_class=tokenizer, peft_config=peft_config,
+                                              callbacks=callbacks)
+
+
+def packing_record(counts: dict | None) -> dict | None:
+    """What packing saved in training: rows and token positions computed, padded against packed."""
+    if counts is None:
+        return None
+    share = 1 - counts["packed_positions"] / counts["positions"] if counts["positions"] else 0.0
+    return {"rows": counts["rows"], "packed_rows": counts["packed_rows"], "positions": counts["positions"],
+            "packed_positions": counts["packed_positions"], "positions_saved": round(share, 4),
+            "switched_off": counts["off"]}
+
+
+def diverged(what: str, step: int, args) -> str:
+    return (f"Training diverged: {what} at step {step}, so no weights were saved. Fix: a lower "
+            f"anneal.trainer.learning_rate (now {args.learning_rate:g}), gradient clipping "
+            f"(anneal.trainer.max_grad_norm, now {args.max_grad_norm}), or a smaller beta (now {args.beta:g}).")
+
+
+def check_finite(model, step: int, args) -> None:
+    """Non-finite weights are never saved (a step can turn them NaN with a finite loss, e.g. the last one)."""
+    import torch
+
+    bad = [name for name, param in model.named_parameters() if not torch.isfinite(param).all()]
+    if bad:
+        raise UserError(diverged(f"{len(bad)} weight tensors hold NaN or inf (e.g. {bad[0]})", step, args))
+
+
+def last_checkpoint(output_dir: str):
+    """The newest complete checkpoint. The Trainer writes `trainer_state.json` last, so a folder without a readable
+    one was cut short (a kill while saving) and is skipped for the one before it."""
+    steps = lambda folder: int(folder.name.rsplit("-", 1)[1]) if folder.name.rsplit("-", 1)[1].isdigit() else -1
+    for folder in sorted(Path(output_dir).glob("checkpoint-*"), key=steps, reverse=True):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            return str(folder)
+        except (OSError, ValueError):
+            log.warning(f"anneal: {folder.name} was cut short while saving (no readable trainer_state.json); skipped")
+    return None
