@@ -14,7 +14,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pipeline import CONF_DIR, UserError, artifacts, demo, logs, manifest, models, records, sweep
+from pipeline import CONF_DIR, UserError, artifacts, demo, logs, manifest, merge_config, models, records, sweep
 
 log = logging.getLogger(__name__)
 STAGES = ("merge", "anneal", "eval", "release")  # every stage that exists, in pipeline order
@@ -76,9 +76,7 @@ def merge_inputs(cfg: DictConfig, stages: list[str], run_dir: Path) -> list[str]
     mergekit YAML, whatever `models` says) when the merge runs, else the run folder's merge record; None when
     neither exists yet."""
     if "merge" in stages:
-        from stages.merge import load_merge_config, model_references
-
-        return model_references(load_merge_config(cfg))[0]
+        return merge_config.model_references(merge_config.load(cfg))[0]
     try:
         return records.load(run_dir, records.MergeRecord).inputs.models
     except UserError:

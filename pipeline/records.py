@@ -55,6 +55,7 @@ class MergeInputs(Record):
 class MergeOutputs(Record):
     model: str
     config: str
+    intermediates: dict[str, str] | None = None  # a mergekit-multi chain: each intermediate merge's folder, by name
 
 
 class MergeConfig(Record):
@@ -63,13 +64,24 @@ class MergeConfig(Record):
     models: dict | None = None  # the `models` group, where a method preset read it (not for merge.config_file)
 
 
-class MergeRecord(StageRecord):
-    inputs: MergeInputs
-    outputs: MergeOutputs
-    config: MergeConfig
+class MergeStep(Record):
+    """One merge of a mergekit-multi chain, in the order they ran (the final merge last, without a name)."""
+
+    name: str | None
     merge_method: str
+    model: str          # its output folder
+    models: list[str]   # the models it read (earlier merges of the chain among them)
+    cache: dict
+
+
+class MergeRecord(StageRecord):
+    inputs: MergeInputs  # for a chain: the models it starts from (no intermediate)
+    outputs: MergeOutputs
+    config: MergeConfig  # for a chain: the final merge's
+    merge_method: str    # `moe` for a mixture of experts (mergekit-moe)
     cache: dict
     mergekit_version: str | None = None
+    chain: list[MergeStep] = []  # a mergekit-multi chain's merges; empty for one merge
 
     @property
     def parameters(self) -> dict:

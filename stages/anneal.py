@@ -1,5 +1,6 @@
 """Stage 2, anneal: TRL DPO on the merged model, with an unmerged parent as the reference policy.
 
+0. Check the merge is not gibberish: its held-out perplexity against every parent's (`pipeline/merge_check.py`).
 1. Choose the reference: the merge's base model, else its first parent (`anneal.reference` picks another).
 2. Score every training and held-out pair with it once, through TRL's own precompute, and store the log-probs
    as parquet (`prompt, chosen, rejected, ref_chosen_logps, ref_rejected_logps`) in a cache shared across
@@ -15,13 +16,14 @@ TRL's configs and trainer sit in `pipeline/training.py`, the reference pass in `
 import hashlib
 import json
 import logging
+import os
 import shutil
 from functools import partial
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import UserError, launch, memory, models, perf, preferences, records, training
+from pipeline import UserError, launch, memory, merge_check, models, perf, preferences, records, training
 from pipeline import reference as ref
 from pipeline.artifacts import publish
 from pipeline.reference import REF_COLUMNS, reference_logps
@@ -32,11 +34,14 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
     """Anneal the merged model; returns the stage's record. With `distributed=...` this same function runs on
     every process under accelerate (`pipeline/launch.py`); the main process alone writes run outputs."""
+    merge = records.load(run_dir, records.MergeRecord)
+    # 0. A merge far worse than every parent on held-out answers is refused before hours go into it (once, in the
+    #    pipeline's own process)
+    checked = None if os.environ.get(launch.LAUNCHED) else merge_check.perplexity_gate(cfg, merge)
     if launch.wanted(cfg):
-        return launch.run(cfg, run_dir)
+        return launch.run(cfg, run_dir).model_copy(update={"merge_check": checked})
     switches, clock = cfg.anneal.perf, perf.PhaseClock()
     stage_dir = Path(run_dir) / "anneal"
-    merge = records.load(run_dir, records.MergeRecord)
     merged_dir = Path(merge.outputs.model)
     if str(cfg.anneal.reference) == "parents":  # every parent scores every pair; combined per pair
         references = {name: merge.source(path) for name, path in
@@ -145,6 +150,7 @@ def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
         outputs={"model": str(out_dir), "reference_logps": str(store_path), "metrics": str(stage_dir / "metrics.jsonl"),
                  **({"adapter": str(adapter_dir)} if cfg.anneal.peft is not None else {})},
         reference_fingerprint=reference_fingerprint,
+        merge_check=checked,
         config={"anneal": OmegaConf.to_container(cfg.anneal, resolve=True),
                 "data": OmegaConf.to_container(cfg.data, resolve=True)},
         precision=precision.record(),

@@ -284,7 +284,8 @@ def score(model, sequences, batch_size: int, pad_id: int, reference=None) -> dic
     import torch
 
     out = {"logps": [], "mean_logps": [], "tokens": [], "kl": []}
-    for ids, attention, loss_mask in batches(sequences, batch_size, pad_id):
+    for batch in batches(sequences, batch_size, pad_id):
+        ids, attention, loss_mask = (t.to(model.device) for t in batch)
         logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
         labels, mask = ids[:, 1:], loss_mask[:, 1:]
         per_token = M.token_logps(logits, labels)

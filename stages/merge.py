@@ -1,21 +1,29 @@
 """Stage 1, merge: mergekit merges the parents into `<run_dir>/merge/model/`.
 
-The `merge` config group *is* a mergekit configuration (or `config_file:` naming one). It is validated
-by mergekit's own `MergeConfiguration` and method registry, run in-process with `run_merge`, and kept in
-a content-addressed cache: the same resolved config over the same parent files with the same mergekit
-version is merged once.
+The `merge` config group *is* a mergekit configuration (or `config_file:` naming one), and it alone names the
+models merged. A file holds what mergekit's own tools take:
+- one merge (mergekit-yaml);
+- a chain of merges (mergekit-multi): several YAML documents, each intermediate with a `name:` that later documents
+  use as a model; the unnamed document (else the one no other uses) is the final merge, the one annealed. Each
+  intermediate lands in `<run_dir>/merge/intermediates/<name>/`;
+- a mixture of experts built from dense experts (mergekit-moe: `base_model` and `experts`).
+Each document is validated by mergekit's own types (`MergeConfiguration` and its method registry,
+`MoEMergeConfig`), run in-process, checked (every tensor its architecture has is there and finite, the embeddings
+cover the tokenizer) and kept in a content-addressed cache: the same resolved config over the same parent files
+(an intermediate: by its own key) with the same mergekit version is merged once.
 """
 
 import json
 import logging
+from contextlib import contextmanager
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from pipeline import UserError, models, records
+from pipeline import UserError, merge_check, merge_config, models, records
 from pipeline.artifacts import disk_full, publish, through_cache, write_text
 
 log = logging.getLogger(__name__)
@@ -28,87 +36,96 @@ RUNTIME_ONLY_OPTIONS = {"quiet", "verbosity", "num_threads", "lazy_unpickle", "t
                         "lora_merge_cache", "low_cpu_memory", "read_to_gpu", "multi_gpu", "async_write",
                         "write_threads"}
 CONFIG_NAME = "mergekit_config.yml"
+# mergekit-moe's gate modes (mergekit/moe/router.py, get_gate_params).
+GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> records.MergeRecord:
     """Merge the parents; returns the stage's record (inputs with their provenance, outputs, config, cache)."""
-    raw = load_merge_config(cfg)
+    docs = merge_config.load(cfg)
     out_dir = Path(run_dir) / "merge" / "model"
+    steps = merge_config.plan(docs, out_dir.parent / "intermediates", out_dir)
     cache_root = Path(cfg.pipeline.cache_dir).expanduser()
-    inputs = inputs_key(cfg, raw, cache_root / "fingerprints") if cfg.pipeline.cache else None
+    memo = cache_root / "fingerprints"
+    single = len(steps) == 1
+    inputs = inputs_key(cfg, docs[0], memo) if cfg.pipeline.cache and single else None
     if inputs is not None:  # the same inputs merged before: the record and the entry, without importing mergekit
-        known = remembered(cfg, raw, inputs, cache_root, out_dir)
+        known = remembered(cfg, docs[0], inputs, cache_root, out_dir)
         if known is not None:
             log_cache(known.cache["merge"], cache_root / "merges" / known.cache["key"])
             return known
 
-    merge_config, options, sources = prepare(cfg, raw)
-    cache_state, key = "off", None
-    if cfg.pipeline.cache:
-        key = cache_key(merge_config, options, version("mergekit"), cache_root / "fingerprints")
-        cached_dir = cache_root / "merges" / key
-        cache_state = through_cache(cached_dir, lambda entry: merge_into(merge_config, options, entry), out_dir,
-                                    files=cfg.pipeline.cache_files, digests=cfg.pipeline.cache_verify)
-        log_cache(cache_state, cached_dir)
-    else:
-        merge_into(merge_config, options, out_dir)
+    for step in steps:  # every document checked by mergekit's types before anything is merged
+        validate(step.raw)
+    options = build_options(cfg.merge_options)
+    produced, configs, sources, steps_done = {}, [], {}, []  # produced: an intermediate's folder -> its cache identity
+    for step in steps:
+        config, found = prepare(step.raw, options, produced)
+        configs.append(config)
+        sources.update({s.path: s for s in found})
+        text = merge_config.chain_yaml(steps, configs, step, yaml_text)
+        state, key = "off", None
+        if cfg.pipeline.cache:
+            key = cache_key(config, options, version("mergekit"), memo, produced)
+            entry = cache_root / "merges" / key
+            state = through_cache(entry, partial(merge_into, config, options, text=text), step.out_dir,
+                                  files=cfg.pipeline.cache_files, digests=cfg.pipeline.cache_verify)
+            log_cache(state, entry, step.name)
+        else:
+            merge_into(config, options, step.out_dir, text)
+        if step.name:
+            produced[str(step.out_dir)] = f"merge:{step.name}:{key}"
+        steps_done.append({"name": step.name, "merge_method": method_name(config), "model": str(step.out_dir),
+                      "models": [str(r.model.path) for r in ordered_references(config)],
+                      "cache": {"merge": state, **({"key": key} if key else {})}})
 
+    final = configs[-1]
     record = records.MergeRecord(
-        inputs={"models": sorted(str(m.model.path) for m in merge_config.referenced_models()),
-                "parents": parents_in_order(merge_config), "base_model": _base_path(merge_config),
+        inputs={"models": sorted({str(r.model.path) for c in configs for r in ordered_references(c)} - set(produced)),
+                "parents": list(dict.fromkeys(p for c in configs for p in parents_in_order(c) if p not in produced)),
+                "base_model": merge_config.lineage_base(configs, steps, _base_path),
                 "config_file": str(Path(cfg.merge.config_file).resolve()) if "config_file" in cfg.merge else None,
-                "sources": sources},
-        outputs={"model": str(out_dir), "config": str(out_dir / CONFIG_NAME)},
-        config={"merge": merge_config.model_dump(mode="json", exclude_defaults=True),
+                "sources": list(sources.values())},
+        outputs={"model": str(out_dir), "config": str(out_dir / CONFIG_NAME),
+                 **({} if single else {"intermediates": {s.name: str(s.out_dir) for s in steps[:-1]}})},
+        config={"merge": final.model_dump(mode="json", exclude_defaults=True),
                 "merge_options": options.model_dump(mode="json"),
                 # the `models` group feeds the method presets only: a user's own mergekit YAML names its models
                 "models": None if "config_file" in cfg.merge else OmegaConf.to_container(cfg.models, resolve=True)},
-        merge_method=merge_config.merge_method,
-        cache={"merge": cache_state, **({"key": key} if key else {})},
+        merge_method=method_name(final),
+        cache=steps_done[-1]["cache"],
         mergekit_version=version("mergekit"),
+        **({} if single else {"chain": steps_done}),
     )
     if inputs is not None:
         remember(cache_root, inputs, record)
     return record
 
 
-def log_cache(state: str, entry: Path) -> None:
-    log.info(f"merge: {'reused cached merge' if state == 'hit' else 'merged'} {entry}")
+def log_cache(state: str, entry: Path, name: str | None = None) -> None:
+    what = f"intermediate merge {name!r}" if name else "merge"
+    log.info(f"merge: {'reused cached ' + what if state == 'hit' else what + ': merged'} {entry}")
 
 
-def prepare(cfg: DictConfig, raw: dict):
-    """The merge config with every model a local folder, validated by mergekit's types, the MergeOptions, and
-    the models' provenance; parents that cannot be merged are refused here."""
-    localized, sources = localize(raw)
-    merge_config = validate(localized)
-    options = build_options(cfg.merge_options)
-    check_compatible(merge_config, allow_crimes=options.allow_crimes)
-    return merge_config, options, sources
+def prepare(raw: dict, options, produced: dict | None = None):
+    """The config with every model a local folder (`produced`: the folders earlier merges of a chain wrote, used as
+    they are), validated by mergekit's types, and the models' provenance; models that cannot be merged are refused
+    here."""
+    localized, sources = localize(raw, produced or {})
+    config = validate(localized)
+    check_compatible(config, options)
+    return config, sources
 
 
-# Where a mergekit config names a model (models[].model, base_model, slices' and modules' sources).
-MODEL_KEYS = ("model", "base_model")
+def yaml_text(config, rename: dict | None = None) -> str:
+    """A validated config as mergekit writes one (its defaults left out; a mixture of experts, which mergekit-moe
+    does not write, with its defaults: the gate mode and experts per token; `rename`: folders shown by another
+    name)."""
+    from mergekit.config import ConfigYamlDumper
 
-
-def model_references(raw) -> tuple[list[str], list[str]]:
-    """The models a mergekit config names, as written and in order (`model+lora`: both), and the local folders its
-    `tokenizer_source` names; read from the config alone (no mergekit import, nothing resolved)."""
-    named, tokenizers = [], []
-
-    def walk(node, key=None):
-        if isinstance(node, dict):
-            for name, value in node.items():
-                walk(value, name)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value, key)
-        elif key in MODEL_KEYS and isinstance(node, str):
-            named.extend(node.split("+"))
-        elif key == "tokenizer_source" and isinstance(node, str) and Path(node).is_dir():
-            tokenizers.append(node)
-
-    walk(raw)
-    return list(dict.fromkeys(named)), list(dict.fromkeys(tokenizers))
+    content = config.model_dump(mode="json", **({"exclude_none": True} if is_moe(config) else
+                                                {"exclude_defaults": True}))
+    return yaml.dump(merge_config.replace_strings(content, rename or {}), Dumper=ConfigYamlDumper).rstrip()
 
 
 def inputs_key(cfg: DictConfig, raw: dict, memo: Path) -> str | None:
@@ -118,7 +135,7 @@ def inputs_key(cfg: DictConfig, raw: dict, memo: Path) -> str | None:
     `prepare`, which resolves it)."""
     import hashlib
 
-    folders, tokenizers = model_references(raw)
+    folders, tokenizers = merge_config.model_references(raw)
     if not folders or not all(Path(folder).is_dir() for folder in folders):
         return None
     content = {"config": raw, "groups": {name: OmegaConf.to_container(cfg[name], resolve=True)
@@ -139,8 +156,9 @@ def remembered(cfg: DictConfig, raw: dict, inputs: str, cache_root: Path, out_di
         return None
 
     def build(entry: Path) -> None:  # only when the remembered entry is gone or damaged
-        merge_config, options, _ = prepare(cfg, raw)
-        merge_into(merge_config, options, entry)
+        options = build_options(cfg.merge_options)
+        config, _ = prepare(raw, options)
+        merge_into(config, options, entry, yaml_text(config))
 
     state = through_cache(cache_root / "merges" / record.cache["key"], build, out_dir,
                           files=cfg.pipeline.cache_files, digests=cfg.pipeline.cache_verify)
@@ -156,64 +174,33 @@ def remember(cache_root: Path, inputs: str, record: records.MergeRecord) -> None
     write_text(folder / f"{inputs}.json", record.model_dump_json(exclude={"outputs", "status", "seconds", "versions"}))
 
 
-def load_merge_config(cfg: DictConfig) -> dict:
-    """The mergekit configuration as a plain dict: the `merge` group itself, or the file it names."""
-    try:
-        if "config_file" not in cfg.merge:
-            return OmegaConf.to_container(cfg.merge, resolve=True)
-        path = Path(cfg.merge.config_file).expanduser()
-    except OmegaConfBaseException as err:
-        raise UserError(f"The merge config cannot be resolved: {err.msg if hasattr(err, 'msg') else err}. Fix: "
-                        "with models=local, set models.parents=[...] (and models.base=... for methods with a "
-                        "base model); with +merge=custom, set merge.config_file=PATH.") from None
-    if not path.is_file():
-        raise UserError(f"merge.config_file {path} does not exist. Fix: pass the path of your mergekit YAML, "
-                        "e.g. +merge=custom merge.config_file=examples/my-merge.yml.")
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML ({err}). Fix: correct the file.") from None
-    if not isinstance(loaded, dict):
-        raise UserError(f"{path} does not hold a mergekit configuration (a YAML mapping with merge_method). "
-                        "Fix: point merge.config_file at a mergekit YAML.")
-    return loaded
-
-
-def localize(raw: dict) -> tuple[dict, list[records.ModelSource]]:
-    """Replace every model reference by an absolute local folder (hub ids are downloaded first); also returns
-    where each came from (`ModelSource`: folder, hub id, downloaded commit), in config order."""
-    merge_config = validate(raw)
+def localize(raw: dict, produced: dict | None = None) -> tuple[dict, list[records.ModelSource]]:
+    """Replace every model reference by an absolute local folder (hub ids are downloaded first; `produced`: folders
+    an earlier merge of the chain wrote, kept as they are); also returns where each came from (`ModelSource`:
+    folder, hub id, downloaded commit), in config order."""
+    config = validate(raw)
     resolved = {}
-    for ref in ordered_references(merge_config):
+    for ref in ordered_references(config):
         for path in (ref.model, ref.lora):
-            if path is None:
+            if path is None or str(path) in (produced or {}):
                 continue
             if path.revision and not models.is_hub_id(str(path)):
                 raise UserError(f"{path} has a revision but is not a hub id. Fix: use org/name@revision or a "
                                 "local folder without '@'.")
             resolved[str(path)] = models.resolve(str(path))
     mapping = {ref: source.path for ref, source in resolved.items()}
-    return _replace_strings(raw, mapping), list({s.path: s for s in resolved.values()}.values())
-
-
-def _replace_strings(node, mapping: dict):
-    if isinstance(node, dict):
-        return {k: _replace_strings(v, mapping) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_replace_strings(v, mapping) for v in node]
-    if isinstance(node, str):
-        if "+" in node and all(part in mapping for part in node.split("+")):  # model+lora
-            return "+".join(mapping[part] for part in node.split("+"))
-        return mapping.get(node, node)
-    return node
+    return merge_config.replace_strings(raw, mapping), list({s.path: s for s in resolved.values()}.values())
 
 
 def validate(raw: dict):
-    """Validate with mergekit's own types: `MergeConfiguration`, the method registry and its input contract."""
+    """Validate with mergekit's own types: `MoEMergeConfig` for a mixture of experts (mergekit-moe: `experts`), else
+    `MergeConfiguration`, the method registry and its input contract."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge_methods import registry
     from pydantic import ValidationError
 
+    if "experts" in raw:
+        return validate_moe(raw)
     try:
         merge_config = MergeConfiguration.model_validate(raw)
     except (ValidationError, RuntimeError, ValueError) as err:
@@ -267,20 +254,55 @@ def _check_inputs(merge_config, spec) -> None:
                         f"/ models.base or the models list ({len(ids)} inputs given).") from None
 
 
-def check_compatible(merge_config, allow_crimes: bool) -> None:
-    """Parents must share the architecture and, for every tensor they share, its shape."""
+def validate_moe(raw: dict):
+    """A mixture of experts, validated by mergekit-moe's own `MoEMergeConfig` and `is_bad_config`."""
+    from mergekit.moe.config import MoEMergeConfig, is_bad_config
+    from pydantic import ValidationError
+
+    fix = ("Fix: correct your mergekit-moe YAML: base_model, and experts, each with source_model and (unless "
+           "gate_mode is random or uniform_random) positive_prompts (see conf/merge/moe.yaml).")
+    try:
+        config = MoEMergeConfig.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(f"mergekit-moe rejected the MoE config: {_short(err)}. {fix}") from None
+    if config.gate_mode not in GATE_MODES:
+        raise UserError(f"mergekit-moe has no gate_mode {config.gate_mode!r}. Fix: use one of {', '.join(GATE_MODES)}.")
+    with mergekit_says() as said:
+        bad = is_bad_config(config)
+    if bad:
+        raise UserError(f"mergekit-moe refused the MoE config: {' '.join(said)} {fix}")
+    return config
+
+
+@contextmanager
+def mergekit_says(level: int = logging.WARNING):
+    """The messages mergekit logs meanwhile (at `level` and above): mergekit-moe explains a refusal in log lines."""
+    said = []
+    handler = logging.Handler(level)
+    handler.emit = lambda record: said.append(record.getMessage())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield said
+    finally:
+        root.removeHandler(handler)
+
+
+def check_compatible(config, options) -> None:
+    """Parents must share the architecture and, for every tensor they share, its shape; a mixture of experts needs
+    an output architecture of mergekit-moe's for them."""
     from safetensors import safe_open
 
-    vocab_rebuilt = merge_config.tokenizer_source is not None or merge_config.tokenizer is not None
+    vocab_rebuilt = getattr(config, "tokenizer_source", None) is not None or getattr(config, "tokenizer", None)
     archs, shapes = {}, {}
-    for ref in ordered_references(merge_config):
+    for ref in ordered_references(config):
         folder = Path(ref.model.path)
         archs[folder] = tuple(json.loads((folder / "config.json").read_text()).get("architectures") or [])
         for file in sorted(folder.glob("*.safetensors")):
             with safe_open(file, framework="pt") as handle:
                 for name in handle.keys():
                     shapes.setdefault(name, {})[folder] = tuple(handle.get_slice(name).get_shape())
-    if len(set(archs.values())) > 1 and not allow_crimes:
+    if len(set(archs.values())) > 1 and not options.allow_crimes:
         listing = "; ".join(f"{f.name}: {'/'.join(a) or '?'}" for f, a in archs.items())
         raise UserError(f"The models have different architectures ({listing}). Fix: merge checkpoints of one "
                         "architecture (fine-tunes of the same base), or set merge_options.allow_crimes=true "
@@ -292,9 +314,26 @@ def check_compatible(merge_config, allow_crimes: bool) -> None:
             listing = "; ".join(f"{f.name}: {list(s)}" for f, s in by_model.items())
             raise UserError(f"Tensor shapes differ between the models for '{name}' ({listing}). Fix: merge "
                             "fine-tunes of the same base model (same hidden size, heads and vocabulary).")
+    if is_moe(config):
+        moe_architecture(config, options)
+
+
+def moe_architecture(config, options) -> str:
+    """The output architecture mergekit-moe builds from these experts (Mixtral for Llama and Mistral experts)."""
+    from mergekit.scripts.moe import select_output_arch
+
+    with mergekit_says() as said:
+        try:
+            return select_output_arch(config, options, verbose=True).name()
+        except SystemExit:  # mergekit-moe's way of saying none fits
+            raise UserError(f"mergekit-moe has no output architecture for these experts: {' '.join(said)} Fix: "
+                            "experts and base model of one architecture that mergekit-moe builds a mixture from "
+                            "(Llama or Mistral: Mixtral; Qwen2: Qwen MoE; Qwen3; DeepSeek), or set its "
+                            "`architecture:` field.") from None
 
 
 def build_options(section: DictConfig):
+    """mergekit's MergeOptions from `merge_options` (`cuda: auto`: the GPU where torch sees one)."""
     from mergekit.merge import MergeOptions
     from pydantic import ValidationError
 
@@ -302,90 +341,111 @@ def build_options(section: DictConfig):
     clash = sorted(set(given) & set(FIXED_OPTIONS))
     if clash:
         raise UserError(f"merge_options.{clash[0]} is fixed by merge-anneal ({FIXED_OPTIONS}). Fix: drop it.")
+    if given.get("cuda") == "auto":
+        import torch
+
+        given["cuda"] = torch.cuda.is_available()
     try:
         return MergeOptions(**given, **FIXED_OPTIONS)
     except ValidationError as err:
         raise UserError(f"Invalid merge_options: {_short(err)}. Fix: use mergekit's MergeOptions fields "
-                        "(see conf/merge_options/default.yaml).") from None
+                        "(see conf/merge_options/default.yaml; cuda takes auto, true or false).") from None
 
 
-def cache_key(merge_config, options, version: str, memo: Path | None = None) -> str:
-    """Content address of a merge: the resolved config with each model path replaced by its file
-    fingerprint (remembered across runs by the files' stat in `memo`, as `inputs_key` does: a hub snapshot, which
-    `inputs_key` cannot key, is hashed once, not on every run), the options that change the output, and the
-    mergekit version."""
+def cache_key(config, options, version: str, memo: Path | None = None, produced: dict | None = None) -> str:
+    """Content address of a merge: the resolved config with each model path replaced by its file fingerprint
+    (remembered across runs by the files' stat in `memo`, as `inputs_key` does: a hub snapshot, which `inputs_key`
+    cannot key, is hashed once, not on every run) or, for a chain's intermediate, by its own key (`produced`), the
+    options that change the output, and the mergekit version."""
     import hashlib
 
-    fingerprints = {str(ref.model.path): "sha256:" + models.fingerprint(ref.model.path, memo)
-                    for ref in merge_config.referenced_models()}
-    for ref in merge_config.referenced_models():
-        if ref.lora is not None:
-            fingerprints[str(ref.lora.path)] = "sha256:" + models.fingerprint(ref.lora.path, memo)
+    fingerprints = {}
+    for ref in ordered_references(config):
+        for path in (ref.model, ref.lora):
+            if path is not None:
+                fingerprints[str(path.path)] = ((produced or {}).get(str(path.path))
+                                                or "sha256:" + models.fingerprint(path.path, memo))
     content = {
-        "config": _replace_strings(merge_config.model_dump(mode="json"), fingerprints),
+        "config": merge_config.replace_strings(config.model_dump(mode="json"), fingerprints),
         "options": {k: v for k, v in options.model_dump(mode="json").items() if k not in RUNTIME_ONLY_OPTIONS},
         "mergekit": version,
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def merge_into(merge_config, options, out_dir: Path) -> None:
-    """Run mergekit into a temporary sibling folder and move it into place only once it is complete."""
+def merge_into(config, options, out_dir: Path, text: str) -> None:
+    """Run mergekit (mergekit-moe for a mixture of experts) into a temporary sibling folder, write `text` (the
+    resolved YAML) beside the weights, check the result, and move it into place only once it is complete."""
 
     def work(tmp: Path) -> None:
         from mergekit.merge import run_merge
 
         options.apply_global_options()  # run_merge alone ignores num_threads
         try:
-            run_merge(merge_config.model_copy(deep=True), str(tmp), options=options)  # run_merge mutates it
+            if is_moe(config):
+                build_moe(config, options, tmp)
+            else:
+                run_merge(config.model_copy(deep=True), str(tmp), options=options)  # run_merge mutates it
         except (RuntimeError, ValueError, KeyError, AssertionError) as err:
             if disk_full(err):
                 raise
             raise UserError(f"mergekit could not merge these models ({type(err).__name__}: {err}). Fix: check "
                             "that the merge config fits the models (layer ranges, parameters, base model).") from None
-        (tmp / CONFIG_NAME).write_text(merge_config.to_yaml() + "\n")
-        check_output(tmp)
+        (tmp / CONFIG_NAME).write_text(text + "\n")
+        merge_check.check_merged(tmp)
 
     publish(out_dir, work)
 
 
-def check_output(model_dir: Path) -> None:
-    """Every merged tensor is finite, and the folder has a config and a tokenizer."""
+def build_moe(config, options, out_dir: Path) -> None:
+    """mergekit-moe's build, with the base model's tokenizer as it is (mergekit-moe's own copy changes its padding
+    side and token) and random gates seeded by `random_seed`; its warnings (degenerate gates) are ours to show."""
     import torch
-    from safetensors import safe_open
+    from mergekit.scripts.moe import build
+    from transformers import AutoTokenizer
 
-    for required in ("config.json", "tokenizer_config.json"):
-        if not (model_dir / required).is_file():
-            raise RuntimeError(f"mergekit wrote no {required} into {model_dir}")
-    for file in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as handle:
-            for name in handle.keys():
-                if not torch.isfinite(handle.get_tensor(name)).all():
-                    raise UserError(f"The merge produced non-finite values in '{name}'. Fix: check the merge "
-                                    "parameters (weights, t, density, lambda) for extreme values.")
+    if options.random_seed is not None:
+        torch.manual_seed(options.random_seed)  # gate_mode random / uniform_random draw from torch's global RNG
+    with mergekit_says() as said:
+        build(config, str(out_dir), options.model_copy(update={"copy_tokenizer": False}), device=options.device)
+    for message in said:
+        log.warning(f"merge: mergekit-moe: {message}")
+    AutoTokenizer.from_pretrained(config.base_model.model.path).save_pretrained(out_dir)
 
 
-def ordered_references(merge_config, with_base: bool = True) -> list:
+def is_moe(config) -> bool:
+    return hasattr(config, "experts")
+
+
+def method_name(config) -> str:
+    """The merge method's name (`moe` for mergekit-moe's mixture of experts)."""
+    return "moe" if is_moe(config) else config.merge_method
+
+
+def ordered_references(config, with_base: bool = True) -> list:
     """The models in the order the config lists them (mergekit's referenced_models() is a set, whose
-    order changes with PYTHONHASHSEED); the base model last unless listed."""
-    listed = [m.model for m in merge_config.models or []]
-    for out_slice in merge_config.slices or []:
-        listed += [source.model for source in out_slice.sources]
-    for module in (merge_config.modules or {}).values():
-        listed += [m.model for m in module.models or []]
-        listed += [source.model for s in module.slices or [] for source in s.sources]
-    if with_base and merge_config.base_model:
-        listed.append(merge_config.base_model)
+    order changes with PYTHONHASHSEED); the base model last unless listed. A mixture of experts: its experts."""
+    if is_moe(config):
+        listed = [e.source_model for e in [*config.experts, *(config.shared_experts or [])]]
+    else:
+        listed = [m.model for m in config.models or []]
+        for out_slice in config.slices or []:
+            listed += [source.model for source in out_slice.sources]
+        for module in (config.modules or {}).values():
+            listed += [m.model for m in module.models or []]
+            listed += [source.model for s in module.slices or [] for source in s.sources]
+    if with_base and config.base_model:
+        listed.append(config.base_model)
     return list(dict.fromkeys(listed))
 
 
-def parents_in_order(merge_config) -> list[str]:
+def parents_in_order(config) -> list[str]:
     """The merged models' folders in the order the config lists them (the base model only where listed)."""
-    return list(dict.fromkeys(str(ref.model.path) for ref in ordered_references(merge_config, with_base=False)))
+    return list(dict.fromkeys(str(ref.model.path) for ref in ordered_references(config, with_base=False)))
 
 
-def _base_path(merge_config):
-    return str(merge_config.base_model.model.path) if merge_config.base_model else None
+def _base_path(config):
+    return str(config.base_model.model.path) if config.base_model else None
 
 
 def _short(err: Exception) -> str:

@@ -65,11 +65,12 @@ def run(cfg: DictConfig, run_dir: Path) -> records.ReleaseRecord:
                                                   if anneal.inputs.reference_source else [])])
     lineage = describe_lineage(merge, anneal, names)
     commands = reproduce_commands(manifest.load(run_dir).get("commands", []), names)
-    merge_config = names.public(yaml.safe_load(Path(merge.outputs.config).read_text()))
+    # one document per merge (a mergekit-multi chain: each intermediate, then the final merge)
+    merge_docs = [names.public(doc) for doc in yaml.safe_load_all(Path(merge.outputs.config).read_text())]
     dpo_settings = names.public({"anneal": anneal.config.anneal.model_dump(mode="json"),
                                  "reference": lineage["reference"],
                                  "data": {**anneal.data, "sources": anneal.inputs.data}})
-    card = model_card(name, pick, lineage, metrics, merge_config, dpo_settings, commands, release)
+    card = model_card(name, pick, lineage, metrics, merge_docs, dpo_settings, commands, release)
     private = secrets() + [str(run_dir), str(Path.home()), str(Path(cfg.pipeline.cache_dir).expanduser().resolve()),
                            str(Path(cfg.models.cache_dir).expanduser().resolve())]
     out_dir = run_dir / "release" / name
@@ -78,7 +79,7 @@ def run(cfg: DictConfig, run_dir: Path) -> records.ReleaseRecord:
         copy_model(model_dir, tmp)
         (tmp / MERGE_CONFIG_NAME).write_text(
             "# The resolved mergekit configuration of this merge; local model folders are shown by name.\n"
-            + yaml.safe_dump(merge_config, sort_keys=False))
+            + yaml.safe_dump_all(merge_docs, sort_keys=False))
         (tmp / DPO_NAME).write_text("# The anneal stage's DPO settings (TRL DPOConfig field names under trainer).\n"
                                     + yaml.safe_dump(dpo_settings, sort_keys=False))
         card.save(tmp / CARD_NAME)
@@ -255,6 +256,11 @@ def describe_lineage(merge: records.MergeRecord, anneal: records.AnnealRecord, n
                       "chosen_as": anneal.inputs.reference_label,
                       "setting": anneal.config.anneal.reference},
         "mergekit_version": merge.mergekit_version,
+        # each merge, in the order they ran (a mergekit-multi chain's intermediates first, by name)
+        "steps": [{"name": s.name, "method": s.merge_method, "models": [names.name(m) for m in s.models]}
+                  for s in merge.chain] or [{"name": None, "method": merge.merge_method, "models": None}],
+        "architecture": (json.loads((Path(merge.outputs.model) / "config.json").read_text()).get("architectures")
+                         or ["?"])[0].removesuffix("ForCausalLM"),
         "data": anneal.inputs.data,
         "data_source": anneal.config.data.source,
         "pairs": anneal.data,
@@ -295,7 +301,7 @@ def public_override(override: str, names: PublicNames) -> str:
 
 # -------------------------------------------------------------------------------------------------- card
 
-def model_card(name: str, pick: dict, lineage: dict, metrics: dict, merge_config: dict, dpo_settings: dict,
+def model_card(name: str, pick: dict, lineage: dict, metrics: dict, merge_docs: list[dict], dpo_settings: dict,
                commands: list[str], release: DictConfig):
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -310,7 +316,7 @@ def model_card(name: str, pick: dict, lineage: dict, metrics: dict, merge_config
         language=OmegaConf.to_container(release.language) if OmegaConf.is_list(release.language) else release.language,
         library_name="transformers", pipeline_tag="text-generation",
         tags=["merge", "mergekit", lineage["method"], "dpo", "trl", "merge-anneal"], eval_results=results)
-    body = card_body(name, pick, lineage, metrics, merge_config, dpo_settings, commands, release)
+    body = card_body(name, pick, lineage, metrics, merge_docs, dpo_settings, commands, release)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
@@ -346,7 +352,7 @@ def metrics_table(metrics: dict) -> list[str]:
     return lines
 
 
-def card_body(name: str, pick: dict, lineage: dict, metrics: dict, merge_config: dict, dpo_settings: dict,
+def card_body(name: str, pick: dict, lineage: dict, metrics: dict, merge_docs: list[dict], dpo_settings: dict,
               commands: list[str], release: DictConfig) -> str:
     def model_link(model: str) -> str:
         if not lineage["hub"].get(model):
@@ -363,7 +369,7 @@ def card_body(name: str, pick: dict, lineage: dict, metrics: dict, merge_config:
             else f"the merged model, before {method.upper()}")
     lines = [
         f"# {name}", "",
-        f"A [mergekit](https://github.com/arcee-ai/mergekit) `{lineage['method']}` merge of "
+        f"A [mergekit](https://github.com/arcee-ai/mergekit) {merge_phrase(lineage)} of "
         f"{', '.join(model_link(p) for p in lineage['parents'])}, annealed with a short "
         + (f"DPO run ([TRL](https://github.com/huggingface/trl)) against the unmerged `{reference['model']}`"
            if method == "dpo" else f"reference-free {method.upper()} run ([TRL](https://github.com/huggingface/trl))")
@@ -373,8 +379,7 @@ def card_body(name: str, pick: dict, lineage: dict, metrics: dict, merge_config:
         "| step | what |", "|---|---|",
         *[f"| parent | {model_link(p)} |" for p in lineage["parents"]],
         *([f"| base model | {model_link(lineage['base'])} |"] if lineage["base"] else []),
-        f"| merge | mergekit {lineage['mergekit_version'] or ''} `{lineage['method']}`"
-        f"{', ' + _parameters(merge_config) if _parameters(merge_config) else ''} |",
+        *merge_rows(lineage, merge_docs),
         f"| anneal | TRL {lineage['versions'].get('trl', '')} "
         + (f"DPO, loss {', '.join(trainer['loss_type'])}, beta {trainer['beta']}" if method == "dpo" else
            f"{method.upper()} (reference-free{''.join(f', {k} {v}' for k, v in sorted(method_args.items()))})")
@@ -387,7 +392,7 @@ def card_body(name: str, pick: dict, lineage: dict, metrics: dict, merge_config:
         f"| preference data | {', '.join(f'`{d}`' for d in datasets(lineage))}: {pairs['train_pairs']} training "
         f"pairs, {pairs['heldout_pairs']} held out |", "",
         f"The merge configuration is in `{MERGE_CONFIG_NAME}` and the DPO settings in `{DPO_NAME}`:", "",
-        "```yaml", yaml.safe_dump(merge_config, sort_keys=False).rstrip(), "```", "",
+        "```yaml", yaml.safe_dump_all(merge_docs, sort_keys=False).rstrip(), "```", "",
         "## Evaluation", "",
         f"{metrics['heldout_pairs']} held-out preference pairs, never trained on. Each value has a 95% "
         f"percentile bootstrap interval ({bootstrap['resamples']} resamples, seed {bootstrap['seed']}); "
@@ -410,9 +415,31 @@ def card_body(name: str, pick: dict, lineage: dict, metrics: dict, merge_config:
     return "\n".join(lines)
 
 
-def _parameters(merge_config: dict) -> str:
-    params = merge_config.get("parameters") or {}
-    return ", ".join(f"{k}={v}" for k, v in params.items())
+def merge_phrase(lineage: dict) -> str:
+    """What kind of merge, for the card's first sentence."""
+    if lineage["method"] == "moe":
+        return "mixture of experts (mergekit-moe)"
+    if len(lineage["steps"]) > 1:
+        return f"chain of {len(lineage['steps'])} merges (mergekit-multi) ending in a `{lineage['method']}` merge"
+    return f"`{lineage['method']}` merge"
+
+
+def merge_rows(lineage: dict, merge_docs: list[dict]) -> list[str]:
+    """The lineage table's merge rows: one per merge of a chain (intermediates by name), in the order they ran."""
+    version = f"mergekit {lineage['mergekit_version'] or ''}".rstrip()
+    rows = []
+    for step, doc in zip(lineage["steps"], merge_docs):
+        label = f"merge `{step['name']}`" if step["name"] else "merge"
+        if step["method"] == "moe":
+            experts = doc.get("experts") or []
+            what = (f"{version} (mergekit-moe): a {lineage['architecture']} mixture of {len(experts)} experts, "
+                    f"{doc.get('experts_per_token')} per token, gate_mode {doc.get('gate_mode')}")
+        else:
+            inputs = f" of {', '.join(f'`{m}`' for m in step['models'])}" if step["models"] else ""
+            parameters = ", ".join(f"{k}={v}" for k, v in (doc.get("parameters") or {}).items())
+            what = f"{version} `{step['method']}`{inputs}{', ' + parameters if parameters else ''}"
+        rows.append(f"| {label} | {what} |")
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------- files

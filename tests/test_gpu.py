@@ -13,10 +13,11 @@ pytestmark = pytest.mark.gpu
 
 
 def test_cuda_merge_and_bf16_anneal(make_cfg, tiny, tmp_path):
-    cfg = make_cfg("+merge=slerp", *tiny.overrides, "pipeline.stages=[merge,anneal,eval]", "merge_options.cuda=true",
-                   "anneal.trainer.bf16=auto")
+    cfg = make_cfg("+merge=slerp", *tiny.overrides, "pipeline.stages=[merge,anneal,eval]", "anneal.trainer.bf16=auto")
     stages = run_pipeline(cfg, tmp_path)["stages"]
     assert all(stages[name]["status"] == "done" for name in ("merge", "anneal", "eval"))
+    assert stages["merge"]["config"]["merge_options"]["cuda"] is True  # merge_options.cuda=auto: the GPU
+    assert stages["anneal"]["merge_check"]["ratio"] < 10  # the merge check scored on the GPU, in bf16
     # bf16 autocast on a CUDA GPU with bf16, attention left in bf16 there, float32 master weights saved
     assert stages["anneal"]["precision"]["autocast"] == "bfloat16"
     assert stages["anneal"]["precision"]["attention"] == "bfloat16"
@@ -47,3 +48,13 @@ def test_two_gpus(preset, make_cfg, tiny, tmp_path):
     assert entry["status"] == "done" and entry["processes"] == 2
     annealed = load_file(Path(entry["outputs"]["model"]) / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in annealed.values())
+
+
+def test_moe_gates_from_hidden_states_on_the_gpu(make_cfg, tiny, tmp_path):
+    """mergekit-moe computes gate_mode=hidden's hidden states on the GPU (merge_options.cuda=auto), and the mixture
+    anneals in bf16 there."""
+    cfg = make_cfg("+merge=moe", *tiny.overrides, "models.expert_prompts=[['12+34='],['rev abc=']]",
+                   "pipeline.stages=[merge,anneal]", "anneal.trainer.bf16=auto")
+    stages = run_pipeline(cfg, tmp_path)["stages"]
+    assert stages["merge"]["merge_method"] == "moe" and stages["merge"]["config"]["merge_options"]["device"] == "cuda"
+    assert stages["anneal"]["status"] == "done" and stages["anneal"]["precision"]["autocast"] == "bfloat16"

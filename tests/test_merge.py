@@ -11,12 +11,12 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import UserError, manifest, models
+from pipeline import UserError, manifest, merge_config, models
 from pipeline.app import merge_options, run_pipeline
 from pipeline.demo import demo_dir
 from stages import merge
 
-ALL_METHODS = sorted(p for p in merge_options() if p != "custom")
+ALL_METHODS = sorted(p for p in merge_options() if p not in ("custom", "moe"))  # moe: mergekit-moe
 MERGE_ONLY = "pipeline.stages=[merge]"
 
 
@@ -40,7 +40,7 @@ def test_one_merge_option_per_mergekit_method():
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_every_option_composes_and_validates(method, make_cfg, tiny):
     cfg = make_cfg(f"+merge={method}")
-    config = merge.validate(merge.localize(merge.load_merge_config(cfg))[0])
+    config = merge.validate(merge.localize(merge_config.load(cfg)[0])[0])
     assert config.merge_method == method
     referenced = {Path(m.model.path) for m in config.referenced_models()}
     assert referenced <= {tiny["base"], tiny["add"], tiny["reverse"]}
@@ -48,13 +48,13 @@ def test_every_option_composes_and_validates(method, make_cfg, tiny):
 
 
 def test_model_stock_uses_base_and_both_children(make_cfg, tiny):
-    config = merge.validate(merge.load_merge_config(make_cfg("+merge=model_stock")))
+    config = merge.validate(merge_config.load(make_cfg("+merge=model_stock"))[0])
     assert {Path(m.model.path).name for m in config.referenced_models()} == {"base", "add", "reverse"}
 
 
 def test_override_speaks_mergekit(make_cfg, tiny):
     cfg = make_cfg("+merge=slerp", "merge.parameters.t=0.3")
-    assert merge.validate(merge.load_merge_config(cfg)).parameters["t"] == 0.3
+    assert merge.validate(merge_config.load(cfg)[0]).parameters["t"] == 0.3
 
 
 def load_merged(model_dir: Path):
@@ -289,13 +289,13 @@ def test_missing_parent_folder(cli, tmp_path, tiny):
 
 def test_local_without_parents_names_the_fix(make_cfg):
     with pytest.raises(UserError, match="models.parents"):
-        merge.load_merge_config(make_cfg("+merge=slerp", "models=local"))
+        merge_config.load(make_cfg("+merge=slerp", "models=local"))
 
 
 def test_method_needing_a_base_without_one(make_cfg, tiny):
     cfg = make_cfg("+merge=ties", "models=local", f"models.parents=[{tiny['add']},{tiny['reverse']}]")
     with pytest.raises(UserError, match="needs a base model"):
-        merge.validate(merge.load_merge_config(cfg))
+        merge.validate(merge_config.load(cfg)[0])
 
 
 def test_hub_id_without_network_fails_cleanly(cli, tiny):
