@@ -38,6 +38,10 @@ def perplexity_gate(cfg: DictConfig, merge: records.MergeRecord) -> dict | None:
     trainer = cfg.anneal.trainer
     texts = [tokenize_completion(tokenizer, r["prompt"], r["chosen"], trainer.max_length,
                                  _truncation_mode(trainer.get("truncation_mode"))) for r in rows]
+    texts = [(ids, mask) for ids, mask in texts if any(mask)]  # an answer the length limit left nothing of: none
+    if not texts:  # the anneal refuses such data itself, with its counts
+        log.warning("anneal: no merge check: no held-out answer fits anneal.trainer.max_length")
+        return None
     candidates = {"merged": merged_dir, **{f"parent:{Path(p).name}": Path(p) for p in merge.inputs.parents}}
     found = {}
     for name, folder in candidates.items():
@@ -80,18 +84,24 @@ def check_merged(model_dir: Path) -> None:
     import torch
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     for required in ("config.json", "tokenizer_config.json"):
         if not (model_dir / required).is_file():
             raise RuntimeError(f"mergekit wrote no {required} into {model_dir}")
     fix = ("Fix: check the merge config against the models (slices' layer ranges, a passthrough's layers, "
            "tokenizer_source, the embed_slerp and base model settings) and mergekit's architecture support.")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # nothing is loaded: no "Loading weights" bar
     try:
         model, report = AutoModelForCausalLM.from_pretrained(model_dir, device_map="meta", output_loading_info=True,
                                                              ignore_mismatched_sizes=True)
     except (ValueError, OSError, KeyError) as err:  # an architecture transformers has no class for
         log.warning(f"merge: the merged architecture cannot be checked by transformers ({err})")
         model, report = None, {}
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     missing = sorted(report.get("missing_keys", []))
     if missing:
         raise UserError(f"The merge lacks {len(missing)} tensor(s) its architecture has ({', '.join(missing[:5])}"

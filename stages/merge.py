@@ -55,12 +55,11 @@ def run(cfg: DictConfig, run_dir: Path) -> records.MergeRecord:
             log_cache(known.cache["merge"], cache_root / "merges" / known.cache["key"])
             return known
 
-    for step in steps:  # every document checked by mergekit's types before anything is merged
-        validate(step.raw)
+    checked = [validate(step.raw) for step in steps]  # every document, by mergekit's types, before any merge runs
     options = build_options(cfg.merge_options)
     produced, configs, sources, steps_done = {}, [], {}, []  # produced: an intermediate's folder -> its cache identity
-    for step in steps:
-        config, found = prepare(step.raw, options, produced)
+    for step, valid in zip(steps, checked):
+        config, found = prepare(step.raw, options, produced, valid)
         configs.append(config)
         sources.update({s.path: s for s in found})
         text = merge_config.chain_yaml(steps, configs, step, yaml_text)
@@ -76,8 +75,8 @@ def run(cfg: DictConfig, run_dir: Path) -> records.MergeRecord:
         if step.name:
             produced[str(step.out_dir)] = f"merge:{step.name}:{key}"
         steps_done.append({"name": step.name, "merge_method": method_name(config), "model": str(step.out_dir),
-                      "models": [str(r.model.path) for r in ordered_references(config)],
-                      "cache": {"merge": state, **({"key": key} if key else {})}})
+                           "models": [str(r.model.path) for r in ordered_references(config)],
+                           "cache": {"merge": state, **({"key": key} if key else {})}})
 
     final = configs[-1]
     record = records.MergeRecord(
@@ -103,15 +102,15 @@ def run(cfg: DictConfig, run_dir: Path) -> records.MergeRecord:
 
 
 def log_cache(state: str, entry: Path, name: str | None = None) -> None:
-    what = f"intermediate merge {name!r}" if name else "merge"
-    log.info(f"merge: {'reused cached ' + what if state == 'hit' else what + ': merged'} {entry}")
+    what = f" intermediate {name!r}:" if name else ""
+    log.info(f"merge:{what} {'reused cached merge' if state == 'hit' else 'merged'} {entry}")
 
 
-def prepare(raw: dict, options, produced: dict | None = None):
+def prepare(raw: dict, options, produced: dict | None = None, valid=None):
     """The config with every model a local folder (`produced`: the folders earlier merges of a chain wrote, used as
     they are), validated by mergekit's types, and the models' provenance; models that cannot be merged are refused
-    here."""
-    localized, sources = localize(raw, produced or {})
+    here. `valid`: `raw` already validated."""
+    localized, sources = localize(raw, produced, valid)
     config = validate(localized)
     check_compatible(config, options)
     return config, sources
@@ -174,11 +173,11 @@ def remember(cache_root: Path, inputs: str, record: records.MergeRecord) -> None
     write_text(folder / f"{inputs}.json", record.model_dump_json(exclude={"outputs", "status", "seconds", "versions"}))
 
 
-def localize(raw: dict, produced: dict | None = None) -> tuple[dict, list[records.ModelSource]]:
+def localize(raw: dict, produced: dict | None = None, valid=None) -> tuple[dict, list[records.ModelSource]]:
     """Replace every model reference by an absolute local folder (hub ids are downloaded first; `produced`: folders
     an earlier merge of the chain wrote, kept as they are); also returns where each came from (`ModelSource`:
-    folder, hub id, downloaded commit), in config order."""
-    config = validate(raw)
+    folder, hub id, downloaded commit), in config order. `valid`: `raw` already validated."""
+    config = valid or validate(raw)
     resolved = {}
     for ref in ordered_references(config):
         for path in (ref.model, ref.lora):
