@@ -156,6 +156,8 @@ def prepare(size: str, case_dir: Path, steps: int, batch: int, sweep: bool = Tru
         # fixed here, not left to the defaults (TRL's, for real models): the settings every earlier figure used
         "anneal.trainer.learning_rate=3e-4", "anneal.trainer.lr_scheduler_type=cosine", "anneal.trainer.seed=0",
         "anneal.trainer.activation_checkpointing=false",
+        # plain TRL has no merge check (the merged model and the parents scored before the anneal): timed apart
+        "pipeline.merge_check.texts=0",
     ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, "pipeline.stages=[merge]"])

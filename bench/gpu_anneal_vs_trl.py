@@ -173,6 +173,8 @@ def prepare(work: Path, dims: dict, args, processes: int, cuda: bool) -> Path:
         # the last step must be logged: TRL's num_tokens is cumulative and only appears in the logs
         f"anneal.trainer.logging_steps={math.gcd(args.steps, max(1, args.steps // 4))}",
         "anneal.trainer.disable_tqdm=true",
+        # plain TRL has no merge check (the merged model and the parents scored before the anneal): timed apart
+        "pipeline.merge_check.texts=0",
     ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, "pipeline.stages=[merge]"])

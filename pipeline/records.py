@@ -53,9 +53,11 @@ class MergeInputs(Record):
 
 
 class MergeOutputs(Record):
+    """The merged model and its resolved config; a mergekit-multi chain adds `intermediates`: each intermediate
+    merge's folder, by name (kept as an extra key, so a single merge's entry keeps its shape)."""
+
     model: str
     config: str
-    intermediates: dict[str, str] | None = None  # a mergekit-multi chain: each intermediate merge's folder, by name
 
 
 class MergeConfig(Record):
