@@ -63,6 +63,11 @@ def test_default_run_output_loads_and_records_everything(default_run, demo_path)
     assert entry["cache"]["reference_logps"] in ("hit", "miss")
     assert entry["data"]["train_pairs"] == 4000 and entry["data"]["heldout_pairs"] == 300
     assert entry["data"]["dropped"]["train"] == {"empty": 0, "chosen_equals_rejected": 0, "prompt_too_long": 0}
+    # the merge check before the anneal: the SLERP merge scores far below its parents on held-out answers (each
+    # parent is poor at the other's skill), so it passes
+    check = entry["merge_check"]
+    assert check["texts"] == 64 and set(check["perplexity"]) == {"merged", "parent:add", "parent:reverse"}
+    assert not check["flagged"] and check["ratio"] < 1
 
 
 @pytest.mark.slow
