@@ -66,7 +66,8 @@ def perplexity_gate(cfg: DictConfig, merge: records.MergeRecord) -> dict | None:
     listing = ", ".join(f"{name.removeprefix('parent:')} {value:.4g}" for name, value in parents.items())
     log.info(f"anneal: merge check on {len(texts)} held-out chosen answers: perplexity merged {found['merged']:.4g}, "
              f"parents {listing or 'none comparable'}"
-             + (f" ({ratio:.2f}x the highest; refused above {limit})" if ratio is not None else ""))
+             + (f" ({ratio:.2f}x the highest{f'; refused above {limit}' if limit is not None else ''})"
+                if ratio is not None else ""))
     if result["flagged"]:
         raise UserError(
             f"The merge looks broken: its perplexity on {len(texts)} held-out chosen answers is {found['merged']:.4g}, "
@@ -126,10 +127,11 @@ def check_merged(model_dir: Path) -> None:
 
 
 def load_for_scoring(folder: Path):
-    """A model to score with: float32 on the CPU, bf16 on a CUDA GPU (where a real checkpoint's size needs it)."""
+    """A model to score with: float32 on the CPU; bf16 where CUDA GPUs are, spread over them (accelerate's
+    device_map="auto") where one cannot hold a real checkpoint alone."""
     import torch
     from transformers import AutoModelForCausalLM
 
     cuda = torch.cuda.is_available()
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if cuda else torch.float32,
-                                                device_map="cuda" if cuda else None).eval()
+                                                device_map="auto" if cuda else None).eval()
