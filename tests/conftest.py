@@ -217,6 +217,43 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comple
                           env={**os.environ, **(env or {})}, timeout=1800)
 
 
+# Loaded at start-up by a `python -m pipeline` child whose PYTHONPATH names its folder: the child stops itself
+# (SIGSTOP) right after it writes its first complete checkpoint (the Trainer writes trainer_state.json last), so a
+# test can act while that run is alive mid-training, however fast or slow the machine.
+STOP_AT_FIRST_CHECKPOINT = """
+import os, signal
+from transformers.trainer_callback import TrainerState
+
+_save = TrainerState.save_to_json
+
+def _save_then_stop(self, json_path):
+    _save(self, json_path)
+    TrainerState.save_to_json = _save
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+TrainerState.save_to_json = _save_then_stop
+"""
+
+
+def stop_at_first_checkpoint(folder: Path) -> dict:
+    """The environment that makes a `python -m pipeline` child stop itself after its first checkpoint."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(STOP_AT_FIRST_CHECKPOINT)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
+def wait_until_stopped(process: subprocess.Popen) -> None:
+    """Block until `process` is stopped by a signal (state T in /proc); fails if it exits first."""
+    import time
+
+    while process.poll() is None:
+        state = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state in ("T", "t"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run exited (code {process.returncode}) before it stopped at its first checkpoint")
+
+
 def run_in_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """`python -m pipeline ARGS` through the same entry point (Hydra's main, the app's error handling and exit
     codes), in this process: no interpreter start and imports (8-10 s a call). For runs that set no environment

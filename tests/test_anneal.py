@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,15 @@ from datasets import load_dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainerCallback
 
-from conftest import ONE_THREAD, SHORT, TEST_CACHE, run_in_process, write_jsonl
+from conftest import (
+    ONE_THREAD,
+    SHORT,
+    TEST_CACHE,
+    run_in_process,
+    stop_at_first_checkpoint,
+    wait_until_stopped,
+    write_jsonl,
+)
 from pipeline import UserError, manifest, models, perf, preferences, records, reference, training
 from pipeline.app import run_pipeline
 from stages import anneal
@@ -468,20 +475,20 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, shared_cache, tin
     run_dir = tmp_path / "run"
     args = [sys.executable, "-m", "pipeline", "+merge=slerp", "pipeline.stages=[merge,anneal]", *tiny.overrides,
             f"pipeline.cache_dir={shared_cache}", f"models.cache_dir={TEST_CACHE}", f"hydra.run.dir={run_dir}",
-            "anneal.trainer.max_steps=80", "anneal.trainer.save_steps=10", "anneal.trainer.logging_steps=10"]
-    env = {**os.environ, **ONE_THREAD}
+            "anneal.trainer.max_steps=20", "anneal.trainer.save_steps=10", "anneal.trainer.logging_steps=10"]
+    env = {**os.environ, **ONE_THREAD, **stop_at_first_checkpoint(tmp_path / "hook")}
     process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    checkpoints = run_dir / "anneal" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
-        time.sleep(0.05)  # killed as soon as its first checkpoint is complete
-    # while it lives, the folder is its own: a second run there is refused, naming it
-    second = run_in_process(*args[3:], "pipeline.resume=true", cwd=tmp_path)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    try:
+        wait_until_stopped(process)  # it stopped itself once its first checkpoint was complete: alive, mid-training
+        # while it lives, the folder is its own: a second run there is refused, naming it
+        second = run_in_process(*args[3:], "pipeline.resume=true", cwd=tmp_path)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
     assert second.returncode == 2 and f"in use by another merge-anneal process (pid {process.pid}" in " ".join(
         second.stderr.split())
-    assert list(checkpoints.glob("checkpoint-*")), "no checkpoint was written before the kill"
+    checkpoints = run_dir / "anneal" / "checkpoints"
+    assert [c.name for c in checkpoints.glob("checkpoint-*")] == ["checkpoint-10"]
     before = manifest.load(run_dir)["stages"]
     assert before["merge"]["status"] == "done" and before["anneal"]["status"] == "running"
     assert before["anneal"]["pid"] == process.pid
@@ -498,7 +505,6 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, shared_cache, tin
     after = manifest.load(run_dir)["stages"]
     assert after["merge"] == before["merge"]  # the merge is not redone
     assert "merge: done in an earlier attempt" in result.stdout
-    resumed = after["anneal"]["resumed_from"]
-    assert resumed and int(resumed.rsplit("-", 1)[1]) >= 10
+    assert after["anneal"]["resumed_from"] == str(checkpoints / "checkpoint-10")
     logged = [json.loads(line)["step"] for line in (run_dir / "anneal" / "metrics.jsonl").read_text().splitlines()]
-    assert logged[-1] == 80 and min(s for s in logged if s > int(resumed.rsplit("-", 1)[1])) > 0
+    assert logged == [10, 20, 20]  # the first run's step 10, the resumed run's step 20 and its closing summary
