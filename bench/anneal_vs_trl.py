@@ -9,6 +9,7 @@ merged into the weights). Each measurement is its own process; variants alternat
     python bench/anneal_vs_trl.py --quick              # < 10 minutes on 2 CPU cores
     python bench/anneal_vs_trl.py --json bench.json    # writes rss_ratio / time_ratio for the ~100M case
     python bench/anneal_vs_trl.py --sizes real         # real-length pairs: padding share and real tokens/s
+    python bench/anneal_vs_trl.py --sizes 100m --switches --repeats 2  # each anneal.perf switch off, against on
 
 Variants: `anneal` (one run of the stage, reference log-probs computed: what an independent run spends),
 `trl` (plain TRL), the two with LoRA, and `sweep4`: a 4-point merge sweep as Hydra's basic launcher runs it,
@@ -73,6 +74,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--sizes", default="demo,100m")
     parser.add_argument("--runs-log", type=Path, help="append each measurement here (JSON lines) as it lands")
+    parser.add_argument("--switches", action="store_true",
+                        help="the stage with each anneal.perf switch off in turn, against all on (no plain TRL)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--case", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--heldout", action="store_true", help=argparse.SUPPRESS)
@@ -93,6 +96,8 @@ def main() -> None:
             variants = {"100m": ["anneal", "trl", "sweep4", "anneal-lora", "trl-lora"],
                         "real": ["anneal", "anneal-padded", "trl"]}.get(
                 size, ["anneal", "trl"] + ([] if args.quick else ["sweep4"]))
+            if args.switches:
+                variants = switch_variants()
             case = prepare(size, work / size, steps, batch, sweep="sweep4" in variants)
             runs = {v: [] for v in variants}
             for r in range(repeats):
@@ -107,7 +112,7 @@ def main() -> None:
                     phases = " ".join(f"{k} {t:.1f}" for k, t in last.get("phases", {}).items())
                     print(f"  {size} {v:12s} rep {r}: {last['wall_s']:.1f} s, {last['peak_rss_mb']:.0f} MB"
                           + (f"  ({phases})" if phases else ""), flush=True)
-            report[size] = summarize(size, runs, peaks, case)
+            report[size] = summarize_switches(size, runs) if args.switches else summarize(size, runs, peaks, case)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
@@ -274,9 +279,12 @@ def worker(variant: str, case: Path, heldout: bool = False) -> dict:
 
     spec = json.loads((case / "case.json").read_text())
     overrides = list(spec["overrides"])
-    lora = variant.endswith("-lora")
+    lora = variant.split("-no-")[0].endswith("-lora")
     if lora:
         overrides.append("anneal=lora")
+    if "-no-" in variant:  # --switches: this one anneal.perf switch off
+        switch = variant.split("-no-")[1]
+        overrides.append(f"anneal.perf.{switch}={'null' if switch == 'reference_pass_tokens' else 'false'}")
     if variant.startswith("anneal"):
         overrides.append("pipeline.cache=false")  # the reference pass is part of the measured work
     if variant in ("anneal-padded", "anneal-grouped"):  # without packing; grouped: length-grouped batches instead
@@ -298,6 +306,7 @@ def worker(variant: str, case: Path, heldout: bool = False) -> dict:
 
     if variant == "sweep4":
         return sweep_worker(cfg, case, run_dir)
+    process = ProcessCounters()
     started = time.perf_counter()
     phases = {}
     if variant.startswith("anneal"):
@@ -310,13 +319,17 @@ def worker(variant: str, case: Path, heldout: bool = False) -> dict:
         log, bf16 = plain_trl(cfg, run_dir, spec["parent"], lora)
         model_dir = run_dir / "trl-model"
     wall = time.perf_counter() - started
+    counters = process.read()
     final = [r for r in log if "train_runtime" in r][-1]
     tokens = max(r.get("num_tokens", 0) for r in log)
     peak, positions = peak_rss_mb(), json.loads(json.dumps(padding))  # before the (untimed) held-out check
     correct = heldout_correct(model_dir, case / "check.jsonl", cfg.anneal.trainer.max_length) if heldout else None
     shutil.rmtree(run_dir, ignore_errors=True)
-    return {"wall_s": wall, "train_s": final["train_runtime"], "tokens": tokens, "bf16": bf16,
-            "peak_rss_mb": peak, "phases": phases, "positions": positions, "heldout_correct": correct}
+    # training time with the reference's work in it on both sides: plain TRL's reference forward runs inside its
+    # training loop (train_runtime), the stage's before it (its reference pass, which scores the held-out pairs too)
+    train_s = final["train_runtime"] + phases.get("reference_logps", 0.0)
+    return {"wall_s": wall, "train_s": train_s, "tokens": tokens, "bf16": bf16,
+            "peak_rss_mb": peak, "phases": phases, "positions": positions, "heldout_correct": correct, **counters}
 
 
 def heldout_correct(model_dir: Path, pairs: Path, max_length: int) -> list[int]:
@@ -354,6 +367,74 @@ def sweep_worker(cfg, case: Path, run_dir: Path) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"wall_s": wall, "train_s": None, "tokens": None, "bf16": None,  # four trainings: no single figure
             "peak_rss_mb": peak_rss_mb(), "phases": {f"job{i} ({c})": w for i, (c, w) in enumerate(zip(jobs, walls))}}
+
+
+# The anneal.perf switches that act on a full fine-tuning run, and the one that acts under LoRA alone.
+FULL_SWITCHES = ("lean_saved_tensors", "float32_attention", "reference_weights_bf16", "reference_pass_tokens",
+                 "pack_rows", "malloc_keeps_freed_memory", "gc_skips_existing_objects", "fingerprint_in_background",
+                 "skip_trl_model_hash")
+LORA_SWITCHES = ("frozen_weights_bf16",)
+
+
+def switch_variants() -> list[str]:
+    """--switches: the stage with every switch on, then with each switch off in turn (full fine-tuning), and the same
+    for LoRA's own switch."""
+    return (["anneal", *(f"anneal-no-{s}" for s in FULL_SWITCHES), "anneal-lora",
+             *(f"anneal-lora-no-{s}" for s in LORA_SWITCHES)])
+
+
+class ProcessCounters:
+    """This process's minor page faults and system CPU seconds from now, and the full (generation 2) garbage
+    collections run from now with their seconds."""
+
+    def __init__(self):
+        import gc
+
+        self.gc_runs, self.gc_seconds, self._started = 0, 0.0, None
+        gc.callbacks.append(self._on_gc)
+        self.usage = resource.getrusage(resource.RUSAGE_SELF)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.gc_runs, self.gc_seconds = self.gc_runs + 1, self.gc_seconds + time.perf_counter() - self._started
+
+    def read(self) -> dict:
+        now = resource.getrusage(resource.RUSAGE_SELF)
+        return {"minor_faults": now.ru_minflt - self.usage.ru_minflt, "system_s": now.ru_stime - self.usage.ru_stime,
+                "full_gc_runs": self.gc_runs, "full_gc_s": self.gc_seconds}
+
+
+def summarize_switches(size: str, runs: dict) -> dict:
+    """Per variant the medians; per switch, off against on (the median of each repetition's own ratio)."""
+    keys = ("wall_s", "train_s", "reference_s", "peak_rss_mb", "minor_faults", "system_s", "full_gc_runs", "full_gc_s")
+    for rs in runs.values():
+        for r in rs:
+            r["reference_s"] = r["phases"].get("reference_logps")
+    med = {v: {k: statistics.median(r[k] for r in rs) for k in keys} for v, rs in runs.items()}
+    print(f"\n== {size}: each anneal.perf switch off against all on; medians of {len(runs['anneal'])} repetitions; "
+          f"bf16 autocast {runs['anneal'][0]['bf16']} ==")
+    print("train s: the reference pass + the training loop; faults: minor page faults; full GC: generation-2 "
+          "collections")
+    print(f"{'variant':44s}{'wall s':>8s}{'train s':>9s}{'ref s':>7s}{'peak RSS MB':>12s}{'faults':>10s}"
+          f"{'system s':>10s}{'full GC':>8s}{'GC s':>7s}")
+    for v, m in med.items():
+        print(f"{v:44s}{m['wall_s']:8.2f}{m['train_s']:9.2f}{m['reference_s']:7.2f}{m['peak_rss_mb']:12.0f}"
+              f"{m['minor_faults']:10.0f}{m['system_s']:10.2f}{m['full_gc_runs']:8.0f}{m['full_gc_s']:7.2f}")
+    ratios = {}
+    for v in runs:
+        if "-no-" not in v:
+            continue
+        off, on = runs[v], runs[v.split("-no-")[0]]
+        ratios[v] = {k: round(statistics.median(a[k] / b[k] for a, b in zip(off, on) if b[k]), 3)
+                     for k in ("wall_s", "train_s", "reference_s", "peak_rss_mb", "minor_faults", "system_s")}
+    print("off / on, paired per repetition:")
+    for v, r in ratios.items():
+        print(f"  {v:42s} " + "  ".join(f"{k} {x}" for k, x in r.items()))
+    return {"size": size, "medians": med, "off_over_on": ratios}
 
 
 def peak_rss_mb() -> float:
@@ -424,10 +505,11 @@ def summarize(size: str, runs: dict, peaks: dict, case: Path) -> dict:
     peak = peaks["bf16" if bf16 else "fp32"]
     out = {"size": size, "params_m": round(n_params / 1e6, 1), "autocast_bf16": bf16, "medians": med,
            "matmul_peak_gflops": round(peak)}
-    # policy training: forward + backward = 6 FLOP per parameter per token; plain TRL adds the reference
-    # forward (2 FLOP per parameter per token) inside its training loop
+    # the same work on both sides: each training token's policy forward + backward (6 FLOP per parameter) and its
+    # reference forward (2), over training time with the reference's work in it (`train_s`: plain TRL's loop; the
+    # stage's reference pass + its loop, the pass's held-out pairs counted in its time, not in its FLOPs)
     for v in ("anneal", "trl"):
-        flops = (6 + (2 if v == "trl" else 0)) * n_params * med[v]["tokens"]
+        flops = 8 * n_params * med[v]["tokens"]
         out[f"{v}_train_gflops"] = round(flops / med[v]["train_s"] / 1e9, 1)
         out[f"{v}_peak_fraction"] = round(flops / med[v]["train_s"] / 1e9 / peak, 3)
         out[f"{v}_tokens_per_s"] = round(med[v]["tokens"] / med[v]["train_s"], 1)
@@ -471,14 +553,16 @@ def summarize(size: str, runs: dict, peaks: dict, case: Path) -> dict:
         out["lora_rss_ratio"] = round(med["anneal-lora"]["peak_rss_mb"] / med["trl-lora"]["peak_rss_mb"], 3)
         out["lora_time_ratio"] = paired(lambda i: wall["anneal-lora"][i] / wall["trl-lora"][i])
     print(f"\n== {size}: {out['params_m']}M parameters, bf16 autocast {bf16} ==")
+    print("train s: training with the reference's work in it (plain TRL: its loop, the reference forward inside; "
+          "the stage: its reference pass + its loop); tokens/s: training tokens over train s")
     print(f"{'variant':14s}{'wall s':>9s}{'train s':>9s}{'tokens/s':>10s}{'peak RSS MB':>13s}")
     for v, m in med.items():
         train, speed = ((f"{m['train_s']:9.2f}", f"{m['tokens'] / m['train_s']:10.0f}") if m["train_s"] is not None
                         else (f"{'-':>9s}", f"{'-':>10s}"))
         print(f"{v:14s}{m['wall_s']:9.2f}{train}{speed}{m['peak_rss_mb']:13.0f}")
     print(f"time_ratio (anneal / plain TRL, wall) {out['time_ratio']}   rss_ratio {out['rss_ratio']}   "
-          f"tokens/s ratio {out['tokens_per_s_ratio']}   4-point sweep / 4 independent "
-          f"{out.get('sweep4_ratio', 'not measured')}")
+          f"training tokens/s ratio (reference pass included) {out['tokens_per_s_ratio']}   "
+          f"4-point sweep / 4 independent {out.get('sweep4_ratio', 'not measured')}")
     if "padding_share" in out:
         print("padding share of the computed positions (training forwards; reference forwards), real tokens/s:")
         for v, share in out["padding_share"].items():
@@ -493,7 +577,8 @@ def summarize(size: str, runs: dict, peaks: dict, case: Path) -> dict:
                                      for v, d in out["heldout_vs_padded"].items()))
     if "lora_rss_ratio" in out:
         print(f"LoRA: rss_ratio {out['lora_rss_ratio']}   time_ratio {out['lora_time_ratio']}")
-    print(f"achieved training throughput: anneal {out['anneal_train_gflops']} GFLOP/s "
+    print(f"achieved training throughput (8 FLOP per parameter per training token: policy forward + backward and "
+          f"reference forward, over train s): anneal {out['anneal_train_gflops']} GFLOP/s "
           f"({out['anneal_peak_fraction']:.0%} of the {peak:.0f} GFLOP/s matmul peak), plain TRL "
           f"{out['trl_train_gflops']} GFLOP/s ({out['trl_peak_fraction']:.0%})")
     return out

@@ -20,9 +20,12 @@ stage's launch writes (`pipeline.launch.accelerate_config`); the data is one epo
 
 Per run: wall time of the anneal work (imports excluded; with several processes the launch and the ranks' own
 imports included, on both sides), tokens/s (TRL's `num_tokens`: non-pad tokens of chosen + rejected sequences,
-prompt included, summed over ranks), model FLOPs utilisation = 6 * parameters * tokens / time / peak (peak: a
-large bf16 matmul measured at start, times the processes; over the wall time and over the trainer's
-train_runtime; 6N also for LoRA, whose real work is nearer 4N), and peak device memory
+prompt included, summed over ranks), model FLOPs utilisation = 8 * parameters * tokens / time / peak (each
+training token's policy forward and backward, 6N, and its reference forward, 2N: the same work on both sides;
+peak: a large bf16 matmul measured at start, times the processes; over the wall time and over the training time
+with the reference's work in it: plain TRL's train_runtime, whose loop runs the reference forward, and the
+stage's reference pass plus its train_runtime; 6N also for LoRA's policy, whose real work is nearer 4N), and peak
+device memory
 (`torch.cuda.max_memory_allocated` / `max_memory_reserved` of every process that used CUDA, each rank reporting
 its own at exit through a sitecustomize probe on PYTHONPATH; the maximum over processes). Ratios are stage /
 plain TRL; targets: time <= 1.0x, peak device memory <= 0.8x.
@@ -258,7 +261,11 @@ def worker(variant: str, case: Path) -> dict:
     if not steps or steps[-1]["step"] != cfg.anneal.trainer.max_steps:
         raise RuntimeError(f"the last training step was not logged: {steps[-1:]}")
     final = next(r for r in log if "train_runtime" in r)
-    return {"wall_s": wall, "train_s": final["train_runtime"], "tokens": steps[-1]["num_tokens"], "own_memory": own}
+    # training with the reference's work in it on both sides: plain TRL's reference forward runs inside its loop,
+    # the stage's reference pass before it
+    reference_s = entry.get("seconds_by_phase", {}).get("reference_logps", 0.0) if variant.startswith("anneal") else 0
+    return {"wall_s": wall, "train_s": final["train_runtime"] + reference_s, "tokens": steps[-1]["num_tokens"],
+            "own_memory": own}
 
 
 def plain_trl(cfg, run_dir: Path, parent: str):
@@ -320,12 +327,14 @@ def summarize(runs: dict, n_params: int, peak: float, device: str, settings: dic
     median = lambda rs, key: None if rs[0][key] is None else statistics.median(r[key] for r in rs)
     med = {v: {k: median(rs, k) for k in ("wall_s", "train_s", "tokens", "allocated", "reserved")}
            for v, rs in runs.items()}
-    for m in med.values():
-        flops = 6 * n_params * m["tokens"]
+    for m in med.values():  # each training token's policy forward + backward (6N) and reference forward (2N)
+        flops = 8 * n_params * m["tokens"]
         m |= {"tokens_per_s": m["tokens"] / m["wall_s"], "mfu_wall": flops / m["wall_s"] / peak,
               "mfu_train": flops / m["train_s"] / peak}
     print(f"\n== Llama {n_params / 1e6:.1f}M parameters on {device}; {settings['steps']} steps x "
           f"{settings['batch']} pairs x {settings['max_length']} tokens, {settings['repeats']} repeat(s), medians ==")
+    print("train s: training with the reference's work in it (plain TRL: its loop, the reference forward inside; "
+          "the stage: its reference pass + its loop); MFU: 8 x parameters x training tokens / time / peak")
     print(f"{'variant':12s}{'wall s':>8s}{'train s':>9s}{'tokens/s':>10s}{'MFU wall':>10s}{'MFU train':>11s}"
           f"{'peak alloc GiB':>16s}{'peak reserved GiB':>19s}")
     for v, m in med.items():

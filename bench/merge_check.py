@@ -7,13 +7,15 @@ Parents and pairs: bench/anneal_vs_trl.py's (a random Llama base and two childre
 pairs of 100 + 30 characters, 64 of them held out). In this one process, per repetition:
 
   merge   the merge stage (linear, float32, cache off), the whole-merge check included;
-  whole   `merge_check.check_merged` alone on that merge: transformers' loading report on the meta device, the
-          tokenizer, every tensor read back for finiteness (what each merge the stage writes pays);
+  whole   `merge_check.check_merged` alone on that merge (what each merge the stage writes pays), in its two
+          parts: `report`, `check_architecture` (transformers' loading report on the meta device, the tokenizer),
+          and `finite`, `check_finite` (every tensor read back for finiteness, as the stage did before the check);
   gate    `merge_check.perplexity_gate`: the merged model and both parents score the 64 held-out chosen answers
           (what each anneal pays before its reference pass);
   anneal  the anneal stage with the gate off (`--steps` steps of 8 pairs, reference pass included, cache off).
 
-Printed: medians, whole / merge, gate / anneal and the gate in anneal steps.
+Printed: medians, whole / merge, gate / anneal, and the gate in training steps (the anneal's train phase seconds
+per step: loading, reference pass and saving left out).
 """
 
 import argparse
@@ -65,7 +67,7 @@ def main() -> None:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose("config", overrides=[*overrides, *more])
 
-    seconds = {"merge": [], "whole": [], "gate": [], "anneal": []}
+    seconds = {"merge": [], "whole": [], "report": [], "finite": [], "gate": [], "anneal": [], "train": []}
     for rep in range(args.repeats):
         run_dir = work / f"run{rep}"
         started = time.perf_counter()
@@ -75,22 +77,30 @@ def main() -> None:
         started = time.perf_counter()
         merge_check.check_merged(Path(merge.outputs.model))
         seconds["whole"].append(time.perf_counter() - started)
+        for part, check in (("report", merge_check.check_architecture), ("finite", merge_check.check_finite)):
+            started = time.perf_counter()
+            check(Path(merge.outputs.model))
+            seconds[part].append(time.perf_counter() - started)
         started = time.perf_counter()
         gate = merge_check.perplexity_gate(config(f"pipeline.merge_check.texts={HELDOUT}"), merge)
         seconds["gate"].append(time.perf_counter() - started)
         started = time.perf_counter()
-        anneal.run(config("pipeline.stages=[anneal]"), run_dir)
+        record = anneal.run(config("pipeline.stages=[anneal]"), run_dir)
         seconds["anneal"].append(time.perf_counter() - started)
+        seconds["train"].append(record.seconds_by_phase["train"])
         print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in seconds.items())
               + f"; gate ratio {gate['ratio']:.3f}", flush=True)
 
     median = {k: statistics.median(v) for k, v in seconds.items()}
     print(f"\n{args.size} Llama, {args.repeats} repetitions, medians:")
     print(f"  merge stage {median['merge']:.2f} s, of it the whole-merge check {median['whole']:.2f} s "
-          f"({median['whole'] / median['merge']:.3f}x)")
-    print(f"  anneal stage ({args.steps} steps of {BATCH} pairs) {median['anneal']:.2f} s; the perplexity gate "
-          f"({HELDOUT} answers, merged + 2 parents) {median['gate']:.2f} s ({median['gate'] / median['anneal']:.3f}x, "
-          f"the stage's time for {median['gate'] / (median['anneal'] / args.steps):.1f} of its steps)")
+          f"({median['whole'] / median['merge']:.3f}x): loading report and tokenizer {median['report']:.3f} s, "
+          f"finiteness {median['finite']:.3f} s")
+    step = median["train"] / args.steps
+    print(f"  anneal stage ({args.steps} steps of {BATCH} pairs) {median['anneal']:.2f} s, of it training "
+          f"{median['train']:.2f} s ({step:.2f} s a step); the perplexity gate ({HELDOUT} answers, merged + 2 "
+          f"parents) {median['gate']:.2f} s ({median['gate'] / median['anneal']:.3f}x the stage, "
+          f"{median['gate'] / step:.1f} training steps)")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ fresh process, as a user runs it; the variants alternate within each repetition 
 repetitions' own ratios:
 
   stage     `python -m pipeline +merge=<method> pipeline.stages=[merge] pipeline.cache=false` (whole process);
-  mergekit  `mergekit-yaml <the stage's resolved mergekit_config.yml> <out>` with the stage's options;
+  mergekit  `mergekit-yaml <the stage's resolved mergekit_config.yml> <out>` with every option the stage ran with;
   floor     a process that reads every tensor of the models the config names and writes one output's worth
             (the output's float32 shapes) with safetensors: no arithmetic. `floor io` is that process's reading
             and writing alone, `imports` a process that imports mergekit's merge module and exits;
@@ -102,12 +102,24 @@ def stage_command(method: str, parents: dict, run_dir: Path, cache_dir: Path, ca
 
 
 def mergekit_command(config: Path, out: Path, options: dict) -> list[str]:
-    """`mergekit-yaml` with the options the stage ran with (its record's merge_options)."""
-    flags = [f"--{'' if options[name] else 'no-'}{name.replace('_', '-')}" for name in
-             ("copy_tokenizer", "write_model_card", "safe_serialization", "lazy_unpickle", "clone_tensors",
-              "allow_crimes", "trust_remote_code")]
-    return [str(Path(sys.executable).parent / "mergekit-yaml"), str(config), str(out), *flags, "--quiet",
-            "--random-seed", str(options["random_seed"]), "--out-shard-size", str(options["out_shard_size"])]
+    """`mergekit-yaml` with every option the stage ran with (its record's merge_options: MergeOptions dumped
+    whole), in the flags mergekit's own CLI declares for them (`mergekit.options.add_merge_options`)."""
+    from mergekit.options import MergeOptions
+
+    flags = []
+    for name in MergeOptions.model_fields:
+        value, flag = options.get(name), f"--{name.replace('_', '-')}"
+        if value is None:  # not set: the CLI's default is None too
+            continue
+        if name == "verbosity":
+            flags += ["-v"] * value
+        elif name == "gpu_rich":  # a flag without a --no- form
+            flags += [flag] if value else []
+        elif isinstance(value, bool):
+            flags.append(flag if value else f"--no-{name.replace('_', '-')}")
+        else:
+            flags += [flag, str(value)]
+    return [str(Path(sys.executable).parent / "mergekit-yaml"), str(config), str(out), *flags]
 
 
 def timed(command: list[str], cwd: Path) -> float:

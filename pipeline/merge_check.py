@@ -79,11 +79,16 @@ def perplexity_gate(cfg: DictConfig, merge: records.MergeRecord) -> dict | None:
 
 
 def check_merged(model_dir: Path) -> None:
-    """A merge fit to load and train: a config and a tokenizer; every tensor its architecture has (transformers'
-    own loading report on the meta device: mergekit has dropped tensors silently), in its shape; embeddings with a
-    row for every token of the tokenizer; every tensor finite."""
-    import torch
-    from safetensors import safe_open
+    """A merge fit to load and train: its architecture whole (`check_architecture`), every tensor finite
+    (`check_finite`)."""
+    check_architecture(model_dir)
+    check_finite(model_dir)
+
+
+def check_architecture(model_dir: Path) -> None:
+    """A config and a tokenizer; every tensor the architecture has (transformers' own loading report on the meta
+    device: mergekit has dropped tensors silently), in its shape; embeddings with a row for every token of the
+    tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -118,6 +123,13 @@ def check_merged(model_dir: Path) -> None:
         if tokens > rows:
             raise UserError(f"The merge's tokenizer has {tokens} tokens but its embeddings only {rows} rows: tokens "
                             f"beyond row {rows} would index past them. {fix}")
+
+
+def check_finite(model_dir: Path) -> None:
+    """Every value of every stored tensor finite."""
+    import torch
+    from safetensors import safe_open
+
     for file in sorted(model_dir.glob("*.safetensors")):
         with safe_open(file, framework="pt") as handle:
             for name in handle.keys():

@@ -10,6 +10,7 @@
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -209,6 +210,27 @@ def make_short_cfg(shared_cache, tiny):
             return compose("config", overrides=[f"pipeline.cache_dir={shared_cache}", f"models.cache_dir={TEST_CACHE}",
                                                 "pipeline.stages=[merge,anneal]", *chosen, *overrides])
     return _compose
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Record (and refuse) every attempt to reach a host; the test asserts there were none."""
+    attempts = []
+    real_connect = socket.socket.connect
+
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            attempts.append(address)
+            raise OSError("network disabled in this test")
+        return real_connect(self, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        attempts.append(host)
+        raise socket.gaierror("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return attempts
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:

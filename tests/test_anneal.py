@@ -191,8 +191,9 @@ def test_reference_is_released_before_the_policy_trains(make_short_cfg, tmp_path
 
 
 def test_length_grouped_batches_pad_less_and_cover_every_pair(make_short_cfg, tmp_path, tiny):
-    """anneal.trainer.train_sampling_strategy: group_by_length (the default) against TRL's random batches, on
-    pairs of mixed lengths: the same pairs once each per epoch, far less padding. Rows are TRL's own batches."""
+    """anneal.trainer.train_sampling_strategy: group_by_length (an option; the default is TRL's random) against
+    random batches, on pairs of mixed lengths: the same pairs once each per epoch, far less padding. Rows are TRL's
+    own batches."""
     import random
 
     from datasets import Dataset

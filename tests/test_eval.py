@@ -234,7 +234,7 @@ def test_eval_only_reevaluates_without_retraining(eval_run):
 
 
 @pytest.mark.slow
-def test_lm_eval_block_scores_every_model_offline(eval_run, tmp_path):
+def test_lm_eval_block_scores_every_model_offline(eval_run, tmp_path, no_network):
     """eval.lm_eval runs lm-evaluation-harness on a local custom task: the demo's held-out addition pairs as
     two-way multiple choice (the answer vs the rejected one)."""
     pytest.importorskip("lm_eval")
@@ -269,3 +269,4 @@ def test_lm_eval_block_scores_every_model_offline(eval_run, tmp_path):
     assert all(s["demo_add_mc"]["sample_len"] == len(rows) for s in scores.values())
     assert acc["parent:add"] > acc["parent:reverse"], acc  # the addition parent knows its sums
     assert "## lm-evaluation-harness" in (out / "eval" / "report.md").read_text()
+    assert no_network == []  # no host was asked for anything

@@ -148,6 +148,8 @@ def test_killed_then_resumed_ends_done_with_the_same_outputs(label, where, fract
     assert resumed["rc"] == 0, (work / "stderr.log").read_text()[-3000:]
     stages = manifest.load(run_dir)["stages"]
     checks = {
+        # the point was tested where it says: killed before the run ended (the `end` boundary aside), inside its phase
+        "killed_where_it_says": (killed["killed"] or where == "end") and landed in ("boundary", where),
         "done": all(stages[s]["status"] == "done" for s in ("merge", "anneal", "eval", "release")),
         "merge_bytes": files(run_dir / "merge" / "model") == files(reference_run / "merge" / "model"),
         "annealed": same_tensors(run_dir / "anneal" / "model", reference_run / "anneal" / "model"),
@@ -184,7 +186,8 @@ def test_two_processes_sharing_a_cache_merge_once_and_both_finish(tiny, tmp_path
 
 if __name__ == "__main__":  # tabulate a figures file
     rows = [json.loads(line) for line in Path(sys.argv[1]).read_text().splitlines()]
-    checks = ["done", "merge_bytes", "annealed", "metrics", "released", "no_half_written_cache", "no_temporaries"]
+    checks = ["killed_where_it_says", "done", "merge_bytes", "annealed", "metrics", "released",
+              "no_half_written_cache", "no_temporaries"]
     from collections import Counter
 
     print(f"{len(rows)} points, {sum(r['killed'] for r in rows)} killed before finishing, "

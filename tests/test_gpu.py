@@ -51,10 +51,19 @@ def test_two_gpus(preset, make_cfg, tiny, tmp_path):
 
 
 def test_moe_gates_from_hidden_states_on_the_gpu(make_cfg, tiny, tmp_path):
-    """mergekit-moe computes gate_mode=hidden's hidden states on the GPU (merge_options.cuda=auto), and the mixture
+    """mergekit-moe computes gate_mode=hidden's hidden states on the GPU (merge_options.cuda=auto): the routers
+    equal, up to the GPU's rounding, those of the same merge on the CPU, and are not the random gates; the mixture
     anneals in bf16 there."""
-    cfg = make_cfg("+merge=moe", *tiny.overrides, "models.expert_prompts=[['12+34='],['rev abc=']]",
-                   "pipeline.stages=[merge,anneal]", "anneal.trainer.bf16=auto")
-    stages = run_pipeline(cfg, tmp_path)["stages"]
+    overrides = ["+merge=moe", *tiny.overrides, "models.expert_prompts=[['12+34='],['rev abc=']]"]
+    cfg = make_cfg(*overrides, "pipeline.stages=[merge,anneal]", "anneal.trainer.bf16=auto")
+    stages = run_pipeline(cfg, tmp_path / "gpu")["stages"]
     assert stages["merge"]["merge_method"] == "moe" and stages["merge"]["config"]["merge_options"]["device"] == "cuda"
     assert stages["anneal"]["status"] == "done" and stages["anneal"]["precision"]["autocast"] == "bfloat16"
+    routers = {}
+    for where, extra in (("cpu", ["merge_options.cuda=false"]), ("random", ["merge.gate_mode=random"])):
+        entry = run_pipeline(make_cfg(*overrides, "pipeline.stages=[merge]", *extra), tmp_path / where)["stages"]
+        routers[where] = load_file(Path(entry["merge"]["outputs"]["model"]) / "model.safetensors")
+    gpu = load_file(Path(stages["merge"]["outputs"]["model"]) / "model.safetensors")
+    gates = [name for name in gpu if name.endswith("mlp.gate.weight")]
+    assert gates and all(torch.allclose(gpu[g], routers["cpu"][g], rtol=1e-2, atol=1e-3) for g in gates)
+    assert not any(torch.allclose(gpu[g], routers["random"][g]) for g in gates)

@@ -14,7 +14,6 @@ Note: each run_lm_eval call indexes lm_eval's ~15k built-in task YAMLs (about 10
 import json
 import math
 import random
-import socket
 import sys
 
 import pytest
@@ -31,27 +30,6 @@ from pipeline.harness import run_lm_eval  # noqa: E402
 
 TASK = "copy_last_char"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Record (and refuse) every attempt to reach a host; the test asserts there were none."""
-    attempts = []
-    real_connect = socket.socket.connect
-
-    def connect(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            attempts.append(address)
-            raise OSError("network disabled in this test")
-        return real_connect(self, address)
-
-    def getaddrinfo(host, *args, **kwargs):
-        attempts.append(host)
-        raise socket.gaierror("network disabled in this test")
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    return attempts
 
 
 def _docs(n=12, seed=0):

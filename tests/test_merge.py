@@ -64,7 +64,13 @@ def load_merged(model_dir: Path):
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
-def test_every_method_merges_the_demo(method, make_cfg, tmp_path, tiny):
+def test_every_method_merges_the_tiny_parents_as_mergekit_does(method, make_cfg, tmp_path, tiny):
+    """The stage's merge holds the tensors mergekit's own `run_merge` writes from the stage's resolved config and
+    options, and is whole, finite, with the donor's tokenizer; the parents are left untouched."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
     before = {name: models.fingerprint(tiny[name]) for name in ("base", "add", "reverse")}
     run_dir = tmp_path / "run"
     result = run_pipeline(make_cfg(f"+merge={method}"), run_dir)
@@ -86,6 +92,11 @@ def test_every_method_merges_the_demo(method, make_cfg, tmp_path, tiny):
     written = yaml.safe_load((model_dir / "mergekit_config.yml").read_text())
     assert written["merge_method"] == method and "modules" not in written  # as configured, not mergekit's internals
     assert not list(model_dir.glob("*.bin"))
+    # the same tensors as mergekit's own run_merge on the stage's resolved config and options
+    options = MergeOptions(**{k: v for k, v in entry["config"]["merge_options"].items() if v is not None})
+    run_merge(MergeConfiguration.model_validate(written), str(tmp_path / "mergekit"), options=options)
+    ours, theirs = load_file(model_dir / "model.safetensors"), load_file(tmp_path / "mergekit" / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     # the parents are never modified
     assert before == {name: models.fingerprint(tiny[name]) for name in before}
 

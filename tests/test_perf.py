@@ -119,8 +119,9 @@ def test_with_every_switch_off_the_stage_trains_as_plain_trl(bf16, make_short_cf
 
     from pipeline import preferences
 
-    # and TRL's random batches (the stage groups pairs by length, which plain TRL 1.16 cannot: it drops the length
-    # column its sampler would need; test_anneal checks the grouped batches)
+    # and TRL's random batches, named although they are the stage's default too (the stage can also group pairs by
+    # length, which plain TRL 1.16 cannot: it drops the length column its sampler would need; test_anneal checks
+    # the grouped batches)
     cfg = make_short_cfg("+merge=slerp", f"anneal.trainer.bf16={str(bf16).lower()}", *ALL_OFF,
                          "anneal.trainer.train_sampling_strategy=random")
     stages = run_pipeline(cfg, tmp_path / "stage")["stages"]

@@ -195,14 +195,17 @@ def test_optuna_search_returns_the_objective(tmp_path, shared_cache, demo_subset
     assert f"merge.parameters.t={best['best_params']['merge.parameters.t']}" in summary["runs"][0]["overrides"]
 
 
-def test_submitit_local_runs_jobs_as_separate_processes(tmp_path, shared_cache, demo_subset):
+def test_submitit_local_runs_jobs_as_separate_processes(tmp_path, cache_dir, demo_subset):
+    """Two jobs at once in their own processes, on an empty cache: two merges (t differs), and one reference pass,
+    the other job waiting on the cache lock and then reading it."""
     sweep_dir = tmp_path / "sweep"
-    summary, _ = sweep_cli(sweep_dir, shared_cache, demo_subset, "-m", "+merge=slerp", "merge.parameters.t=0.3,0.7",
+    summary, _ = sweep_cli(sweep_dir, cache_dir, demo_subset, "-m", "+merge=slerp", "merge.parameters.t=0.3,0.7",
                            "+launcher=submitit_local")
     check_summary_files(sweep_dir, summary)
     jobs = [manifest.load(r["run_dir"])["job"] for r in summary["runs"]]
     assert len({j["pid"] for j in jobs}) == 2 and all(j["status"] == "done" for j in jobs)
-    assert summary["cache"]["reference_logps"].get("miss", 0) <= 1  # parallel jobs wait on the cache lock
+    assert summary["cache"]["merge"] == {"miss": 2}
+    assert summary["cache"]["reference_logps"] == {"miss": 1, "hit": 1}  # parallel jobs wait on the cache lock
     assert len([d for d in (sweep_dir / ".submitit").iterdir() if d.name.isdigit()]) == 2  # one per job id
 
 
