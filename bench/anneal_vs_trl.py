@@ -336,14 +336,14 @@ def heldout_correct(model_dir: Path, pairs: Path, max_length: int) -> list[int]:
     """Per held-out pair, 1 where the model gives its chosen answer the higher log-prob (eval's scoring)."""
     import torch
 
-    from stages import eval as evaluation
+    from pipeline import scoring
 
-    tokenizer, model = evaluation.load_tokenizer(model_dir), evaluation.load_model(model_dir)
+    tokenizer, model = scoring.load_tokenizer(model_dir), scoring.load_model(model_dir)
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
     with torch.no_grad():
-        logps = {answer: evaluation.score(model, [evaluation.tokenize_completion(tokenizer, r["prompt"], r[answer],
-                                                                                 max_length, "keep_start")
-                                                 for r in rows], batch_size=8, pad_id=tokenizer.pad_token_id)["logps"]
+        logps = {answer: scoring.score(model, [scoring.tokenize_completion(tokenizer, r["prompt"], r[answer],
+                                                                           max_length, "keep_start")
+                                               for r in rows], batch_size=8, pad_id=tokenizer.pad_token_id)["logps"]
                  for answer in ("chosen", "rejected")}
     return (logps["chosen"] > logps["rejected"]).int().tolist()
 
@@ -457,15 +457,19 @@ def plain_trl(cfg, run_dir: Path, parent: str, lora: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOTrainer
 
-    from pipeline import models, perf, preferences, records, training
+    from pipeline import models, preferences, records
+    from pipeline.settings import DataSettings
+    from stages.anneal import perf, training
+    from stages.anneal.settings import AnnealSettings
 
     merged_dir = records.load(run_dir, records.MergeRecord).outputs.model
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    args = training.dpo_config(cfg.anneal, run_dir / "trl", perf.decide_precision(cfg.anneal,
-                                                                                  models.count_parameters(merged_dir)))
+    anneal = AnnealSettings.of(cfg.anneal, "anneal")
+    args = training.dpo_config(anneal, run_dir / "trl", perf.decide_precision(anneal,
+                                                                              models.count_parameters(merged_dir)))
     args.precompute_ref_log_probs = False
     args.train_sampling_strategy = "random"  # TRL's default (its DPO drops the length column grouping needs)
-    pairs, _ = preferences.load_preferences(cfg.data)
+    pairs, _ = preferences.load_preferences(DataSettings.of(cfg.data, "data"))
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     ref_model = AutoModelForCausalLM.from_pretrained(parent, dtype=torch.float32)
     peft_config = LoraConfig(**OmegaConf.to_container(cfg.anneal.peft)) if lora else None

@@ -9,14 +9,15 @@ order, medians over repeats:
            the measured work), parent 0 as the reference;
   trl      plain TRL as a user writes it: `DPOTrainer(model=merged, ref_model=parent, args=DPOConfig(...))` with
            the parent resident and scored online, then `trainer.save_model`. DPOConfig is the stage's own
-           (`pipeline.training.dpo_config`: same fields, bf16=True) with TRL's default precompute_ref_log_probs=False;
+           (`stages.anneal.training.dpo_config`: same fields, bf16=True) with TRL's default
+           precompute_ref_log_probs=False;
            both load the models in float32 (master weights, as the stage does) and train under bf16 autocast;
   *-lora   the same with `anneal=lora`; plain TRL passes the same LoraConfig and, for the stage's deliverable,
            also saves the adapter merged into the weights.
 
 Several GPUs (`--processes N`): the stage runs with `distributed=ddp distributed.num_processes=N` (the pipeline
 launches its ranks itself), plain TRL under `accelerate launch --config_file` with the accelerate config the
-stage's launch writes (`pipeline.launch.accelerate_config`); the data is one epoch of steps x batch x N pairs.
+stage's launch writes (`stages.anneal.launch.accelerate_config`); the data is one epoch of steps x batch x N pairs.
 
 Per run: wall time of the anneal work (imports excluded; with several processes the launch and the ranks' own
 imports included, on both sides), tokens/s (TRL's `num_tokens`: non-pad tokens of chosen + rejected sequences,
@@ -231,8 +232,9 @@ def worker(variant: str, case: Path) -> dict:
     import trl  # noqa: F401  (imports are outside the measured work, on both sides)
     from omegaconf import OmegaConf
 
-    from pipeline import launch, manifest
+    from pipeline import manifest
     from pipeline.app import run_pipeline
+    from stages.anneal import launch
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"{variant}-", dir=case))
     manifest.save(run_dir, manifest.load(case / "merged-run"))
@@ -276,14 +278,18 @@ def plain_trl(cfg, run_dir: Path, parent: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOTrainer
 
-    from pipeline import models, perf, preferences, records, training
+    from pipeline import models, preferences, records
+    from pipeline.settings import DataSettings
+    from stages.anneal import perf, training
+    from stages.anneal.settings import AnnealSettings
 
     merged_dir = records.load(run_dir, records.MergeRecord).outputs.model
-    precision = perf.decide_precision(cfg.anneal, models.count_parameters(merged_dir))
-    args = training.dpo_config(cfg.anneal, run_dir / "trl", precision)  # the stage's DPOConfig, field for field
+    anneal = AnnealSettings.of(cfg.anneal, "anneal")
+    precision = perf.decide_precision(anneal, models.count_parameters(merged_dir))
+    args = training.dpo_config(anneal, run_dir / "trl", precision)  # the stage's DPOConfig, field for field
     args.precompute_ref_log_probs = False  # TRL's default: the reference scores every batch during training
     args.train_sampling_strategy = "random"  # TRL's default (its DPO drops the length column grouping needs)
-    pairs, _ = preferences.load_preferences(cfg.data)
+    pairs, _ = preferences.load_preferences(DataSettings.of(cfg.data, "data"))
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     ref_model = AutoModelForCausalLM.from_pretrained(parent, dtype=torch.float32)

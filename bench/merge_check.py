@@ -10,8 +10,8 @@ pairs of 100 + 30 characters, 64 of them held out). In this one process, per rep
   whole   `merge_check.check_merged` alone on that merge (what each merge the stage writes pays), in its two
           parts: `report`, `check_architecture` (transformers' loading report on the meta device, the tokenizer),
           and `finite`, `check_finite` (every tensor read back for finiteness, as the stage did before the check);
-  gate    `merge_check.perplexity_gate`: the merged model and both parents score the 64 held-out chosen answers
-          (what each anneal pays before its reference pass);
+  gate    `stages.anneal.gate.perplexity_gate`: the merged model and both parents score the 64 held-out chosen
+          answers (what each anneal pays before its reference pass; loading the held-out pairs is not timed);
   anneal  the anneal stage with the gate off (`--steps` steps of 8 pairs, reference pass included, cache off).
 
 Printed: medians, whole / merge, gate / anneal, and the gate in training steps (the anneal's train phase seconds
@@ -42,10 +42,15 @@ def main() -> None:
 
     from anneal_vs_trl import SIZES, make_parents, synthetic_pairs
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
-    from pipeline import CONF_DIR, merge_check, records
+    from pipeline import CONF_DIR, preferences, records
     from pipeline.app import run_pipeline
+    from pipeline.settings import DataSettings
     from stages import anneal
+    from stages.anneal import gate
+    from stages.anneal.settings import MergeCheck
+    from stages.merge import integrity as merge_check
 
     work = Path(tempfile.mkdtemp(prefix="merge-check-bench-"))
     dims = SIZES[args.size]
@@ -81,15 +86,18 @@ def main() -> None:
             started = time.perf_counter()
             check(Path(merge.outputs.model))
             seconds[part].append(time.perf_counter() - started)
+        cfg = config()
+        heldout = preferences.load_preferences(DataSettings.of(cfg.data, "data"))[0]["heldout"]  # the stage's own
         started = time.perf_counter()
-        gate = merge_check.perplexity_gate(config(f"pipeline.merge_check.texts={HELDOUT}"), merge)
+        checked = gate.perplexity_gate(MergeCheck(texts=HELDOUT, max_perplexity_ratio=10), heldout, merge,
+                                       OmegaConf.to_container(cfg.anneal.trainer), int(cfg.eval.batch_size))
         seconds["gate"].append(time.perf_counter() - started)
         started = time.perf_counter()
         record = anneal.run(config("pipeline.stages=[anneal]"), run_dir)
         seconds["anneal"].append(time.perf_counter() - started)
         seconds["train"].append(record.seconds_by_phase["train"])
         print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in seconds.items())
-              + f"; gate ratio {gate['ratio']:.3f}", flush=True)
+              + f"; gate ratio {checked['ratio']:.3f}", flush=True)
 
     median = {k: statistics.median(v) for k, v in seconds.items()}
     print(f"\n{args.size} Llama, {args.repeats} repetitions, medians:")

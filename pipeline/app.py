@@ -106,6 +106,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, command=None) -> dict:
     `command`: the invocation's Hydra overrides, recorded for the model card once the folder is ours."""
     run_dir = Path(run_dir).resolve()
     stages = check_stages(cfg.pipeline.stages)
+    for name in stages:  # every chosen stage's settings, before the first one starts
+        importlib.import_module(f"stages.{name}").check(cfg)
     merged = merge_inputs(cfg, stages, run_dir)
     check_data_fits_models(cfg, stages, merged)
     with manifest.owned(run_dir):
@@ -147,7 +149,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, stages: list[str], merged: list[
             raise
         record = record.model_copy(update={"status": "done", "seconds": round(time.perf_counter() - started, 3),
                                            "versions": manifest.versions()})
-        manifest.set_stage(run_dir, name, record.model_dump(mode="json"))
+        manifest.set_stage(run_dir, name, record.dump())
     return manifest.load(run_dir)
 
 

@@ -53,19 +53,3 @@ def to_log_file(level: int, message: str) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
-
-
-def JsonlLogger(path):
-    """A transformers TrainerCallback writing every training log (loss, rewards/*, logps/*) as one JSON line, from
-    the main process only."""
-    import json
-
-    from transformers import TrainerCallback
-
-    class _JsonlLogger(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs:
-                with open(path, "a") as handle:
-                    handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-    return _JsonlLogger()

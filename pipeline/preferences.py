@@ -8,16 +8,39 @@ import hashlib
 import json
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
 from pipeline import UserError
 from pipeline.models import is_hub_id
+from pipeline.settings import DataSettings
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 COLUMNS = ("prompt", "chosen", "rejected")
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")  # the reference pass's log-probs, in TRL's names
 
 
-def load_preferences(data: DictConfig, keep: tuple[str, ...] = ()):
+def check_sources(data: DataSettings) -> None:
+    """Before any stage runs: each file the data names exists (or is a hub data set id) and is of a type that loads.
+    The demo's pairs are built with the demo, later."""
+    if data.source == "demo":
+        return
+    for key, ref in (("data.path", data.path), ("data.heldout.path", data.heldout.path)):
+        if ref is None:
+            continue
+        local = Path(ref).expanduser()
+        if local.is_file() and local.suffix.lower() not in FILE_BUILDERS:
+            raise UserError(f"{key}={ref}: unsupported file type '{local.suffix}'. Fix: use a .json, .jsonl, .parquet "
+                            "or .csv file, or a hub data set id.")
+        if not local.is_file() and not is_hub_id(str(ref)):
+            raise UserError(f"{key}={ref} is neither a file nor a hub data set id (org/name). Fix: pass an existing "
+                            f"json/jsonl/parquet/csv file (absolute, or relative to {Path.cwd()}) or a hub id.")
+    if not (data.heldout.path or data.heldout.split or data.heldout.fraction):
+        raise UserError(NO_HELDOUT)
+
+
+NO_HELDOUT = ("No held-out preference pairs configured. Fix: set data.heldout.path, data.heldout.split or "
+              "data.heldout.fraction (e.g. data.heldout.fraction=0.1).")
+
+
+def load_preferences(data: DataSettings, keep: tuple[str, ...] = ()):
     """`DatasetDict(train=..., heldout=...)` in TRL's column names (and the data's own columns `keep`, e.g. the one
     anneal.reference_route reads), and the counts of dropped rows."""
     from datasets import DatasetDict
@@ -31,9 +54,8 @@ def load_preferences(data: DictConfig, keep: tuple[str, ...] = ()):
         parts = train.train_test_split(test_size=float(data.heldout.fraction), seed=data.seed)
         train, heldout = parts["train"], parts["test"]
     else:
-        raise UserError("No held-out preference pairs configured. Fix: set data.heldout.path, data.heldout.split "
-                        "or data.heldout.fraction (e.g. data.heldout.fraction=0.1).")
-    if data.get("train_pairs"):
+        raise UserError(NO_HELDOUT)
+    if data.train_pairs:
         if int(data.train_pairs) > len(train):
             raise UserError(f"data.train_pairs={data.train_pairs}, but the training data has {len(train)} pairs. Fix: "
                             f"ask for at most {len(train)}, or data.train_pairs=null for all.")
@@ -41,7 +63,7 @@ def load_preferences(data: DictConfig, keep: tuple[str, ...] = ()):
     dropped = {}
     splits = {}
     for name, ds in (("train", train), ("heldout", heldout)):
-        ds = map_columns(ds, OmegaConf.to_container(data.columns, resolve=True), name, keep)
+        ds = map_columns(ds, data.columns.model_dump(), name, keep)
         ds, counts = drop_bad_rows(ds)
         dropped[name] = counts
         if len(ds) == 0:
@@ -61,7 +83,7 @@ def _load(path, split: str, key: str):
             if builder is None:
                 raise UserError(f"{key}={path}: unsupported file type '{local.suffix}'. Fix: use a .json, .jsonl, "
                                 ".parquet or .csv file, or a hub data set id.")
-            return load_dataset(builder, data_files=str(local), split="train")
+            return local_dataset(builder, local)
         if is_hub_id(str(path)):
             return load_dataset(str(path), split=split)
     except UserError:
@@ -178,15 +200,27 @@ def write_store(scored, path: Path) -> None:
     concatenate_datasets(parts).to_parquet(str(path))
 
 
-def read_store(path: Path):
-    from datasets import DatasetDict, load_dataset
+def local_dataset(builder: str, path: Path):
+    """A local file through one of datasets' packaged builders (json, parquet, csv). datasets would ping the hub's S3
+    bucket to count a "download" of the builder on every such load, unless HF_HUB_OFFLINE was set before it was
+    imported: a local file asks no host anything."""
+    from unittest import mock
 
-    table = load_dataset("parquet", data_files=str(path), split="train")
+    import datasets
+
+    with mock.patch.object(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", False):
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+
+
+def read_store(path: Path):
+    from datasets import DatasetDict
+
+    table = local_dataset("parquet", path)
     return DatasetDict({name: table.filter(lambda s, name=name: s == name, input_columns="split")
                         .remove_columns("split") for name in ("train", "heldout")})
 
 
-def sources(data: DictConfig) -> dict:
+def sources(data: DataSettings) -> dict:
     """Where the pairs came from: absolute paths for local files, ids for hub data sets."""
     where = lambda ref: str(Path(ref).expanduser().resolve()) if ref and Path(ref).expanduser().exists() else ref
     return {"path": where(data.path), "heldout": where(data.heldout.path)}

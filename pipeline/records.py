@@ -3,20 +3,44 @@
 Each stage returns a record; the app stores it as the stage's manifest entry (the JSON keeps the shape users
 know: `inputs`, `outputs`, `config`, ...). Later stages, the release and the sweep summary read earlier stages
 through these classes (`load(run_dir, MergeRecord)`), so a renamed field fails validation in one place
-instead of a string path failing in another stage at run time. Unknown keys are kept, so older manifests and
-extra diagnostics (timings, cache states) pass through unchanged.
+instead of a string path failing in another stage at run time. Every field a stage writes is declared here;
+unknown keys are still accepted, only so that older manifests read.
+
+The eval stage's report (`eval/metrics.json`) is `EvalReport`: eval writes it, release and the sweep summary read
+it with `read_report`, and nothing else takes it apart by string keys.
 """
 
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import UserError, manifest
 
+OMITTED_WHEN_UNSET = {"omitted_when_unset": True}
+
+
+def optional(default=None):
+    """A field left out of the manifest entry unless the stage set it (a chain's intermediates, a hub push)."""
+    return Field(default=default, json_schema_extra=OMITTED_WHEN_UNSET)
+
 
 class Record(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow")  # older manifests only: every field written is declared
+
+    def dump(self) -> dict:
+        """The manifest entry: JSON types; `optional` fields only where set."""
+        return self.model_dump(mode="json", exclude=self._omitted() or None)
+
+    def _omitted(self) -> dict:
+        out = {}
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            if (field.json_schema_extra or {}).get("omitted_when_unset") and name not in self.model_fields_set:
+                out[name] = True
+            elif isinstance(value, Record) and value._omitted():
+                out[name] = value._omitted()
+        return out
 
 
 class ModelSource(Record):
@@ -54,10 +78,11 @@ class MergeInputs(Record):
 
 class MergeOutputs(Record):
     """The merged model and its resolved config; a mergekit-multi chain adds `intermediates`: each intermediate
-    merge's folder, by name (kept as an extra key, so a single merge's entry keeps its shape)."""
+    merge's folder, by name (left out otherwise, so a single merge's entry keeps its shape)."""
 
     model: str
     config: str
+    intermediates: dict[str, str] | None = optional()
 
 
 class MergeConfig(Record):
@@ -153,9 +178,20 @@ class AnnealRecord(StageRecord):
     outputs: AnnealOutputs
     reference_fingerprint: str
     config: AnnealConfig
-    precision: dict
+    precision: dict  # stages/anneal/perf.py: Precision
     data: dict  # pair counts: train_pairs, heldout_pairs, dropped
-    cache: dict
+    cache: dict  # reference_logps (hit, miss), per parent with anneal.reference=parents
+    merge_check: dict | None = None  # the perplexity gate: texts, perplexity per model, ratio, max_ratio, flagged
+    memory_plan: dict | None = None  # stages/anneal/memory.py: MemoryPlan.record()
+    processes: int = 1
+    distributed_type: str | None = None  # accelerate's: NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
+    process: dict = {}  # malloc_keeps_freed_memory, gc_skipped_objects
+    perf: dict = {}  # switches, and what applied
+    saved_for_backward: dict = {}  # what LeanSavedTensors stored leaner, over training
+    reference_batch_size: int | None = None
+    resumed_from: str | None = None  # the checkpoint training resumed from
+    final_log: dict = {}  # the trainer's last log line
+    seconds_by_phase: dict[str, float] = {}
 
     @property
     def trainer(self) -> Trainer:
@@ -172,7 +208,94 @@ class EvalOutputs(Record):
 
 
 class EvalRecord(StageRecord):
+    inputs: dict = {}  # models, reference, reference_logps, text_corpus, training_log
     outputs: EvalOutputs
+    config: dict = {}
+    summary: dict = {}  # annealed_minus_merged_preference_accuracy
+
+
+class ModelMetrics(BaseModel):
+    """One model's held-out metrics in the eval report, each with its 95% interval in `ci95` (same keys)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preference_accuracy: float
+    preference_accuracy_normalized: float
+    kl_to_reference: float
+    perplexity: float
+    perplexity_heldout_chosen: float
+    reward_accuracy: float | None = None  # merged and annealed only: against the stored reference log-probs
+    reward_margin: float | None = None
+    skill_accuracy: dict[str, float] = {}  # greedy exact match per skill, where the data has exact answers
+    retention: dict[str, float | None] | None = None  # each parent's own skill kept, and the worst
+    ci95: dict[str, Any]
+
+    def value(self, metric: str):
+        """`metric`, or one skill's accuracy as `skill_accuracy/<skill>`; None where this model has none."""
+        group, _, skill = metric.partition("/")
+        value = getattr(self, group) if group in type(self).model_fields else None
+        if skill:
+            return value.get(skill) if isinstance(value, dict) else None
+        return value
+
+    def interval(self, metric: str) -> list[float] | None:
+        """The 95% interval of `value(metric)`."""
+        group, _, skill = metric.partition("/")
+        found = self.ci95.get(group)
+        return found.get(skill) if skill and isinstance(found, dict) else None if skill else found
+
+    def scalars(self) -> dict[str, float]:
+        """Every scalar metric, skills as `skill_accuracy/<skill>`, in the report's order."""
+        out = {k: v for k, v in self.model_dump().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return {**out, **{f"skill_accuracy/{s}": v for s, v in self.skill_accuracy.items()}}
+
+
+class EvalReport(BaseModel):
+    """`eval/metrics.json`: every model's metrics, annealed minus merged (paired), generation health, and how they
+    were computed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: dict[str, ModelMetrics]
+    comparison: dict[str, dict[str, Any]]  # annealed_vs_merged: metric -> {delta, ci95[, ratio, ratio_ci95]}
+    heldout_pairs: int
+    reference: dict[str, Any]  # anneal (its label), kl_to, and with anneal.reference=parents the parents
+    perplexity_on: str
+    beta: float
+    bootstrap: dict[str, Any]  # resamples, seed, confidence
+    generation: dict[str, Any]
+    scoring_seconds: float
+    lm_eval: dict[str, Any] | None = None
+
+    @property
+    def annealed_vs_merged(self) -> dict[str, Any]:
+        return self.comparison["annealed_vs_merged"]
+
+    def delta(self, metric: str) -> dict | None:
+        """Annealed minus merged for `metric` (or `skill_accuracy/<skill>`): {delta, ci95, ...}; None if absent."""
+        group, _, skill = metric.partition("/")
+        value = self.annealed_vs_merged.get(group)
+        return value.get(skill) if skill and isinstance(value, dict) else None if skill else value
+
+    def lookup(self, path: str):
+        """What a dotted path names: `<model>.<metric>[.<skill>]` (model merged, annealed or parent:<name>), or a
+        path from the report's root (comparison.annealed_vs_merged.preference_accuracy.delta,
+        lm_eval.annealed.<task>.<metric>); None where nothing is."""
+        model = next((m for m in self.models if path.startswith(f"{m}.")), None)
+        node = self.models[model].model_dump() if model else self.model_dump()
+        for part in (path[len(model) + 1:] if model else path).split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    def write(self, path: Path) -> None:
+        path.write_text(self.model_dump_json(indent=2, exclude_unset=True) + "\n")
+
+
+def read_report(path: str | Path) -> EvalReport:
+    """An eval report, as eval wrote it."""
+    return EvalReport.model_validate_json(Path(path).read_text())
 
 
 class ReleaseOutputs(Record):
@@ -182,7 +305,12 @@ class ReleaseOutputs(Record):
 
 
 class ReleaseRecord(StageRecord):
+    inputs: dict = {}  # model, merged, annealed, metrics, mergekit_config
     outputs: ReleaseOutputs
+    config: dict = {}
+    pick: dict = {}  # choice, picked, reason (and with best: objective, values)
+    commands: list[str] = []  # the commands that reproduce the release
+    hub: dict | None = optional()  # release=hub: repo_id, revision, commit, ...
 
 
 RECORDS = {"merge": MergeRecord, "anneal": AnnealRecord, "eval": EvalRecord, "release": ReleaseRecord}

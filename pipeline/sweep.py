@@ -5,7 +5,8 @@ paired comparisons between the jobs' annealed models.
 `summary.md` and `summary.png` are rebuilt from the jobs' own folders (`.hydra/hydra.yaml` for the job number
 and overrides, `manifest.json` for everything else) after every job, so a sweep that stops early still has
 one, and once more when the sweep ends (`complete: true`). `SweepSummary` is the Hydra callback that does it
-(registered in conf/config.yaml); the rest are plain functions over manifests and eval reports.
+(registered in conf/config.yaml); the rest are plain functions over manifests and eval reports. The markdown, the
+plots and the curves are in pipeline/sweep_report.py.
 """
 
 import itertools
@@ -22,16 +23,23 @@ from omegaconf import DictConfig
 
 from pipeline import UserError, manifest, records
 from pipeline.artifacts import publish, write_text
+from pipeline.sweep_report import (
+    COMPARED,
+    CURVES_PNG,
+    SUMMARY_MD,
+    SUMMARY_PNG,
+    curves,
+    model_value,
+    plot_curves,
+    plot_summary,
+    summary_markdown,
+)
 
 log = logging.getLogger(__name__)
 
-SUMMARY_JSON, SUMMARY_MD, SUMMARY_PNG = "summary.json", "summary.md", "summary.png"
-CURVES_PNG = "curves.png"  # with pipeline.curve (e.g. +sweep=data_size)
+SUMMARY_JSON = "summary.json"
 DIRECTIONS = ("maximize", "minimize")
 COMPARE_MODES = ("best", "all", "none")
-# Per-item metrics compared between jobs' annealed models, besides perplexity and each skill's exact match.
-# (KL and reward metrics are left out: they depend on each job's own reference.)
-COMPARED = ("preference_accuracy", "preference_accuracy_normalized")
 
 
 # ------------------------------------------------------------------------------------------------ objective
@@ -55,10 +63,10 @@ def check_settings(pipeline: DictConfig) -> None:
                         "comparison.annealed_vs_merged.preference_accuracy.delta or lm_eval.annealed.<task>.<metric>.")
 
 
-def objective_value(report: dict, metric: str) -> float:
-    """The number `metric` names in an eval report (eval/metrics.json): `<model>.<metric>[.<skill>]` with model
-    merged, annealed or parent:<name>, or a path from the report's root (comparison.annealed_vs_merged.*.delta)."""
-    node = _lookup(report, metric)
+def objective_value(report: records.EvalReport, metric: str) -> float:
+    """The number `metric` names in an eval report: `<model>.<metric>[.<skill>]` with model merged, annealed or
+    parent:<name>, or a path from the report's root (comparison.annealed_vs_merged.*.delta)."""
+    node = report.lookup(metric)
     if isinstance(node, bool) or not isinstance(node, (int, float)):
         raise UserError(f"pipeline.objective.metric={metric} does not name a number in the eval report. Fix: e.g. "
                         "annealed.preference_accuracy, annealed.skill_accuracy.<skill>, annealed.perplexity "
@@ -66,22 +74,12 @@ def objective_value(report: dict, metric: str) -> float:
     return float(node)
 
 
-def _lookup(report: dict, metric: str):
-    model = next((m for m in report.get("models", {}) if metric.startswith(f"{m}.")), None)
-    node, path = (report["models"][model], metric[len(model) + 1:]) if model else (report, metric)
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def run_objective(run_manifest: dict, metric: str) -> float | None:
     """A finished run's objective (from its manifest's eval report); None when it ran no eval."""
     entry = run_manifest["stages"].get("eval")
     if not entry or entry.get("status") != "done":
         return None
-    return objective_value(json.loads(Path(entry["outputs"]["metrics"]).read_text()), metric)
+    return objective_value(records.read_report(entry["outputs"]["metrics"]), metric)
 
 
 # -------------------------------------------------------------------------------------------------- reading
@@ -122,9 +120,9 @@ def read_job(job_dir: Path, metric: str, tie_break: str | None = None) -> dict:
                          "reference_source": (anneal.inputs.reference_source.model_dump(mode="json")
                                               if anneal.inputs.reference_source else None)}
     if evaluation:
-        report = json.loads(Path(evaluation.outputs.metrics).read_text())
-        run["metrics"] = report["models"]
-        run["annealed_vs_merged"] = report["comparison"]["annealed_vs_merged"]
+        report = records.read_report(evaluation.outputs.metrics)
+        run["metrics"] = {name: model.model_dump(exclude_unset=True) for name, model in report.models.items()}
+        run["annealed_vs_merged"] = report.annealed_vs_merged
         run["items"] = evaluation.outputs.items
         try:
             run["objective"] = objective_value(report, metric)
@@ -246,206 +244,13 @@ def conclusion(runs: list[dict], objective: dict) -> str | None:
         return None
     interval = lambda value, ci: f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
     model, _, metric = objective["metric"].partition(".")
-    value, ci = _value(best, model, metric) if model in ("merged", "annealed") else (best["objective"], None)
-    accuracy = _value(best, "annealed", "preference_accuracy")
+    value, ci = model_value(best, model, metric) if model in ("merged", "annealed") else (best["objective"], None)
+    accuracy = model_value(best, "annealed", "preference_accuracy")
     others = sum(r["rank"] is not None for r in runs) - 1
     return (f"`{best.get('label', best['job'])}` came first of {others + 1} ranked jobs by {objective['metric']} "
             f"({objective['direction']}): {interval(best['objective'] if value is None else value, ci)}"
             + (f", with held-out preference accuracy {interval(*accuracy)} (95% intervals)"
                if accuracy[0] is not None else "") + ".")
-
-
-# ------------------------------------------------------------------------------------------------- markdown
-
-def shown_metric(objective_metric: str) -> str:
-    """The metric shown merged against annealed: the objective's own when it is a model metric."""
-    head, _, rest = objective_metric.partition(".")
-    return rest if head in ("merged", "annealed") and rest else "preference_accuracy"
-
-
-def _value(run: dict, model: str, metric: str):
-    """(value, [lo, hi]) of a model's metric (`skill_accuracy.add` reaches into skills), or (None, None)."""
-    models = run.get("metrics", {})
-    if model not in models:
-        return None, None
-    value = _lookup({"m": models[model]}, f"m.{metric}")
-    ci = _lookup({"m": models[model]["ci95"]}, f"m.{metric}")
-    return (value, ci) if isinstance(value, (int, float)) else (None, None)
-
-
-def _num(value) -> str:
-    return "–" if value is None else f"{value:.4g}"
-
-
-def _delta(comparison: dict | None) -> str:
-    if not comparison:
-        return "–"
-    lo, hi = comparison["ci95"]
-    return f"{comparison['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-
-
-def _code(text: str) -> str:
-    return "`" + text.replace("`", "'").replace("|", "\\|") + "`"
-
-
-def summary_markdown(summary: dict) -> str:
-    runs, objective = summary["runs"], summary["objective"]
-    shown = shown_metric(objective["metric"])
-    skills = sorted({s for r in runs for s in r.get("metrics", {}).get("annealed", {}).get("skill_accuracy", {})})
-    columns = list(dict.fromkeys([shown, "preference_accuracy", "perplexity",
-                                  *(f"skill_accuracy.{s}" for s in skills)]))
-    jobs, cache = summary["jobs"], summary["cache"]
-    reuse = lambda kind: (f"computed {cache[kind].get('miss', 0)}, reused {cache[kind].get('hit', 0)}"
-                          + (f", uncached {cache[kind]['off']}" if cache[kind].get("off") else ""))
-    lines = ["# Sweep summary", "",
-             f"{jobs['total']} jobs: {jobs['done']} done, {jobs['failed']} failed"
-             + (f", {jobs['incomplete']} incomplete" if jobs["incomplete"] else "")
-             + ("" if summary["complete"] else " (the sweep is still running or stopped early)")
-             + f". Ranked by `{objective['metric']}` ({objective['direction']}). "
-             f"Merges: {reuse('merge')}; reference log-probs: {reuse('reference_logps')}.", "",
-             "| rank | job | overrides | objective | " + " | ".join(f"{c} merged → annealed" for c in columns)
-             + f" | Δ {shown} annealed − merged [95%] | cache merge / ref. | status |",
-             "|---" * (len(columns) + 7) + "|"]
-    for run in runs:
-        cells = []
-        for column in columns:
-            merged, annealed = _value(run, "merged", column)[0], _value(run, "annealed", column)[0]
-            cells.append(f"{_num(merged)} → {_num(annealed)}")
-        comparison = _lookup(run.get("annealed_vs_merged", {}), shown)
-        lines.append(f"| {run['rank'] or '–'} | {run['job']} | {_code(run['label'])} | {_num(run['objective'])} | "
-                     + " | ".join(cells) + f" | {_delta(comparison)} | "
-                     f"{run['cache']['merge'] or '–'} / {run['cache']['reference_logps'] or '–'} | {run['status']} |")
-    lines += _comparison_lines(summary, shown)
-    failed = [r for r in runs if r["status"] != "done" or r.get("objective_error")]
-    if failed:
-        lines += ["", "## Jobs without a result", ""]
-        lines += [f"- job {r['job']} ({_code(r['label'])}, {r['run_dir']}): {r['status']}; "
-                  f"{r.get('error') or r.get('objective_error') or 'see its log'}" for r in failed]
-    if summary.get("conclusion"):
-        lines += ["", f"**Conclusion.** {summary['conclusion']}"]
-    lines += ["", f"![ranking]({SUMMARY_PNG})", ""]
-    return "\n".join(lines)
-
-
-def _comparison_lines(summary: dict, shown: str) -> list[str]:
-    comparisons = summary["comparisons"]
-    pairs = [p for p in comparisons["pairs"] if p["comparable"]]
-    if not comparisons["pairs"]:
-        return []
-    what = "each job against the best" if comparisons["mode"] == "best" else "every pair of jobs"
-    lines = ["", "## Jobs compared", "",
-             f"Annealed models, {what}: A − B over the same held-out items, 95% paired bootstrap interval "
-             f"({comparisons['bootstrap']['resamples']} resamples); **differs** when the interval excludes 0.", ""]
-    headline = shown if shown in COMPARED or shown.startswith("skill_accuracy.") else "preference_accuracy"
-    if pairs:
-        differ = [p for p in pairs if p["metrics"][headline]["differs"]]
-        same = [p for p in pairs if not p["metrics"][headline]["differs"]]
-        name = lambda p: f"{_code(p['a_label'])} vs {_code(p['b_label'])}"
-        differing = "; ".join(f"{name(p)} ({_delta(p['metrics'][headline])})" for p in differ)
-        lines.append(f"On {headline}: " + (f"**differ**: {differing}. " if differ else "no pair differs measurably. ")
-                     + (f"No measurable difference: {'; '.join(name(p) for p in same)}." if same and differ else ""))
-        others = [f"{metric} {len(found)} of {len(pairs)}" for metric, found in comparisons["differ"].items()
-                  if metric != headline]
-        lines += ["", f"Pairs that differ on the other metrics: {'; '.join(others)}."]
-    lines += ["", "| A | B | metric | A − B [95%] | |", "|---|---|---|---|---|"]
-    for pair in comparisons["pairs"]:
-        if not pair["comparable"]:
-            lines.append(f"| {_code(pair['a_label'])} | {_code(pair['b_label'])} | – | not compared: "
-                         f"{pair['reason']} | |")
-            continue
-        for metric, value in pair["metrics"].items():
-            lines.append(f"| {_code(pair['a_label'])} | {_code(pair['b_label'])} | {metric} | {_delta(value)} | "
-                         f"{'**differs**' if value['differs'] else ''} |")
-    return lines
-
-
-# ------------------------------------------------------------------------------------------------------ plot
-
-def plot_summary(summary: dict, path: Path) -> None:
-    """Left: the shown metric, merged and annealed, per job in rank order (95% intervals); right: its paired
-    annealed − merged delta per job."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = shown_metric(summary["objective"]["metric"])
-    runs = [r for r in summary["runs"] if r["status"] == "done" and "metrics" in r][:40]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 1.2 + 0.45 * max(len(runs), 2)))
-    labels = [f"#{r['rank'] or '–'} job {r['job']}: {r['label']}"[:60] for r in runs]
-    rows = range(len(runs))
-    for offset, model, color in ((-0.2, "merged", "tab:gray"), (0.2, "annealed", "tab:blue")):
-        values, errors = [], [[], []]
-        for run in runs:
-            value, ci = _value(run, model, shown)
-            values.append(value if value is not None else float("nan"))
-            errors[0].append(value - ci[0] if ci else 0)
-            errors[1].append(ci[1] - value if ci else 0)
-        left.barh([y + offset for y in rows], values, height=0.4, xerr=errors, capsize=3, color=color, label=model)
-    deltas = [_lookup(r.get("annealed_vs_merged", {}), shown) for r in runs]
-    right.barh(list(rows), [d["delta"] if d else float("nan") for d in deltas], height=0.5, color="tab:green",
-               xerr=[[d["delta"] - d["ci95"][0] if d else 0 for d in deltas],
-                     [d["ci95"][1] - d["delta"] if d else 0 for d in deltas]], capsize=3)
-    right.axvline(0, color="black", linewidth=0.8)
-    for ax in (left, right):
-        ax.set_yticks(list(rows), labels if ax is left else [""] * len(runs), fontsize=8)
-        ax.invert_yaxis()
-    left.set_title(f"{shown}: merged vs annealed (95% bootstrap)", fontsize=10)
-    fig.legend(*left.get_legend_handles_labels(), loc="upper left", ncol=2, fontsize=8)
-    right.set_title("annealed − merged (95% paired bootstrap)", fontsize=10)
-    if not runs:
-        left.text(0.5, 0.5, "no finished jobs yet", ha="center", va="center", transform=left.transAxes)
-    fig.suptitle(f"sweep ranked by {summary['objective']['metric']} ({summary['objective']['direction']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")
-    plt.close(fig)
-
-
-def curves(runs: list[dict], x: str, metrics: list[str]) -> dict:
-    """Per metric, per series (a job's overrides other than `x` and those every job shares), the points
-    (x, value, [lo, hi]) of the finished jobs that set `x` (a numeric override such as data.train_pairs), in
-    order of x."""
-    out = {metric: {} for metric in metrics}
-    shared = set.intersection(*(set(r.get("overrides", [])) for r in runs)) if runs else set()
-    for run in runs:
-        setting = next((o.split("=", 1)[1] for o in run.get("overrides", []) if o.startswith(f"{x}=")), None)
-        if setting is None or run["status"] != "done":
-            continue
-        series = " ".join(o for o in run["overrides"] if not o.startswith(f"{x}=") and o not in shared) or "all"
-        for metric in metrics:
-            model, _, name = metric.partition(".")
-            value, ci = _value(run, model, name)
-            out[metric].setdefault(series, []).append([float(setting), value, ci])
-    for by_series in out.values():
-        for points in by_series.values():
-            points.sort(key=lambda p: p[0])
-    return out
-
-
-def plot_curves(table: dict, x: str, path: Path) -> None:
-    """One panel per metric: each series against `x` (log scale), with 95% intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, max(len(table), 1), figsize=(6 * max(len(table), 1), 4.5), squeeze=False)
-    for ax, (metric, by_series) in zip(axes[0], table.items()):
-        for series, points in by_series.items():
-            xs = [p[0] for p in points]
-            ys = [p[1] if p[1] is not None else float("nan") for p in points]
-            errors = [[p[1] - p[2][0] if p[2] else 0 for p in points], [p[2][1] - p[1] if p[2] else 0 for p in points]]
-            ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=series[:50])
-        ax.set_xscale("log")
-        ticks = sorted({p[0] for points in by_series.values() for p in points})
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        ax.minorticks_off()
-        ax.set_xlabel(x)
-        ax.set_title(metric, fontsize=10)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------- writing

@@ -214,7 +214,12 @@ def make_short_cfg(shared_cache, tiny):
 
 @pytest.fixture
 def no_network(monkeypatch):
-    """Record (and refuse) every attempt to reach a host; the test asserts there were none."""
+    """Record (and refuse) every attempt to reach a host; the test asserts there were none. TRL's trainers send the
+    hub usage telemetry unless told not to (HF_HUB_DISABLE_TELEMETRY=1, or CI set): a user's choice, switched off
+    here, so what is checked is what the pipeline itself asks of the network."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
     attempts = []
     real_connect = socket.socket.connect
 

@@ -27,9 +27,29 @@ from conftest import (
     wait_until_stopped,
     write_jsonl,
 )
-from pipeline import UserError, manifest, models, perf, preferences, records, reference, training
+from pipeline import UserError, manifest, models, preferences, records
 from pipeline.app import run_pipeline
+from pipeline.settings import CachePolicy, DataSettings
 from stages import anneal
+from stages.anneal import perf, references, training
+from stages.anneal.reference_pass import Scoring, score_with_reference
+from stages.anneal.settings import AnnealSettings
+
+
+def settings(cfg) -> AnnealSettings:
+    return AnnealSettings.of(cfg.anneal, "anneal")
+
+
+def data(cfg) -> DataSettings:
+    return DataSettings.of(cfg.data, "data")
+
+
+def reference_pass(cfg, tokenizer, args, precision, folder: Path, reference_dir, pairs, pack=False):
+    """The stage's reference pass alone, in `folder`."""
+    switches = settings(cfg).perf.model_copy(update={"pack_rows": pack})
+    scoring = Scoring(tokenizer, args, precision, CachePolicy.of_pipeline(cfg.pipeline), switches, folder,
+                      PartialState())
+    return score_with_reference(scoring, str(reference_dir), "fingerprint", pairs)
 
 
 def completion_logps(model, tokenizer, prompts, completions) -> torch.Tensor:
@@ -116,14 +136,13 @@ def test_reference_pass_under_autocast_equals_trls_with_a_float32_reference(make
 
     cfg = make_short_cfg("+merge=slerp", "anneal.trainer.bf16=true", "anneal.trainer.precompute_ref_batch_size=8")
     tokenizer = AutoTokenizer.from_pretrained(tiny["add"])
-    precision = perf.decide_precision(cfg.anneal, n_params=10**6, cuda=False)
-    args = training.dpo_config(cfg.anneal, tmp_path / "ckpt", precision)
+    precision = perf.decide_precision(settings(cfg), n_params=10**6, cuda=False)
+    args = training.dpo_config(settings(cfg), tmp_path / "ckpt", precision)
     assert args.bf16 and args.precompute_ref_batch_size == 8  # set by the user: kept
     assert precision.reference_linear_weights == "bfloat16"
-    pairs, _ = preferences.load_preferences(cfg.data)
+    pairs, _ = preferences.load_preferences(data(cfg))
     pairs = {"train": pairs["train"].select(range(40)), "heldout": pairs["heldout"].select(range(8))}
-    scored = reference.score_with_reference(str(tiny["add"]), tokenizer, pairs, args, precision,
-                                            perf.known_model_hash("fingerprint", True), tmp_path, PartialState())
+    scored = reference_pass(cfg, tokenizer, args, precision, tmp_path, tiny["add"], pairs)
     datasets.disable_caching()
     try:
         with perf.known_model_hash("fingerprint-fp32", True):
@@ -133,19 +152,19 @@ def test_reference_pass_under_autocast_equals_trls_with_a_float32_reference(make
     finally:
         datasets.enable_caching()
     for split, theirs in (("train", trl_own.train_dataset), ("heldout", trl_own.eval_dataset)):
-        for column in reference.REF_COLUMNS:
+        for column in preferences.REF_COLUMNS:
             assert scored[split][column][:] == theirs[column][:], (split, column)
     # anneal.perf.pack_rows: the same pass with each batch's rows packed, equal up to float rounding
-    packed = reference.score_with_reference(str(tiny["add"]), tokenizer, pairs, args, precision,
-                                            perf.known_model_hash("fingerprint", True), tmp_path, PartialState(),
-                                            pack=True)
+    packed = reference_pass(cfg, tokenizer, args, precision, tmp_path, tiny["add"], pairs, pack=True)
     for split in scored:
-        for column in reference.REF_COLUMNS:
+        for column in preferences.REF_COLUMNS:
             assert packed[split][column][:] == pytest.approx(scored[split][column][:], rel=1e-3, abs=1e-3)
 
 
 def dpo_config(anneal_cfg, output_dir):
-    return training.dpo_config(anneal_cfg, output_dir, perf.decide_precision(anneal_cfg, n_params=10**6, cuda=False))
+    anneal_settings = AnnealSettings.of(anneal_cfg, "anneal")
+    return training.dpo_config(anneal_settings, output_dir,
+                               perf.decide_precision(anneal_settings, n_params=10**6, cuda=False))
 
 
 def test_reference_batch_size_fills_a_token_budget(make_short_cfg, tmp_path):
@@ -166,12 +185,11 @@ def test_reference_is_released_before_the_policy_trains(make_short_cfg, tmp_path
     run_pipeline(make_short_cfg("+merge=slerp", "pipeline.stages=[merge]"), tmp_path)
     merged_dir = Path(records.load(tmp_path, records.MergeRecord).outputs.model)
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    precision = perf.decide_precision(cfg.anneal, models.count_parameters(merged_dir), cuda=False)
-    args = training.dpo_config(cfg.anneal, tmp_path / "ckpt", precision)
-    pairs, _ = preferences.load_preferences(cfg.data)
+    precision = perf.decide_precision(settings(cfg), models.count_parameters(merged_dir), cuda=False)
+    args = training.dpo_config(settings(cfg), tmp_path / "ckpt", precision)
+    pairs, _ = preferences.load_preferences(data(cfg))
     with perf.gc_skips_existing_objects(True):  # as in the stage
-        scored = reference.score_with_reference(str(tiny["add"]), tokenizer, pairs, args, precision,
-                                                perf.known_model_hash("fingerprint", True), tmp_path, PartialState())
+        scored = reference_pass(cfg, tokenizer, args, precision, tmp_path, tiny["add"], pairs)
         gc.collect()
         assert not [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
 
@@ -182,7 +200,7 @@ def test_reference_is_released_before_the_policy_trains(make_short_cfg, tmp_path
             resident.append(sum(isinstance(o, PreTrainedModel) and hasattr(o, "lm_head") for o in gc.get_objects()))
 
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
-    trainer = training.make_trainer(model, tokenizer, args, scored["train"], cfg.anneal, tmp_path,
+    trainer = training.make_trainer(model, tokenizer, args, scored["train"], settings(cfg), tmp_path,
                                     perf.known_model_hash("fingerprint", True))
     trainer.add_callback(CountModels())
     trainer.train()
@@ -208,7 +226,7 @@ def test_length_grouped_batches_pad_less_and_cover_every_pair(make_short_cfg, tm
         cfg = make_short_cfg("+merge=slerp", f"anneal.trainer.train_sampling_strategy={strategy}")
         model = AutoModelForCausalLM.from_pretrained(tiny["add"])
         trainer = training.make_trainer(model, tokenizer, dpo_config(cfg.anneal, tmp_path / strategy),
-                                        Dataset.from_list(rows), cfg.anneal, tmp_path,
+                                        Dataset.from_list(rows), settings(cfg), tmp_path,
                                         perf.known_model_hash("x", True))
         batches = list(trainer.get_train_dataloader())
         masks = [b["attention_mask"] for b in batches]
@@ -219,14 +237,16 @@ def test_length_grouped_batches_pad_less_and_cover_every_pair(make_short_cfg, tm
     assert padding["group_by_length"] < padding["random"] / 2, padding
 
 
-def test_reference_logps_shared_across_merges(make_short_cfg, tmp_path):
-    """A sweep over merge settings with the same reference and data computes the reference pass once."""
+def test_reference_logps_shared_across_merges(make_short_cfg, tmp_path, no_network):
+    """A sweep over merge settings with the same reference and data computes the reference pass once; local
+    parents and local data ask no host anything."""
     first = run_pipeline(make_short_cfg("+merge=slerp", "merge.parameters.t=0.7"), tmp_path / "a")["stages"]
     entry = run_pipeline(make_short_cfg("+merge=slerp", "merge.parameters.t=0.3"), tmp_path / "b")["stages"]
     assert entry["anneal"]["reference_fingerprint"] == first["anneal"]["reference_fingerprint"]
     assert entry["anneal"]["cache"]["reference_logps"] == "hit"  # another merge, the same reference pass
     off = run_pipeline(make_short_cfg("+merge=slerp", "pipeline.cache=false"), tmp_path / "off")["stages"]["anneal"]
     assert off["cache"]["reference_logps"] == "miss"
+    assert no_network == []
 
 
 @pytest.mark.parametrize("loss", ["[sigmoid]", "[ipo]", "[apo_zero]", "[sigmoid,sft]", "simpo", "orpo"])
@@ -310,14 +330,14 @@ def test_bf16_merge_trains_with_fp32_master_weights(bf16, make_short_cfg, tmp_pa
 def test_reference_choices(make_short_cfg, tmp_path, tiny):
     parents, base = ["/p/add", "/p/reverse"], "/p/base"
     merged = tmp_path / "merged"
-    assert anneal.choose_reference("auto", parents, base, merged) == ("/p/base", "base_model")
-    assert anneal.choose_reference("auto", parents, None, merged) == ("/p/add", "parent:0")
-    assert anneal.choose_reference("1", parents, base, merged) == ("/p/reverse", "parent:1")
-    assert anneal.choose_reference("reverse", parents, base, merged) == ("/p/reverse", "parent:reverse")
-    assert anneal.choose_reference("merged", parents, base, merged) == (str(merged), "merged")
-    assert anneal.choose_reference("/elsewhere", parents, base, merged) == ("/elsewhere", "explicit")
+    assert references.choose_reference("auto", parents, base, merged) == ("/p/base", "base_model")
+    assert references.choose_reference("auto", parents, None, merged) == ("/p/add", "parent:0")
+    assert references.choose_reference("1", parents, base, merged) == ("/p/reverse", "parent:1")
+    assert references.choose_reference("reverse", parents, base, merged) == ("/p/reverse", "parent:reverse")
+    assert references.choose_reference("merged", parents, base, merged) == (str(merged), "merged")
+    assert references.choose_reference("/elsewhere", parents, base, merged) == ("/elsewhere", "explicit")
     with pytest.raises(UserError, match="2 parents"):
-        anneal.choose_reference("5", parents, base, merged)
+        references.choose_reference("5", parents, base, merged)
     entry = run_pipeline(make_short_cfg("+merge=ties", "anneal.reference=reverse"), tmp_path)["stages"]["anneal"]
     assert entry["inputs"]["reference"] == str(tiny["reverse"])
     assert entry["inputs"]["reference_source"] == {"path": str(tiny["reverse"]), "hub_id": None, "revision": None}
@@ -325,8 +345,8 @@ def test_reference_choices(make_short_cfg, tmp_path, tiny):
 
 # ------------------------------------------------------------------------------------------------ data
 
-def data_cfg(make_short_cfg, path: Path, *overrides):
-    return make_short_cfg("+merge=slerp", "data=custom", f"data.path={path}", *overrides).data
+def data_cfg(make_short_cfg, path: Path, *overrides) -> DataSettings:
+    return data(make_short_cfg("+merge=slerp", "data=custom", f"data.path={path}", *overrides))
 
 
 PAIRS = [{"question": f"{a}+{a}=", "good": str(2 * a), "bad": str(2 * a + 1), "sys": "be exact"}
@@ -417,26 +437,43 @@ def test_a_split_emptied_by_the_limit_is_refused_with_its_count_and_the_fix(fmt,
 
 # ------------------------------------------------------------------------------------------- bad input
 
-def test_bad_trainer_settings_are_clear(make_short_cfg, tmp_path):
+@pytest.mark.parametrize("overrides, phrase", [
+    (["anneal.trainer.beta=0"], "beta must be positive"),
+    (["anneal.trainer.learning_rate=-1e-5"], "learning_rate must be positive"),
+    (["anneal.trainer.loss_type=[sigmoidd]"], "Unknown DPO loss type"),
+    (["+anneal.trainer.max_prompt_length=10"], "DPOConfig rejected"),
+    (["+anneal.trainer.output_dir=/tmp/x"], "set by merge-anneal"),
+    (["anneal.method=kto"], "anneal.method: Input should be 'dpo', 'cpo' or 'orpo' (got 'kto')"),
+    (["anneal.reference_combine=median"], "anneal.reference_combine: Input should be 'mean', 'max' or 'route'"),
+    (["+anneal.method_args.beta=2.0"], "anneal.method=dpo takes its fields"),
+    (["anneal.method=cpo", "+anneal.method_args.loss_type=nope"], "CPOConfig rejected"),
+    (["anneal.method=orpo", "+anneal.method_args.cpo_alpha=1"], "ORPOConfig rejected"),
+    (["anneal=lora", "+anneal.peft.no_such_field=1"], "LoraConfig rejected"),
+    (["anneal.perf.pack_rows=maybe"], "anneal.perf.pack_rows: Input should be a valid boolean"),
+    (["pipeline.merge_check.texts=-1"], "pipeline.merge_check.texts: Input should be greater than or equal to 0"),
+    (["data=custom", "data.path=nope.jsonl"], "data.path=nope.jsonl is neither a file nor a hub data set id"),
+    (["data=custom", "data.path=prefs.txt"], "unsupported file type '.txt'"),
+], ids=lambda value: value[-1] if isinstance(value, list) else None)
+def test_check_refuses_bad_anneal_settings_before_any_work(overrides, phrase, make_short_cfg, tmp_path,
+                                                           monkeypatch):
+    """`anneal.check` (what the app runs before the first stage) refuses each, naming the setting and the fix."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prefs.txt").write_text("prompt,chosen,rejected\n")
+    with pytest.raises(UserError) as refused:
+        anneal.check(make_short_cfg("+merge=slerp", *overrides))
+    message = " ".join(str(refused.value).split())
+    assert phrase in message and "Fix:" in message
+
+
+def test_check_passes_the_shipped_settings_and_method_configs_take_their_fields(make_short_cfg, tmp_path):
     cfg = make_short_cfg("+merge=slerp")
-    for override, phrase in ((["anneal.trainer.beta=0"], "beta must be positive"),
-                             (["anneal.trainer.loss_type=[sigmoidd]"], "Unknown DPO loss type"),
-                             (["+anneal.trainer.max_prompt_length=10"], "DPOConfig rejected"),
-                             (["+anneal.trainer.output_dir=/tmp/x"], "set by merge-anneal")):
-        with pytest.raises(UserError, match=phrase):
-            dpo_config(make_short_cfg("+merge=slerp", *override).anneal, tmp_path)
+    anneal.check(cfg)
     assert dpo_config(cfg.anneal, tmp_path).precompute_ref_log_probs
-    precision = perf.decide_precision(cfg.anneal, n_params=10**6, cuda=False)
-    for override, phrase in ((["anneal.method=kto"], "Unknown anneal.method=kto"),
-                             (["+anneal.method_args.beta=2.0"], "anneal.method=dpo takes its fields"),
-                             (["anneal.method=cpo", "+anneal.method_args.loss_type=nope"], "CPOConfig rejected"),
-                             (["anneal.method=orpo", "+anneal.method_args.cpo_alpha=1"], "ORPOConfig rejected")):
-        anneal_cfg = make_short_cfg("+merge=slerp", *override).anneal
-        with pytest.raises(UserError, match=phrase):
-            training.method_config(anneal_cfg, dpo_config(anneal_cfg, tmp_path), precision)
+    precision = perf.decide_precision(settings(cfg), n_params=10**6, cuda=False)
     # a reference-free method takes the Trainer fields of anneal.trainer, and its own fields from method_args
-    simpo = make_short_cfg("+merge=slerp", "+anneal_variant=simpo", "anneal.trainer.learning_rate=0.01").anneal
-    args = training.method_config(simpo, dpo_config(simpo, tmp_path), precision)
+    simpo = make_short_cfg("+merge=slerp", "+anneal_variant=simpo", "anneal.trainer.learning_rate=0.01")
+    anneal.check(simpo)
+    args = training.method_config(settings(simpo), dpo_config(simpo.anneal, tmp_path), precision)
     assert type(args).__name__ == "CPOConfig" and (args.loss_type, args.beta, args.cpo_alpha) == ("simpo", 2.0, 0.0)
     assert args.learning_rate == 0.01 and args.output_dir == str(tmp_path)
 

@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ONE_THREAD, write_jsonl
-from pipeline import launch, manifest, preferences
+from pipeline import UserError, manifest, preferences
 from pipeline.app import run_pipeline
+from stages.anneal import launch
 
 TWO_CPU_PROCESSES = ["distributed=ddp", "distributed.use_cpu=true", "distributed.num_processes=2"]
 
@@ -90,13 +91,16 @@ def test_more_processes_than_pairs_is_refused(cli, tiny, tmp_path):
     ("distributed=fsdp2 distributed.use_cpu=true", "not FSDP"),
     ("distributed=slurm", "not in one"),
 ])
-def test_a_preset_this_machine_cannot_run_is_refused(preset, message, cli, tiny):
+def test_a_preset_this_machine_cannot_run_is_refused_before_any_stage(preset, message, make_cfg, tiny):
+    """`anneal.check`, which the app runs before the first stage."""
+    from stages import anneal
+
     if torch.cuda.is_available():
         pytest.skip("a machine without CUDA")
     processes = [] if "num_processes" in preset else ["distributed.num_processes=2"]
-    result, run_dir = cli("+merge=slerp", *tiny.overrides, *preset.split(), *processes)
-    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
-    assert manifest.load(run_dir)["stages"]["anneal"]["status"] == "failed"
+    with pytest.raises(UserError) as refused:
+        anneal.check(make_cfg("+merge=slerp", *tiny.overrides, *preset.split(), *processes))
+    assert message in " ".join(str(refused.value).split()) and "Fix:" in str(refused.value)
 
 
 @pytest.mark.parametrize("preset", ["ddp", "fsdp2", "zero3", "slurm"])
@@ -126,6 +130,6 @@ def test_slurm_runs_accelerate_once_per_node(make_cfg, tmp_path):
     per_node = command[6]
     assert "accelerate.commands.launch" in per_node and "--num_machines 2" in per_node
     assert "--machine_rank $SLURM_NODEID" in per_node and "--main_process_ip node-a" in per_node
-    assert per_node.endswith(f"-m pipeline.launch {tmp_path / 'run'}")
+    assert per_node.endswith(f"-m stages.anneal.worker {tmp_path / 'run'}")
     assert launch.accelerate_config(dist, 8)["num_machines"] == 2
     assert "srun" not in launch.accelerate_config(dist, 8)  # merge-anneal's own keys stay out of accelerate's file

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import UserError, manifest
+from pipeline import UserError, manifest, records
 from pipeline import metrics as M
 
 LN3 = math.log(3)
@@ -90,7 +90,12 @@ def test_retention_per_parent_and_the_worst_with_intervals():
     assert ci["worst"][0] <= min(ci["add"][0], ci["reverse"][0]) + 1e-9  # the minimum's draws sit lower
     values, ci = M.retention(model, parents, {"zero": "add"}, 100, 0)
     assert values == {"zero": None} and ci == {"zero": None}  # a parent without the skill: no retention
-    report = {"models": {"annealed": {"retention": {"add": 0.75, "worst": 0.75}}}}
+    annealed = records.ModelMetrics(preference_accuracy=1, preference_accuracy_normalized=1, kl_to_reference=0,
+                                    perplexity=1, perplexity_heldout_chosen=1, retention={"add": 0.75, "worst": 0.75},
+                                    ci95={})
+    report = records.EvalReport(models={"annealed": annealed}, comparison={"annealed_vs_merged": {}}, heldout_pairs=4,
+                                reference={}, perplexity_on="heldout chosen completions", beta=0.1, bootstrap={},
+                                generation={}, scoring_seconds=0.0)
     assert objective_value(report, "annealed.retention.worst") == 0.75  # what a sweep can rank by
     assert own_skills("auto", ["add", "reverse", "base"], ["add", "reverse"]) == {"add": "add", "reverse": "reverse"}
     assert own_skills({"base": "add"}, ["add", "base"], ["add"]) == {"base": "add"}
@@ -135,14 +140,14 @@ def test_tokenization_matches_trl(tiny):
     """The stored reference log-probs are TRL's: scoring the reference with the eval's tokenisation gives them."""
     from transformers import AutoTokenizer
 
-    from stages import eval as eval_stage
+    from pipeline import scoring
 
     tokenizer = AutoTokenizer.from_pretrained(tiny["add"])
-    ids, mask = eval_stage.tokenize_completion(tokenizer, "12+34=", "46", 64, "keep_start")
+    ids, mask = scoring.tokenize_completion(tokenizer, "12+34=", "46", 64, "keep_start")
     assert tokenizer.decode(ids) == "12+34=46<eos>" and mask == [0] * 6 + [1] * 3
-    ids, mask = eval_stage.tokenize_completion(tokenizer, "12+34=", "46", 7, "keep_start")
+    ids, mask = scoring.tokenize_completion(tokenizer, "12+34=", "46", 7, "keep_start")
     assert len(ids) == 7 and sum(mask) == 1
-    ids, mask = eval_stage.tokenize_text(tokenizer, "12+34=46", 64)
+    ids, mask = scoring.tokenize_text(tokenizer, "12+34=46", 64)
     assert len(ids) == 8 and mask == [0] + [1] * 7
 
 
@@ -211,24 +216,26 @@ def test_metrics_schema_and_demo_claims(eval_run):
 
 
 @pytest.mark.slow
-def test_eval_only_reevaluates_without_retraining(eval_run):
+def test_eval_only_reevaluates_without_retraining(eval_run, tmp_path):
+    """`pipeline.stages=[eval]` in a finished run folder (a copy: the shared run is only read) evaluates again, the
+    same numbers, without touching what the anneal wrote."""
     from conftest import TEST_CACHE, run_in_process
 
-    run_dir, work, cache, _ = eval_run
+    shared, work, cache, _ = eval_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(shared, run_dir)
     stages = manifest.load(run_dir)["stages"]
     anneal_files = [p for p in Path(stages["anneal"]["outputs"]["model"]).iterdir()]
     before = {p: p.stat().st_mtime_ns for p in anneal_files}
-    metrics_path = Path(stages["eval"]["outputs"]["metrics"])
-    old_metrics = metrics_path.stat().st_mtime_ns
-    old = json.loads(metrics_path.read_text())
+    old = json.loads(Path(stages["eval"]["outputs"]["metrics"]).read_text())
     result = run_in_process("pipeline.stages=[eval]", f"pipeline.cache_dir={cache}",
                             f"models.cache_dir={TEST_CACHE}", f"hydra.run.dir={run_dir}", cwd=work)
     assert result.returncode == 0, result.stderr[-4000:]
     after = manifest.load(run_dir)["stages"]
     assert after["anneal"] == stages["anneal"] and after["merge"] == stages["merge"]
     assert {p: p.stat().st_mtime_ns for p in anneal_files} == before
-    assert metrics_path.stat().st_mtime_ns != old_metrics
-    new = json.loads(metrics_path.read_text())
+    assert Path(after["eval"]["outputs"]["metrics"]) == run_dir / "eval" / "metrics.json"
+    new = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert new["models"]["annealed"]["preference_accuracy"] == old["models"]["annealed"]["preference_accuracy"]
     assert new["comparison"] == old["comparison"]  # deterministic: same seed, same numbers
 

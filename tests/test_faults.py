@@ -85,7 +85,7 @@ def test_a_malformed_preference_line_is_named(cli, tiny, tmp_path):
 def test_resume_skips_a_checkpoint_cut_short_while_saving(tmp_path):
     """A kill while the Trainer saves leaves a checkpoint folder without its trainer_state.json (written last):
     resuming takes the complete one before it."""
-    from pipeline import training
+    from stages.anneal import training
 
     assert training.last_checkpoint(str(tmp_path / "none")) is None
     for step in (10, 20, 30):

@@ -1,4 +1,4 @@
-"""The optional lm-evaluation-harness integration (pipeline.harness), run for real and offline.
+"""The optional lm-evaluation-harness integration (stages/eval/harness.py), run for real and offline.
 
 Two tiny Llamas are scored on a custom multiple-choice task, "copy_last_char" (which letter ends the
 prompt?), read from a local jsonl:
@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from pipeline import UserError  # noqa: E402
 from pipeline.demo.build import build_tokenizer  # noqa: E402
-from pipeline.harness import run_lm_eval  # noqa: E402
+from stages.eval.harness import run_lm_eval  # noqa: E402
 
 TASK = "copy_last_char"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"

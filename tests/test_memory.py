@@ -1,10 +1,12 @@
-"""pipeline/memory.py: the anneal stage's memory plan. Pure arithmetic on configs (one tiny model for LoRA's count)."""
+"""stages/anneal/memory.py: the anneal stage's memory plan. Pure arithmetic on configs (one tiny model for LoRA's
+count)."""
 
 import json
 
 import pytest
 
-from pipeline import UserError, memory
+from pipeline import UserError
+from stages.anneal import memory
 
 GIB = 2**30
 LLAMA_7B = {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008, "vocab_size": 32000,

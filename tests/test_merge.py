@@ -15,6 +15,7 @@ from pipeline import UserError, manifest, merge_config, models
 from pipeline.app import merge_options, run_pipeline
 from pipeline.demo import demo_dir
 from stages import merge
+from stages.merge.config import localize
 
 ALL_METHODS = sorted(p for p in merge_options() if p not in ("custom", "moe"))  # moe: mergekit-moe
 MERGE_ONLY = "pipeline.stages=[merge]"
@@ -40,7 +41,7 @@ def test_one_merge_option_per_mergekit_method():
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_every_option_composes_and_validates(method, make_cfg, tiny):
     cfg = make_cfg(f"+merge={method}")
-    config = merge.validate(merge.localize(merge_config.load(cfg)[0])[0])
+    config = merge.validate(localize(merge_config.load(cfg)[0])[0])
     assert config.merge_method == method
     referenced = {Path(m.model.path) for m in config.referenced_models()}
     assert referenced <= {tiny["base"], tiny["add"], tiny["reverse"]}

@@ -13,8 +13,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from pipeline import UserError, manifest, merge_check
+from pipeline import UserError, manifest
 from stages import merge
+from stages.merge import integrity as merge_check
 
 CHAIN = """\
 name: addrev

@@ -1,4 +1,4 @@
-"""anneal.perf.pack_rows (pipeline/packing.py): a padded batch computed as fewer rows gives TRL the same per-token
+"""anneal.perf.pack_rows (stages/anneal/packing.py): a padded batch computed as fewer rows gives TRL the same per-token
 log-probs and the same gradients, and a model that ignores packed position ids is caught at its first batch."""
 
 import logging
@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
-from pipeline import packing
+from stages.anneal import packing
 
 
 def test_plan_places_every_row_once_within_the_capacity():

@@ -1,4 +1,4 @@
-"""pipeline/perf.py: each switch of `anneal.perf` works both ways, none changes what is trained (with every
+"""stages/anneal/perf.py: each switch of `anneal.perf` works both ways, none changes what is trained (with every
 switch off the stage trains exactly as plain TRL with precomputed reference columns), the precision decision,
 and the process-wide settings restored. All on the tiny random parents (fast tier)."""
 
@@ -14,8 +14,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, TEST_CACHE
-from pipeline import models, perf, training
+from pipeline import models
 from pipeline.app import run_pipeline
+from pipeline.settings import DataSettings
+from stages.anneal import perf, training
+from stages.anneal.settings import AnnealSettings
 
 SWITCHES = ("lean_saved_tensors", "float32_attention", "frozen_weights_bf16", "reference_weights_bf16",
             "reference_pass_tokens", "malloc_keeps_freed_memory", "gc_skips_existing_objects",
@@ -53,7 +56,7 @@ def test_precision_is_decided_once_from_the_switches(make_short_cfg):
     def decide(bf16, lora, cuda, switches_off=False):
         cfg = make_short_cfg("+merge=slerp", f"anneal.trainer.bf16={bf16}", *(["anneal=lora"] if lora else []),
                              *(ALL_OFF if switches_off else []))
-        return perf.decide_precision(cfg.anneal, n_params=10**6, cuda=cuda)
+        return perf.decide_precision(AnnealSettings.of(cfg.anneal, "anneal"), n_params=10**6, cuda=cuda)
 
     fp32 = decide("false", lora=False, cuda=False)
     assert fp32.record() == {"master_weights": "float32", "autocast": None, "frozen_linear_weights": "float32",
@@ -126,11 +129,11 @@ def test_with_every_switch_off_the_stage_trains_as_plain_trl(bf16, make_short_cf
                          "anneal.trainer.train_sampling_strategy=random")
     stages = run_pipeline(cfg, tmp_path / "stage")["stages"]
     merged_dir = Path(stages["merge"]["outputs"]["model"])
-    precision = perf.decide_precision(cfg.anneal, models.count_parameters(merged_dir))
+    precision = perf.decide_precision(AnnealSettings.of(cfg.anneal, "anneal"), models.count_parameters(merged_dir))
     assert precision.record() == stages["anneal"]["precision"]  # the stage's decision, recorded verbatim
-    args = training.dpo_config(cfg.anneal, tmp_path / "trl", precision)
+    args = training.dpo_config(AnnealSettings.of(cfg.anneal, "anneal"), tmp_path / "trl", precision)
     assert args.precompute_ref_log_probs and args.precompute_ref_batch_size is None
-    pairs, _ = preferences.load_preferences(cfg.data)
+    pairs, _ = preferences.load_preferences(DataSettings.of(cfg.data, "data"))
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32),
                          ref_model=AutoModelForCausalLM.from_pretrained(tiny["add"], dtype=torch.float32),
                          args=args, train_dataset=pairs["train"],
@@ -191,7 +194,7 @@ def test_gc_skips_existing_objects_only_inside_the_block():
 
 MALLOC_CHECK = """
 import ctypes
-from pipeline import perf
+from stages.anneal import perf
 
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",

@@ -10,8 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import SHORT
-from pipeline import UserError, manifest, models, perf
+from pipeline import UserError, manifest, models
 from pipeline.app import check_data_fits_models, merge_inputs
+from stages.anneal import perf, weights
+from stages.anneal.settings import AnnealSettings
 
 # The fields dpo.yaml keeps at TRL's DPOConfig defaults (the others carry a comment saying why not).
 TRL_DEFAULTS = ("loss_type", "beta", "learning_rate", "lr_scheduler_type", "warmup_steps",
@@ -72,7 +74,7 @@ def test_frozen_weights_load_straight_into_bf16_with_the_numbers_of_a_float32_lo
     assert models.stored_dtype(folder) == {torch.bfloat16: "BF16", torch.float32: "F32"}[stored]
     before = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).requires_grad_(False)
     perf.frozen_linears_to_bf16(before)
-    after = models.load_causal_lm(folder, "bfloat16")
+    after = weights.load_causal_lm(folder, "bfloat16")
     expected = dict(before.named_parameters())
     for name, param in after.named_parameters():
         assert param.dtype == expected[name].dtype and torch.equal(param, expected[name]), name
@@ -81,7 +83,7 @@ def test_frozen_weights_load_straight_into_bf16_with_the_numbers_of_a_float32_lo
     ids = torch.randint(0, 90, (2, 12))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(before(ids).logits, after(ids).logits)
-    assert all(p.dtype == torch.float32 for p in models.load_causal_lm(folder).parameters())
+    assert all(p.dtype == torch.float32 for p in weights.load_causal_lm(folder).parameters())
 
 
 def test_the_memory_plan_is_recorded_and_one_that_cannot_fit_is_refused(cli, tiny):
@@ -109,16 +111,17 @@ def test_qlora_where_it_cannot_run_is_a_clear_message(cli, tiny):
         assert "pip install 'merge-anneal[qlora]'" in message
     elif not torch.cuda.is_available():
         assert "needs a CUDA GPU" in message
-    assert "anneal=lora" in message and manifest.load(run_dir)["stages"]["anneal"]["status"] == "failed"
+    assert "anneal=lora" in message and not (run_dir / "manifest.json").exists()  # refused before the first stage
 
 
 def test_qlora_composes_bitsandbytes_own_fields(make_cfg):
     from transformers import BitsAndBytesConfig
 
-    anneal = make_cfg("+merge=slerp", "data=custom", "data.path=p.jsonl", "anneal=qlora").anneal
+    anneal = AnnealSettings.of(make_cfg("+merge=slerp", "data=custom", "data.path=p.jsonl", "anneal=qlora").anneal,
+                               "anneal")
     fields = dict(anneal.quantization)
     fields["bnb_4bit_compute_dtype"] = getattr(torch, fields["bnb_4bit_compute_dtype"])
     config = BitsAndBytesConfig(**fields)
-    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and anneal.peft.r == 16
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and anneal.peft["r"] == 16
     assert perf.decide_precision(anneal, 10**9, cuda=True).frozen_linear_weights == "nf4"
     assert json.dumps(dict(anneal.quantization))

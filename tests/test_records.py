@@ -25,7 +25,7 @@ def test_records_read_what_the_manifest_holds(tmp_path):
     merge = records.load(tmp_path, records.MergeRecord)
     assert merge.merge_method == "slerp" and merge.parameters == {"t": 0.5}
     assert merge.source("/m/a").public_name() == "org/a@abc" and merge.source("/m/b").public_name() == "b"
-    assert merge.model_dump(mode="json")["outputs"] == MERGE_ENTRY["outputs"]  # the manifest keeps its shape
+    assert merge.dump()["outputs"] == MERGE_ENTRY["outputs"]  # the manifest keeps its shape
     with pytest.raises(UserError, match="Stage 'anneal' has no completed output"):
         records.load(tmp_path, records.AnnealRecord)
 

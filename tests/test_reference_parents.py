@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import write_jsonl
 from pipeline import UserError, manifest
 from pipeline.app import run_pipeline
-from pipeline.reference import combine_logps
+from stages.anneal.reference_pass import combine_logps
 
 
 def test_combinations_on_numbers():
@@ -108,10 +108,8 @@ def test_bad_parents_reference_settings_are_refused_before_loading(overrides, ph
 
 
 def test_parents_needs_two_parents():
-    from omegaconf import OmegaConf
-
-    from pipeline.reference import check_parents_reference
+    from stages.anneal.references import check_parents_reference
 
     with pytest.raises(UserError, match="at least two parents"):
-        check_parents_reference(OmegaConf.create({"reference_combine": "mean"}), ["/models/add"])
-    assert list(check_parents_reference(OmegaConf.create({"reference_combine": "max"}), ["/m/a", "/m/b"])) == ["a", "b"]
+        check_parents_reference(["/models/add"])
+    assert list(check_parents_reference(["/m/a", "/m/b"])) == ["a", "b"]

@@ -203,7 +203,7 @@ def test_pick_best_picks_the_better_by_the_objective_and_says_why(run_copy, make
         assert objective in pick["reason"] and ("lower is better" in pick["reason"]) != higher_is_better
         card = (Path(entry["outputs"]["model"]) / "README.md").read_text()
         assert pick["reason"] in card
-    with pytest.raises(UserError, match="skill_accuracy/add"):
+    with pytest.raises(UserError, match="release.objective=bleu is not an eval metric"):
         release.run(make_cfg("release.pick=best", "release.objective=bleu"), run_dir)
 
 
@@ -223,10 +223,11 @@ def test_hub_dry_run_lists_files_and_uploads_nothing(run_copy):
     assert "run in order in one run folder" in card and "release=hub" in card
 
 
-def test_hub_without_token_fails_before_writing_anything(run_copy):
+def test_hub_without_token_is_refused_before_any_stage_runs(run_copy):
+    before = manifest.load(run_copy)
     result = release_again(run_copy, *HUB, "release.name=pushed", env=NO_TOKEN)
     one_paragraph_error(result, "HF_TOKEN is not set", "nothing was written or uploaded", "release.dry_run=true")
-    assert manifest.load(run_copy)["stages"]["release"]["status"] == "failed"
+    assert manifest.load(run_copy) == before  # refused before the release stage started: nothing recorded
     assert not (run_copy / "release").exists()
 
 
@@ -238,14 +239,23 @@ def test_hub_with_token_but_no_network_fails_before_uploading(run_copy):
 
 
 @pytest.mark.parametrize("overrides, phrases", [
-    (["release.pick=worst"], ["release.pick=worst is not an option", "release.pick=best"]),
+    (["release.pick=worst"], ["release.pick: Input should be 'annealed', 'merged' or 'best' (got 'worst')"]),
     (["release=hub"], ["release.repo_id is not set", "release.repo_id=<your-name>/<model-name>"]),
-])
-def test_bad_release_settings_exit_2_and_leave_no_folder(run_copy, overrides, phrases):
-    result = release_again(run_copy, *overrides)
-    one_paragraph_error(result, *phrases)
-    assert manifest.load(run_copy)["stages"]["release"]["status"] == "failed"
-    assert not (run_copy / "release").exists()
+    (["release=hub", "release.repo_id=me/merge"], ["HF_TOKEN is not set", "release.dry_run=true"]),
+    (["release.name=../up"], ["release.name=../up is not a usable folder name"]),
+    (["release.pick=best", "release.objective=bleu"], ["release.objective=bleu is not an eval metric"]),
+    (["+release.pushh=true"], ["release.pushh: Extra inputs are not permitted"]),
+], ids=["pick", "repo_id", "token", "name", "objective", "unknown-key"])
+def test_check_refuses_bad_release_settings(overrides, phrases, make_cfg, monkeypatch):
+    """`release.check` (what the app runs before the first stage) refuses each in one paragraph with the fix."""
+    from stages import release
+
+    for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(UserError) as refused:
+        release.check(make_cfg(*overrides))
+    message = " ".join(str(refused.value).split())
+    assert all(phrase in message for phrase in phrases) and "Fix:" in message, message
 
 
 # ------------------------------------------------------------------------------------------------ the files
@@ -272,32 +282,32 @@ def test_generation_config_written_when_missing_and_pickles_refused(tiny, tmp_pa
 
 def test_reproduce_commands_hide_local_paths_and_span_invocations():
     from pipeline.records import ModelSource
-    from stages import release
+    from stages.release import card
 
     snapshot = "/home/me/.cache/huggingface/hub/models--org--base/snapshots/abc"
-    names = release.PublicNames([ModelSource(path=snapshot, hub_id="org/base", revision="abc"),
+    names = card.PublicNames([ModelSource(path=snapshot, hub_id="org/base", revision="abc"),
                                  ModelSource(path="/ckpt/math")])
     full = {"overrides": ["+merge=ties", "models=local", "models.parents=[/ckpt/math,org/code@v1]",
                           f"models.base={snapshot}", "pipeline.cache_dir=/tmp/c", "models.cache_dir=/tmp/m"],
             "stages": ["merge", "anneal", "eval", "release"]}
-    assert release.reproduce_commands([full], names) == [  # a hub download by its hub id and commit
+    assert card.reproduce_commands([full], names) == [  # a hub download by its hub id and commit
         "python -m pipeline +merge=ties models=local 'models.parents=[<local>/math,org/code@v1]' "
         "models.base=org/base@abc"]
     again = {"overrides": ["pipeline.stages=[release]", "release.pick=best"], "stages": ["release"]}
-    assert release.reproduce_commands([full, again], names)[1] == \
+    assert card.reproduce_commands([full, again], names)[1] == \
         "python -m pipeline 'pipeline.stages=[release]' release.pick=best 'hydra.run.dir=<run>'"
-    assert release.reproduce_commands([again], names) == []  # the rest was driven from Python: nothing to show
+    assert card.reproduce_commands([again], names) == []  # the rest was driven from Python: nothing to show
     # a snapshot path that did not come through the hub download is just a local folder
-    assert release.reproduce_commands([full], release.PublicNames([]))[0].endswith("'models.base=<local>/abc'")
+    assert card.reproduce_commands([full], card.PublicNames([]))[0].endswith("'models.base=<local>/abc'")
 
 
 def test_public_names_come_from_provenance_not_paths():
     """Hub downloads are named by the id and commit recorded when they were resolved; nothing is parsed out of a
     cache path."""
     from pipeline.records import ModelSource
-    from stages import release
+    from stages.release import card
 
-    names = release.PublicNames([ModelSource(path="/cache/snapshots/0123abc", hub_id="org/model", revision="0123abc"),
+    names = card.PublicNames([ModelSource(path="/cache/snapshots/0123abc", hub_id="org/model", revision="0123abc"),
                                  ModelSource(path="/ckpt/my-model")])
     assert names.name("/cache/snapshots/0123abc") == "org/model"
     assert names.name("/cache/snapshots/0123abc", revision=True) == "org/model@0123abc"

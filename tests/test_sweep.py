@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from conftest import ONE_THREAD, TEST_CACHE, run_cli, run_in_process
-from pipeline import UserError, manifest, sweep
+from pipeline import UserError, manifest, records, sweep
+from pipeline.settings import DataSettings
 
 # A short anneal (the summary, not the annealing effect, is under test); release is another stage's business.
 SHORT = ["anneal.trainer.max_steps=10", "anneal.trainer.logging_steps=5", "anneal.trainer.save_steps=1000",
@@ -116,10 +117,11 @@ def test_curves_against_the_number_of_pairs(tmp_path, make_cfg, tiny):
     from pipeline import preferences
 
     cfg = make_cfg("+merge=slerp", *tiny.data, "data.train_pairs=10")
-    first, again = (preferences.load_preferences(cfg.data)[0]["train"] for _ in range(2))
+    first, again = (preferences.load_preferences(DataSettings.of(cfg.data, "data"))[0]["train"] for _ in range(2))
     assert len(first) == 10 and first["prompt"] == again["prompt"]  # a seeded sample
     with pytest.raises(UserError, match="data.train_pairs=1000, but the training data has 48 pairs"):
-        preferences.load_preferences(make_cfg("+merge=slerp", *tiny.data, "data.train_pairs=1000").data)
+        preferences.load_preferences(DataSettings.of(make_cfg("+merge=slerp", *tiny.data, "data.train_pairs=1000").data,
+                                                     "data"))
 
     run = lambda job, n, variant, worst: {
         "job": job, "status": "done", "overrides": [f"data.train_pairs={n}", f"+anneal_variant={variant}"],
@@ -135,10 +137,19 @@ def test_curves_against_the_number_of_pairs(tmp_path, make_cfg, tiny):
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def model_metrics(**values) -> records.ModelMetrics:
+    return records.ModelMetrics(**{"preference_accuracy": 0.5, "preference_accuracy_normalized": 0.5,
+                                   "kl_to_reference": 0.0, "perplexity": 2.0, "perplexity_heldout_chosen": 2.0,
+                                   "ci95": {}, **values})
+
+
 def test_objective_paths():
-    report = {"models": {"annealed": {"preference_accuracy": 0.9, "skill_accuracy": {"add": 0.5}},
-                         "parent:my.model": {"perplexity": 3.0}},
-              "comparison": {"annealed_vs_merged": {"preference_accuracy": {"delta": 0.07, "ci95": [0.01, 0.1]}}}}
+    report = records.EvalReport(
+        models={"annealed": model_metrics(preference_accuracy=0.9, skill_accuracy={"add": 0.5}),
+                "parent:my.model": model_metrics(perplexity=3.0)},
+        comparison={"annealed_vs_merged": {"preference_accuracy": {"delta": 0.07, "ci95": [0.01, 0.1]}}},
+        heldout_pairs=8, reference={}, perplexity_on="heldout chosen completions", beta=0.1, bootstrap={},
+        generation={}, scoring_seconds=0.0)
     assert sweep.objective_value(report, "annealed.preference_accuracy") == 0.9
     assert sweep.objective_value(report, "annealed.skill_accuracy.add") == 0.5
     assert sweep.objective_value(report, "parent:my.model.perplexity") == 3.0

@@ -163,9 +163,9 @@ def check(plan: MemoryPlan) -> None:
                     "`anneal.memory_check=false`.")
 
 
-def for_anneal(cfg, merged_dir, args, precision, n_params: int) -> MemoryPlan | None:
-    """The anneal stage's plan from its config, its DPOConfig (`args`) and the merged model's config.json (None
-    for an architecture without Llama-style fields)."""
+def for_anneal(anneal, sharding: str, merged_dir, args, precision, n_params: int) -> MemoryPlan | None:
+    """The anneal stage's plan from its settings (`anneal`: AnnealSettings), its sharding (none, fsdp2, zero3), its
+    DPOConfig (`args`) and the merged model's config.json (None for an architecture without Llama-style fields)."""
     import json
     import os
     from pathlib import Path
@@ -173,20 +173,16 @@ def for_anneal(cfg, merged_dir, args, precision, n_params: int) -> MemoryPlan | 
     import torch
 
     model_config = json.loads((Path(merged_dir) / "config.json").read_text())
-    anneal, dist = cfg.anneal, cfg.distributed
     device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
     available = available_memory(device)
     if device == "cpu" and available:  # the processes of one machine share its memory
         available //= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    sharding = {"FSDP": "fsdp2", "DEEPSPEED": "zero3"}.get(dist.get("distributed_type") if dist.launcher else None,
-                                                            "none")
     try:
-        return plan(model_config, n_params, mode="qlora" if anneal.get("quantization") else
-                    "full" if anneal.peft is None else "lora", autocast=precision.autocast is not None,
+        return plan(model_config, n_params, mode=anneal.mode, autocast=precision.autocast is not None,
                     batch_size=args.per_device_train_batch_size,
                     max_length=args.max_length or model_config.get("max_position_embeddings", 4096),
                     activation_checkpointing=bool(args.activation_checkpointing), processes=args.world_size,
-                    sharding=sharding, lora_r=None if anneal.peft is None else anneal.peft.r, optim=str(args.optim),
+                    sharding=sharding, lora_r=None if anneal.peft is None else anneal.peft["r"], optim=str(args.optim),
                     device=device, available=available)
     except KeyError:
         return None

@@ -16,25 +16,20 @@ from unittest import mock
 from pipeline import UserError
 
 
-def run_lm_eval(lm_cfg: dict, model_dirs: dict[str, pathlib.Path]) -> dict:
-    """Score each ``name -> local model folder`` on ``lm_cfg["tasks"]``; numbers only, ready for JSON."""
+def check(lm_cfg: dict) -> tuple[list[str], object]:
+    """lm-evaluation-harness importable and every task in `lm_cfg["tasks"]` known to it (lm_eval itself finds an
+    unknown name only after loading a model, as a bare KeyError): the tasks and the task index."""
     try:
-        import lm_eval
+        import lm_eval  # noqa: F401
         from lm_eval.tasks import TaskManager
-        from lm_eval.utils import simple_parse_args_string
     except ImportError as e:
         raise UserError(
             f"eval.lm_eval is set, but lm-evaluation-harness cannot be imported ({e}). Install it with "
             '`pip install "merge-anneal[lm_eval]"`, or set `eval.lm_eval=null` to skip it.') from e
-    import datasets
-    import torch
-
     tasks = lm_cfg["tasks"]
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     include_path = lm_cfg.get("include_path")
     task_manager = _task_manager(TaskManager, str(include_path) if include_path else None)
-    # lm_eval finds an unknown name only after loading the model, as a bare KeyError("Spec '...' is not a
-    # registered task/group/tag name or valid YAML path") from TaskManager.load: check the same index now.
     unknown = [t for t in tasks if t not in task_manager.all_tasks and not pathlib.Path(t).is_file()]
     if unknown:
         raise UserError(
@@ -42,6 +37,16 @@ def run_lm_eval(lm_cfg: dict, model_dirs: dict[str, pathlib.Path]) -> dict:
             f"{include_path}). Check the spelling (`lm-eval ls tasks` lists the built-in ones); for a custom "
             "task, put its YAML file in a folder and set `eval.lm_eval.include_path` to that folder (lm_eval "
             "silently skips a YAML file it cannot parse, so check that file too).")
+    return tasks, task_manager
+
+
+def run_lm_eval(lm_cfg: dict, model_dirs: dict[str, pathlib.Path]) -> dict:
+    """Score each ``name -> local model folder`` on ``lm_cfg["tasks"]``; numbers only, ready for JSON."""
+    tasks, task_manager = check(lm_cfg)
+    import datasets
+    import lm_eval
+    import torch
+    from lm_eval.utils import simple_parse_args_string
 
     scores = {}
     # datasets pings S3 ("download counts") each time a packaged builder such as "json" loads a local

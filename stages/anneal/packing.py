@@ -68,70 +68,95 @@ def packed(model, enabled: bool):
     if not enabled:
         yield None
         return
-    import torch
-
     had_own = "forward" in vars(model)
     forward = model.forward
     kind = (type(model).__qualname__, getattr(getattr(model, "config", None), "_attn_implementation", None))
-    state = {"rows": 0, "packed_rows": 0, "positions": 0, "packed_positions": 0, "off": CHECKED.get(kind) is False}
-
-    def unpack(value, moves, rows: int, width: int):
-        source, target = moves
-        flat = value.new_zeros(rows * width)
-        return flat.index_copy(0, target, value.reshape(-1).index_select(0, source)).view(rows, width)
-
-    def tally(rows: int, computed_rows: int, width: int) -> None:
-        state["rows"] += rows
-        state["positions"] += rows * width
-        state["packed_rows"] += computed_rows
-        state["packed_positions"] += computed_rows * width
-
-    def wrapped(*args, **kwargs):
-        ids, mask, labels = kwargs.get("input_ids"), kwargs.get("attention_mask"), kwargs.get("labels")
-        if (args or state["off"] or not kwargs.get("fused_lm_head") or ids is None or mask is None or labels is None
-                or kwargs.get("position_ids") is not None or kwargs.get("shift_labels") is not None):
-            return forward(*args, **kwargs)
-        rows, width = ids.shape
-        lengths = mask.sum(dim=1)
-        right_padded = torch.equal(mask.bool(), torch.arange(width, device=mask.device) < lengths[:, None])
-        bins, source, target, positions, starts, out_source, out_target = layout(lengths.tolist(), width)
-        if not right_padded or len(bins) >= rows:
-            tally(rows, rows, width)
-            return forward(*args, **kwargs)
-        device = ids.device
-        index = lambda values: torch.tensor(values, dtype=torch.long, device=device)
-        source, target, starts = index(source), index(target), index(starts)
-        packed_ids = ids.new_zeros(len(bins) * width).index_copy_(0, target, ids.reshape(-1)[source])
-        packed_labels = labels.new_full((len(bins) * width,), -100).index_copy_(0, target, labels.reshape(-1)[source])
-        packed_labels[starts] = -100  # a sequence's first token is not predicted from the one packed before it
-        packed_kwargs = {**kwargs, "input_ids": packed_ids.view(len(bins), width), "attention_mask": None,
-                         "labels": packed_labels.view(len(bins), width), "position_ids": index(positions)}
-        out = forward(**packed_kwargs)
-        moves = (index(out_source), index(out_target))
-        for name in PER_TOKEN:
-            value = getattr(out, name, None)
-            if value is not None:
-                out[name] = unpack(value, moves, rows, width - 1)
-        if kind not in CHECKED:
-            with torch.no_grad():
-                padded = forward(*args, **kwargs).log_probs.sum(dim=1)
-            ours = out.log_probs.detach().sum(dim=1)
-            CHECKED[kind] = torch.allclose(ours.float(), padded.float(), rtol=1e-2, atol=1e-2)
-            if not CHECKED[kind]:
-                state["off"] = True
-                log.warning(f"anneal: packed rows gave other log-probs than padded ones for {type(model).__name__} "
-                            f"(largest difference {(ours - padded).abs().max().item():.3g}): its attention does not "
-                            "follow packed position ids, so batches are computed padded (anneal.perf.pack_rows)")
-                tally(rows, rows, width)
-                return forward(*args, **kwargs)
-        tally(rows, len(bins), width)
-        return out
-
-    model.forward = wrapped
+    model.forward = PackedForward(forward, kind, type(model).__name__)
     try:
-        yield state
+        yield model.forward.counts
     finally:
         if had_own:
             model.forward = forward
         else:
             del model.forward
+
+
+class PackedForward:
+    """A model's forward that packs each packable batch (`packed`); `counts` tallies rows and positions, padded as
+    TRL built them and as computed (`off`: packing found not to hold for this model class)."""
+
+    def __init__(self, forward, kind: tuple, name: str):
+        self.forward, self.kind, self.name = forward, kind, name
+        self.counts = {"rows": 0, "packed_rows": 0, "positions": 0, "packed_positions": 0,
+                       "off": CHECKED.get(kind) is False}
+
+    def __call__(self, *args, **kwargs):
+        import torch
+
+        ids, mask, labels = kwargs.get("input_ids"), kwargs.get("attention_mask"), kwargs.get("labels")
+        if (args or self.counts["off"] or not kwargs.get("fused_lm_head") or ids is None or mask is None
+                or labels is None or kwargs.get("position_ids") is not None
+                or kwargs.get("shift_labels") is not None):
+            return self.forward(*args, **kwargs)
+        rows, width = ids.shape
+        lengths = mask.sum(dim=1)
+        right_padded = torch.equal(mask.bool(), torch.arange(width, device=mask.device) < lengths[:, None])
+        placed = layout(lengths.tolist(), width)
+        if not right_padded or len(placed[0]) >= rows:
+            self.tally(rows, rows, width)
+            return self.forward(*args, **kwargs)
+        out = self.forward_packed(kwargs, placed, rows, width)
+        if self.kind not in CHECKED and not self.check(out, kwargs):
+            self.tally(rows, rows, width)
+            return self.forward(*args, **kwargs)
+        self.tally(rows, len(placed[0]), width)
+        return out
+
+    def forward_packed(self, kwargs: dict, placed: tuple, rows: int, width: int):
+        """One forward of the packed rows (`placed`: `layout`'s), its per-token outputs back in the padded layout."""
+        import torch
+
+        bins, source, target, positions, starts, out_source, out_target = placed
+        ids, labels = kwargs["input_ids"], kwargs["labels"]
+        index = lambda values: torch.tensor(values, dtype=torch.long, device=ids.device)
+        source, target, starts = index(source), index(target), index(starts)
+        packed_ids = ids.new_zeros(len(bins) * width).index_copy_(0, target, ids.reshape(-1)[source])
+        packed_labels = labels.new_full((len(bins) * width,), -100).index_copy_(0, target, labels.reshape(-1)[source])
+        packed_labels[starts] = -100  # a sequence's first token is not predicted from the one packed before it
+        out = self.forward(**{**kwargs, "input_ids": packed_ids.view(len(bins), width), "attention_mask": None,
+                              "labels": packed_labels.view(len(bins), width), "position_ids": index(positions)})
+        moves = (index(out_source), index(out_target))
+        for name in PER_TOKEN:
+            value = getattr(out, name, None)
+            if value is not None:
+                out[name] = unpack(value, moves, rows, width - 1)
+        return out
+
+    def check(self, out, kwargs: dict) -> bool:
+        """The first packed batch of this model class, computed padded too (no gradients): whether they agree.
+        Where they do not, packing stays off for the class, with a warning."""
+        import torch
+
+        with torch.no_grad():
+            padded = self.forward(**kwargs).log_probs.sum(dim=1)
+        ours = out.log_probs.detach().sum(dim=1)
+        CHECKED[self.kind] = torch.allclose(ours.float(), padded.float(), rtol=1e-2, atol=1e-2)
+        if not CHECKED[self.kind]:
+            self.counts["off"] = True
+            log.warning(f"anneal: packed rows gave other log-probs than padded ones for {self.name} (largest "
+                        f"difference {(ours - padded).abs().max().item():.3g}): its attention does not follow packed "
+                        "position ids, so batches are computed padded (anneal.perf.pack_rows)")
+        return CHECKED[self.kind]
+
+    def tally(self, rows: int, computed_rows: int, width: int) -> None:
+        self.counts["rows"] += rows
+        self.counts["positions"] += rows * width
+        self.counts["packed_rows"] += computed_rows
+        self.counts["packed_positions"] += computed_rows * width
+
+
+def unpack(value, moves, rows: int, width: int):
+    """Per-token outputs moved from the packed grid back to the padded one (`moves`: source, target indices)."""
+    source, target = moves
+    flat = value.new_zeros(rows * width)
+    return flat.index_copy(0, target, value.reshape(-1).index_select(0, source)).view(rows, width)

@@ -3,7 +3,7 @@
 The pipeline runs in one process; when it reaches the anneal it writes the run's config and an accelerate config
 file (`distributed.*`, accelerate's own field names) to `<run>/anneal/launch/`, and starts
 
-    accelerate launch --config_file <run>/anneal/launch/accelerate.yaml -m pipeline.launch <run>
+    accelerate launch --config_file <run>/anneal/launch/accelerate.yaml -m stages.anneal.worker <run>
 
 (under `srun`, one task per node, for `distributed=slurm`). Every process runs `stages.anneal.run`: the
 reference pass is split across them, training is data-parallel or sharded (FSDP2, DeepSpeed ZeRO-3), and the
@@ -21,12 +21,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import UserError, preferences, records
+from pipeline import UserError, records
 from pipeline.artifacts import write_text
 
 log = logging.getLogger(__name__)
@@ -35,15 +34,32 @@ FAULT = "MERGE_ANNEAL_FAULT_RANK"  # tests: the process of this rank fails befor
 NOT_ACCELERATE = ("launcher", "gpus_per_node", "srun")  # distributed.* keys that are merge-anneal's own
 
 
-def wanted(cfg: DictConfig) -> bool:
-    """True in the pipeline's process when the anneal is to run on more processes."""
-    return bool(cfg.get("distributed") and cfg.distributed.get("launcher")) and not os.environ.get(LAUNCHED)
+def launched() -> bool:
+    """True in a process this module started (stages/anneal/worker.py)."""
+    return bool(os.environ.get(LAUNCHED))
+
+
+def wanted(dist: DictConfig) -> bool:
+    """True in the pipeline's process when the anneal is to run on more processes (`distributed`)."""
+    return bool(dist.get("launcher")) and not launched()
+
+
+def sharding(dist: DictConfig) -> str:
+    """How the launched processes share the model: none (each holds it whole), fsdp2 or zero3."""
+    return {"FSDP": "fsdp2", "DEEPSPEED": "zero3"}.get(dist.get("distributed_type") if dist.launcher else None, "none")
 
 
 def accelerate_config(dist: DictConfig, processes: int) -> dict:
     """The accelerate config file's fields from `distributed.*` (merge-anneal's own keys left out)."""
     fields = {k: v for k, v in OmegaConf.to_container(dist, resolve=True).items() if k not in NOT_ACCELERATE}
     return {**fields, "num_processes": processes}
+
+
+def processes(dist: DictConfig) -> int:
+    """How many processes `distributed` starts on this machine's GPUs."""
+    import torch
+
+    return total_processes(dist, torch.cuda.device_count())
 
 
 def total_processes(dist: DictConfig, cuda_devices: int) -> int:
@@ -57,7 +73,7 @@ def launch_command(dist: DictConfig, config_file: Path, run_dir: Path, head: str
     """The command that starts the anneal's processes: accelerate launch, or for Slurm, srun running accelerate
     launch once per node (machine rank = the node's SLURM_NODEID, rendezvous on this node, `head`)."""
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
-    script = ["-m", "pipeline.launch", str(run_dir)]
+    script = ["-m", "stages.anneal.worker", str(run_dir)]
     if dist.launcher == "accelerate":
         return [*accelerate, *script]
     if dist.launcher != "slurm":
@@ -98,26 +114,24 @@ def check_machine(dist: DictConfig, processes: int) -> None:
                         "distributed.use_cpu=true to rehearse with CPU processes (ddp only).")
 
 
-def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
-    """The anneal on `distributed.num_processes` processes; returns the main process's record."""
-    import torch
-
+def run(cfg: DictConfig, run_dir: Path, train_pairs: int) -> records.AnnealRecord:
+    """The anneal on `distributed.num_processes` processes, each running the stage with `cfg` (the whole config: the
+    stage itself runs there); returns the main process's record."""
     dist, run_dir = cfg.distributed, Path(run_dir)
-    processes = total_processes(dist, torch.cuda.device_count())
-    check_machine(dist, processes)
-    pairs, _ = preferences.load_preferences(cfg.data)
-    if len(pairs["train"]) < processes:
-        raise UserError(f"The anneal would run on {processes} processes but has only {len(pairs['train'])} training "
+    count = processes(dist)
+    check_machine(dist, count)
+    if train_pairs < count:
+        raise UserError(f"The anneal would run on {count} processes but has only {train_pairs} training "
                         "pairs: every process needs at least one. Fix: fewer processes (distributed.num_processes), "
                         "or more data.")
     work = run_dir / "anneal" / "launch"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     OmegaConf.save(cfg, work / "config.yaml", resolve=True)
-    config_file = write_text(work / "accelerate.yaml", OmegaConf.to_yaml(accelerate_config(dist, processes)))
+    config_file = write_text(work / "accelerate.yaml", OmegaConf.to_yaml(accelerate_config(dist, count)))
     command = launch_command(dist, config_file, run_dir, socket.gethostname())
     env = {**os.environ, LAUNCHED: "1", **({"ACCELERATE_USE_CPU": "true"} if dist.get("use_cpu") else {})}
-    log.info(f"anneal: {processes} processes ({dist.distributed_type}{', CPU' if dist.get('use_cpu') else ''}); "
+    log.info(f"anneal: {count} processes ({dist.distributed_type}{', CPU' if dist.get('use_cpu') else ''}); "
              f"their output: {work / 'processes.log'}")
     with open(work / "processes.log", "wb") as out, subprocess.Popen(command, stdout=subprocess.PIPE,
                                                                       stderr=subprocess.STDOUT, env=env) as proc:
@@ -145,33 +159,3 @@ def failure(work: Path, returncode: int) -> UserError:
                          f"The other processes were stopped. {where}")
     return UserError(f"The anneal's processes failed (launcher exit code {returncode}) before reporting an error. "
                      f"{where}")
-
-
-def main(run_dir: Path) -> None:
-    """One process of a launched anneal: `python -m pipeline.launch <run_dir>` (started by `run`)."""
-    from stages import anneal
-
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
-    work = run_dir / "anneal" / "launch"
-    cfg = OmegaConf.load(work / "config.yaml")
-    from pipeline import logs
-
-    logs.route_library_logs(cfg.pipeline.library_logs)
-    try:
-        if os.environ.get(FAULT) == str(rank):
-            raise RuntimeError(f"fault injected on rank {rank} ({FAULT})")
-        record = anneal.run(cfg, run_dir)
-        if rank == 0:
-            write_text(work / "record.json", record.model_dump_json())
-    except BaseException as err:
-        kind = "user" if isinstance(err, UserError) else "crash"
-        message = str(err) if kind == "user" else f"{type(err).__name__}: {err}"
-        write_text(work / f"error-rank{rank}.json", json.dumps({"rank": rank, "world_size": world, "kind": kind,
-                                                                "message": message,
-                                                                "traceback": traceback.format_exc()}))
-        raise SystemExit(2 if kind == "user" else 1) from None
-
-
-if __name__ == "__main__":
-    main(Path(sys.argv[1]))

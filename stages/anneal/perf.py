@@ -16,7 +16,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline import models, packing
+from pipeline import models
+from stages.anneal import packing
 
 # glibc's mallopt parameters (malloc.h) and their documented defaults
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -47,13 +48,13 @@ def decide_precision(anneal, n_params: int, cuda: bool | None = None) -> Precisi
     import torch
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    bf16 = anneal.trainer.bf16
+    bf16 = anneal.trainer["bf16"]
     bf16 = bf16_pays(n_params, cuda) if bf16 == "auto" else bool(bf16)
     lora, perf = anneal.peft is not None, anneal.perf
     return Precision(
         master_weights="float32",
         autocast="bfloat16" if bf16 else None,
-        frozen_linear_weights=("nf4" if anneal.get("quantization") else
+        frozen_linear_weights=("nf4" if anneal.quantization else
                                "bfloat16" if bf16 and lora and perf.frozen_weights_bf16 else "float32"),
         # CPU only (CUDA's bf16 attention is fast), full fine-tuning only (LoRA's peak is its activations)
         attention="float32" if not bf16 or (perf.float32_attention and not cuda and not lora) else "bfloat16",

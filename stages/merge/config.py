@@ -1,109 +1,24 @@
-"""Stage 1, merge: mergekit merges the parents into `<run_dir>/merge/model/`.
-
-The `merge` config group *is* a mergekit configuration (or `config_file:` naming one), and it alone names the
-models merged. A file holds what mergekit's own tools take:
-- one merge (mergekit-yaml);
-- a chain of merges (mergekit-multi): several YAML documents, each intermediate with a `name:` that later documents
-  use as a model; the unnamed document (else the one no other uses) is the final merge, the one annealed. Each
-  intermediate lands in `<run_dir>/merge/intermediates/<name>/`;
-- a mixture of experts built from dense experts (mergekit-moe: `base_model` and `experts`).
-Each document is validated by mergekit's own types (`MergeConfiguration` and its method registry,
-`MoEMergeConfig`), run in-process, checked (every tensor its architecture has is there and finite, the embeddings
-cover the tokenizer) and kept in a content-addressed cache: the same resolved config over the same parent files
-(an intermediate: by its own key) with the same mergekit version is merged once.
+"""The merge config as mergekit reads it: each document validated by mergekit's own types (`MergeConfiguration` and
+its method registry's parameters and input contract, `MoEMergeConfig` for mergekit-moe), its models made local
+folders (hub ids downloaded first, with their provenance), the models checked to be mergeable, mergekit's
+`MergeOptions` from `merge_options`, and the models in the order the config lists them.
 """
 
 import json
 import logging
 from contextlib import contextmanager
-from functools import partial
-from importlib.metadata import version
 from pathlib import Path
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import UserError, merge_check, merge_config, models, records
-from pipeline.artifacts import disk_full, publish, through_cache, write_text
-
-log = logging.getLogger(__name__)
+from pipeline import UserError, merge_config, models, records
 
 # MergeOptions fields merge-anneal fixes: safetensors only; it writes the resolved YAML itself because
 # mergekit's card writer reaches for the network; the tokenizer always comes from the donor.
 FIXED_OPTIONS = {"safe_serialization": True, "write_model_card": False, "copy_tokenizer": True}
-# Options that change how a merge runs but not what it writes: left out of the cache key.
-RUNTIME_ONLY_OPTIONS = {"quiet", "verbosity", "num_threads", "lazy_unpickle", "transformers_cache",
-                        "lora_merge_cache", "low_cpu_memory", "read_to_gpu", "multi_gpu", "async_write",
-                        "write_threads"}
-CONFIG_NAME = "mergekit_config.yml"
 # mergekit-moe's gate modes (mergekit/moe/router.py, get_gate_params).
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
-
-
-def run(cfg: DictConfig, run_dir: Path) -> records.MergeRecord:
-    """Merge the parents; returns the stage's record (inputs with their provenance, outputs, config, cache)."""
-    docs = merge_config.load(cfg)
-    out_dir = Path(run_dir) / "merge" / "model"
-    steps = merge_config.plan(docs, out_dir.parent / "intermediates", out_dir)
-    cache_root = Path(cfg.pipeline.cache_dir).expanduser()
-    memo = cache_root / "fingerprints"
-    single = len(steps) == 1
-    inputs = inputs_key(cfg, docs[0], memo) if cfg.pipeline.cache and single else None
-    if inputs is not None:  # the same inputs merged before: the record and the entry, without importing mergekit
-        known = remembered(cfg, docs[0], inputs, cache_root, out_dir)
-        if known is not None:
-            log_cache(known.cache["merge"], cache_root / "merges" / known.cache["key"])
-            return known
-
-    checked = [validate(step.raw) for step in steps]  # every document, by mergekit's types, before any merge runs
-    options = build_options(cfg.merge_options)
-    produced, configs, sources, steps_done = {}, [], {}, []  # produced: an intermediate's folder -> its cache identity
-    for step, valid in zip(steps, checked):
-        config, found = prepare(step.raw, options, produced, valid)
-        configs.append(config)
-        sources.update({s.path: s for s in found})
-        text = merge_config.chain_yaml(steps, configs, step, yaml_text)
-        state, key = "off", None
-        if cfg.pipeline.cache:
-            key = cache_key(config, options, version("mergekit"), memo, produced)
-            entry = cache_root / "merges" / key
-            state = through_cache(entry, partial(merge_into, config, options, text=text), step.out_dir,
-                                  files=cfg.pipeline.cache_files, digests=cfg.pipeline.cache_verify)
-            log_cache(state, entry, step.name)
-        else:
-            merge_into(config, options, step.out_dir, text)
-        if step.name:
-            produced[str(step.out_dir)] = f"merge:{step.name}:{key}"
-        steps_done.append({"name": step.name, "merge_method": method_name(config), "model": str(step.out_dir),
-                           "models": [str(r.model.path) for r in ordered_references(config)],
-                           "cache": {"merge": state, **({"key": key} if key else {})}})
-
-    final = configs[-1]
-    record = records.MergeRecord(
-        inputs={"models": sorted({str(r.model.path) for c in configs for r in ordered_references(c)} - set(produced)),
-                "parents": list(dict.fromkeys(p for c in configs for p in parents_in_order(c) if p not in produced)),
-                "base_model": merge_config.lineage_base(configs, steps, _base_path),
-                "config_file": str(Path(cfg.merge.config_file).resolve()) if "config_file" in cfg.merge else None,
-                "sources": list(sources.values())},
-        outputs={"model": str(out_dir), "config": str(out_dir / CONFIG_NAME),
-                 **({} if single else {"intermediates": {s.name: str(s.out_dir) for s in steps[:-1]}})},
-        config={"merge": final.model_dump(mode="json", exclude_defaults=True),
-                "merge_options": options.model_dump(mode="json"),
-                # the `models` group feeds the method presets only: a user's own mergekit YAML names its models
-                "models": None if "config_file" in cfg.merge else OmegaConf.to_container(cfg.models, resolve=True)},
-        merge_method=method_name(final),
-        cache=steps_done[-1]["cache"],
-        mergekit_version=version("mergekit"),
-        **({} if single else {"chain": steps_done}),
-    )
-    if inputs is not None:
-        remember(cache_root, inputs, record)
-    return record
-
-
-def log_cache(state: str, entry: Path, name: str | None = None) -> None:
-    what = f" intermediate {name!r}:" if name else ""
-    log.info(f"merge:{what} {'reused cached merge' if state == 'hit' else 'merged'} {entry}")
 
 
 def prepare(raw: dict, options, produced: dict | None = None, valid=None):
@@ -125,52 +40,6 @@ def yaml_text(config, rename: dict | None = None) -> str:
     content = config.model_dump(mode="json", **({"exclude_none": True} if is_moe(config) else
                                                 {"exclude_defaults": True}))
     return yaml.dump(merge_config.replace_strings(content, rename or {}), Dumper=ConfigYamlDumper).rstrip()
-
-
-def inputs_key(cfg: DictConfig, raw: dict, memo: Path) -> str | None:
-    """A key of everything a merge reads, computed without mergekit: the config as given, the merge, models and
-    merge_options groups, mergekit's version and the fingerprint of every model folder it names (remembered
-    across runs by the files' stat, `memo`). None when a model is not a local folder (a hub id goes through
-    `prepare`, which resolves it)."""
-    import hashlib
-
-    folders, tokenizers = merge_config.model_references(raw)
-    if not folders or not all(Path(folder).is_dir() for folder in folders):
-        return None
-    content = {"config": raw, "groups": {name: OmegaConf.to_container(cfg[name], resolve=True)
-                                         for name in ("merge", "models", "merge_options")},
-               "mergekit": version("mergekit"), "merge-anneal": 1,
-               "folders": {f: models.fingerprint(f, memo) for f in sorted({*folders, *tokenizers})}}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def remembered(cfg: DictConfig, raw: dict, inputs: str, cache_root: Path, out_dir: Path):
-    """The record of an earlier merge of exactly these inputs, its cached entry put at `out_dir` (merged again,
-    the full way, when the entry is gone or fails its check); None when there is none."""
-    try:
-        known = json.loads((cache_root / "merges" / BY_INPUTS / f"{inputs}.json").read_text())
-        record = records.MergeRecord.model_validate({**known, "outputs": {"model": str(out_dir),
-                                                                          "config": str(out_dir / CONFIG_NAME)}})
-    except (OSError, ValueError):
-        return None
-
-    def build(entry: Path) -> None:  # only when the remembered entry is gone or damaged
-        options = build_options(cfg.merge_options)
-        config, _ = prepare(raw, options)
-        merge_into(config, options, entry, yaml_text(config))
-
-    state = through_cache(cache_root / "merges" / record.cache["key"], build, out_dir,
-                          files=cfg.pipeline.cache_files, digests=cfg.pipeline.cache_verify)
-    return record.model_copy(update={"cache": {**record.cache, "merge": state}})
-
-
-BY_INPUTS = ".by-inputs"  # merges/.by-inputs/<inputs_key>.json: the record of that merge, with its cache key
-
-
-def remember(cache_root: Path, inputs: str, record: records.MergeRecord) -> None:
-    folder = cache_root / "merges" / BY_INPUTS
-    folder.mkdir(parents=True, exist_ok=True)
-    write_text(folder / f"{inputs}.json", record.model_dump_json(exclude={"outputs", "status", "seconds", "versions"}))
 
 
 def localize(raw: dict, produced: dict | None = None, valid=None) -> tuple[dict, list[records.ModelSource]]:
@@ -351,67 +220,6 @@ def build_options(section: DictConfig):
                         "(see conf/merge_options/default.yaml; cuda takes auto, true or false).") from None
 
 
-def cache_key(config, options, version: str, memo: Path | None = None, produced: dict | None = None) -> str:
-    """Content address of a merge: the resolved config with each model path replaced by its file fingerprint
-    (remembered across runs by the files' stat in `memo`, as `inputs_key` does: a hub snapshot, which `inputs_key`
-    cannot key, is hashed once, not on every run) or, for a chain's intermediate, by its own key (`produced`), the
-    options that change the output, and the mergekit version."""
-    import hashlib
-
-    fingerprints = {}
-    for ref in ordered_references(config):
-        for path in (ref.model, ref.lora):
-            if path is not None:
-                fingerprints[str(path.path)] = ((produced or {}).get(str(path.path))
-                                                or "sha256:" + models.fingerprint(path.path, memo))
-    content = {
-        "config": merge_config.replace_strings(config.model_dump(mode="json"), fingerprints),
-        "options": {k: v for k, v in options.model_dump(mode="json").items() if k not in RUNTIME_ONLY_OPTIONS},
-        "mergekit": version,
-    }
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def merge_into(config, options, out_dir: Path, text: str) -> None:
-    """Run mergekit (mergekit-moe for a mixture of experts) into a temporary sibling folder, write `text` (the
-    resolved YAML) beside the weights, check the result, and move it into place only once it is complete."""
-
-    def work(tmp: Path) -> None:
-        from mergekit.merge import run_merge
-
-        options.apply_global_options()  # run_merge alone ignores num_threads
-        try:
-            if is_moe(config):
-                build_moe(config, options, tmp)
-            else:
-                run_merge(config.model_copy(deep=True), str(tmp), options=options)  # run_merge mutates it
-        except (RuntimeError, ValueError, KeyError, AssertionError) as err:
-            if disk_full(err):
-                raise
-            raise UserError(f"mergekit could not merge these models ({type(err).__name__}: {err}). Fix: check "
-                            "that the merge config fits the models (layer ranges, parameters, base model).") from None
-        (tmp / CONFIG_NAME).write_text(text + "\n")
-        merge_check.check_merged(tmp)
-
-    publish(out_dir, work)
-
-
-def build_moe(config, options, out_dir: Path) -> None:
-    """mergekit-moe's build, with the base model's tokenizer as it is (mergekit-moe's own copy changes its padding
-    side and token) and random gates seeded by `random_seed`; its warnings (degenerate gates) are ours to show."""
-    import torch
-    from mergekit.scripts.moe import build
-    from transformers import AutoTokenizer
-
-    if options.random_seed is not None:
-        torch.manual_seed(options.random_seed)  # gate_mode random / uniform_random draw from torch's global RNG
-    with mergekit_says() as said:
-        build(config, str(out_dir), options.model_copy(update={"copy_tokenizer": False}), device=options.device)
-    for message in said:
-        log.warning(f"merge: mergekit-moe: {message}")
-    AutoTokenizer.from_pretrained(config.base_model.model.path).save_pretrained(out_dir)
-
-
 def is_moe(config) -> bool:
     return hasattr(config, "experts")
 
@@ -441,10 +249,6 @@ def ordered_references(config, with_base: bool = True) -> list:
 def parents_in_order(config) -> list[str]:
     """The merged models' folders in the order the config lists them (the base model only where listed)."""
     return list(dict.fromkeys(str(ref.model.path) for ref in ordered_references(config, with_base=False)))
-
-
-def _base_path(config):
-    return str(config.base_model.model.path) if config.base_model else None
 
 
 def _short(err: Exception) -> str:

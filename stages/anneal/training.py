@@ -1,7 +1,7 @@
-"""TRL trainer and config plumbing for the anneal stage (`stages/anneal.py`): TRL's DPOConfig built from
-`anneal.trainer`, the config of a reference-free `anneal.method` (CPO, ORPO), the DPOTrainer that reads the stored
-reference log-probs instead of loading a reference, and the checks around training (a loss or weights that stop
-being finite, the newest complete checkpoint to resume from).
+"""TRL's configs and trainer for the anneal stage: TRL's DPOConfig built from `anneal.trainer`, the config of a
+reference-free `anneal.method` (CPO, ORPO), the trainer that reads the stored reference log-probs (its class is in
+stages/anneal/trainers.py), and the checks around training (weights that stop being finite, the newest complete
+checkpoint to resume from).
 
 Heavy libraries (torch, TRL, transformers, PEFT, accelerate) are imported inside the functions: importing this
 module stays cheap.
@@ -11,10 +11,9 @@ import json
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
-from pipeline import UserError, logs, perf, preferences
-from pipeline.reference import REF_COLUMNS
+from pipeline import UserError, preferences
+from stages.anneal import perf
+from stages.anneal.settings import AnnealSettings
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +24,11 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
 OWNED_FIELDS = {"output_dir", "precompute_ref_log_probs"}
 # transformers' samplers that read a length per row (TrainingArguments.train_sampling_strategy).
 LENGTH_SAMPLERS = ("group_by_length", "batch_rebalance")
-# anneal.method: TRL's reference-free trainers besides DPO (module, config, trainer), experimental in TRL 1.16.
-METHODS = {"cpo": ("trl.experimental.cpo", "CPOConfig", "CPOTrainer"),
-           "orpo": ("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer")}
+# anneal.method: TRL's reference-free trainers besides DPO (module, config), experimental in TRL 1.16.
+METHODS = {"cpo": ("trl.experimental.cpo", "CPOConfig"), "orpo": ("trl.experimental.orpo", "ORPOConfig")}
 
 
-def dpo_config(anneal: DictConfig, output_dir: Path, precision: perf.Precision):
+def dpo_config(anneal: AnnealSettings, output_dir: Path, precision: perf.Precision):
     """TRL's own DPOConfig from `anneal.trainer` (field names unchanged), plus the fields the stage owns; bf16
     as `precision` decided."""
     from trl import DPOConfig
@@ -44,13 +42,7 @@ def dpo_config(anneal: DictConfig, output_dir: Path, precision: perf.Precision):
     except (TypeError, ValueError) as err:
         raise UserError(f"TRL's DPOConfig rejected anneal.trainer: {err}. Fix: use DPOConfig field names and "
                         "values (conf/anneal/dpo.yaml lists the common ones).") from None
-    unknown = [name for name in args.loss_type if name not in LOSS_TYPES]
-    if unknown:
-        raise UserError(f"Unknown DPO loss type(s) {unknown}. Fix: use TRL's loss types: {', '.join(LOSS_TYPES)}, "
-                        "e.g. anneal.trainer.loss_type=[sigmoid].")
-    if args.beta <= 0:
-        raise UserError(f"anneal.trainer.beta must be positive (got {args.beta}): it scales the implicit "
-                        "reward. Fix: e.g. anneal.trainer.beta=0.1.")
+    check_values(args)
     tokens = anneal.perf.reference_pass_tokens
     if args.precompute_ref_batch_size is None and tokens:
         args.precompute_ref_batch_size = perf.reference_batch_size(args.per_device_train_batch_size, args.max_length,
@@ -58,19 +50,33 @@ def dpo_config(anneal: DictConfig, output_dir: Path, precision: perf.Precision):
     return args
 
 
-def trainer_fields(trainer: DictConfig, precision: perf.Precision) -> dict:
+def check_values(args) -> None:
+    """What DPOConfig takes but training would refuse, or quietly get wrong."""
+    unknown = [name for name in args.loss_type if name not in LOSS_TYPES]
+    if unknown:
+        raise UserError(f"Unknown DPO loss type(s) {unknown}. Fix: use TRL's loss types: {', '.join(LOSS_TYPES)}, "
+                        "e.g. anneal.trainer.loss_type=[sigmoid].")
+    if args.beta <= 0:
+        raise UserError(f"anneal.trainer.beta must be positive (got {args.beta}): it scales the implicit "
+                        "reward. Fix: e.g. anneal.trainer.beta=0.1.")
+    if args.learning_rate <= 0:  # torch's optimizers refuse it, but only once training starts
+        raise UserError(f"anneal.trainer.learning_rate must be positive (got {args.learning_rate:g}). Fix: e.g. "
+                        "anneal.trainer.learning_rate=1e-6 (TRL's default for full fine-tuning).")
+
+
+def trainer_fields(trainer: dict, precision: perf.Precision) -> dict:
     """`anneal.trainer` as a dict, with bf16 as `precision` decided (and use_cpu where that means CPU)."""
     import torch
     from accelerate.utils import parse_flag_from_env
 
-    fields = OmegaConf.to_container(trainer, resolve=True)
+    fields = dict(trainer)
     fields["bf16"] = precision.autocast == "bfloat16"
     if (fields["bf16"] and not torch.cuda.is_available()) or parse_flag_from_env("ACCELERATE_USE_CPU"):
         fields.setdefault("use_cpu", True)  # bf16 on CPU is meant; CPU processes under accelerate launch
     return fields
 
 
-def method_config(anneal: DictConfig, dpo_args, precision: perf.Precision):
+def method_config(anneal: AnnealSettings, dpo_args, precision: perf.Precision):
     """The training config of `anneal.method`: `dpo_args` for DPO; for a reference-free method, TRL's own
     CPOConfig / ORPOConfig from `anneal.method_args` and the Trainer fields of `anneal.trainer`."""
     import dataclasses
@@ -78,16 +84,13 @@ def method_config(anneal: DictConfig, dpo_args, precision: perf.Precision):
 
     from transformers import TrainingArguments
 
-    method, method_args = str(anneal.method), OmegaConf.to_container(anneal.method_args, resolve=True) or {}
+    method, method_args = anneal.method, dict(anneal.method_args)
     if method == "dpo":
         if method_args:
             raise UserError(f"anneal.method_args {sorted(method_args)} are set but anneal.method=dpo takes its fields "
                             "from anneal.trainer. Fix: move them to anneal.trainer, or choose anneal.method=cpo/orpo.")
         return dpo_args
-    if method not in METHODS:
-        raise UserError(f"Unknown anneal.method={method}. Fix: use dpo (default), or one of TRL's reference-free "
-                        f"trainers: {', '.join(METHODS)}.")
-    module, config_name, _ = METHODS[method]
+    module, config_name = METHODS[method]
     config_class = getattr(importlib.import_module(module), config_name)
     shared = {f.name for f in dataclasses.fields(TrainingArguments)} | {"max_length"}  # what means the same there
     fields = {k: v for k, v in trainer_fields(anneal.trainer, precision).items() if k in shared}
@@ -110,60 +113,34 @@ def method_config(anneal: DictConfig, dpo_args, precision: perf.Precision):
     return args
 
 
-def make_trainer(model, tokenizer, args, train_dataset, anneal: DictConfig, stage_dir: Path, trl_model_hash):
-    """TRL's DPOTrainer, reading the reference log-probs from the dataset's columns instead of computing them:
-    no reference model is loaded or kept (TRL 1.16 has no option for log-probs computed elsewhere). With
-    `anneal.method` cpo or orpo, that reference-free trainer on the pairs alone. A loss that stops being finite
-    stops training at that step."""
-    import importlib
+def lora_config(anneal: AnnealSettings):
+    """PEFT's LoraConfig from `anneal.peft` (None: every weight trains)."""
+    if anneal.peft is None:
+        return None
+    from peft import LoraConfig
 
-    import torch
-    from trl import DPOTrainer
+    try:
+        return LoraConfig(**anneal.peft)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"PEFT's LoraConfig rejected anneal.peft: {err}. Fix: use LoraConfig field names and values "
+                        "(conf/anneal/lora.yaml).") from None
 
-    class StopsWhenNotFinite:
-        def training_step(self, *args, **kwargs):
-            loss = super().training_step(*args, **kwargs)
-            if not torch.isfinite(loss):
-                raise UserError(diverged(f"the {anneal.method.upper()} loss became {loss.item()}",
-                                         self.state.global_step + 1, self.args))
-            return loss
 
-    class PrecomputedReferenceDPOTrainer(StopsWhenNotFinite, DPOTrainer):
-        def _precompute_ref_logps(self, dataset, name, batch_size):
-            missing = [c for c in REF_COLUMNS if c not in dataset.column_names]
-            if missing:
-                raise RuntimeError(f"{name} dataset lacks precomputed reference columns {missing}")
-            return dataset
+def make_trainer(model, tokenizer, args, train_dataset, anneal: AnnealSettings, stage_dir: Path, trl_model_hash):
+    """TRL's DPOTrainer reading the reference log-probs from the dataset's columns (no reference model is loaded
+    or kept); with `anneal.method` cpo or orpo, that reference-free trainer on the pairs alone. Training stops at a
+    loss that is not finite."""
+    from stages.anneal import trainers
 
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            """TRL's tokenized pairs, with each row's padded length where the sampler groups by it."""
-            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-            if args.train_sampling_strategy in LENGTH_SAMPLERS and args.length_column_name not in dataset.column_names:
-                lengths = preferences.padded_lengths(dataset, args.max_length)
-                dataset = dataset.add_column(args.length_column_name, lengths)
-            return dataset
-
-        def _set_signature_columns_if_needed(self):  # the length column reaches the sampler (TRL's collator skips it)
-            super()._set_signature_columns_if_needed()
-            if self.args.train_sampling_strategy in LENGTH_SAMPLERS:
-                self._signature_columns = [*self._signature_columns, self.args.length_column_name]
-
-    peft_config = None
-    if anneal.peft is not None:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(**OmegaConf.to_container(anneal.peft, resolve=True))
-    callbacks = [logs.JsonlLogger(stage_dir / "metrics.jsonl")]
-    if str(anneal.method) in METHODS:
-        module, _, trainer_name = METHODS[str(anneal.method)]
-        trainer_class = type(trainer_name, (StopsWhenNotFinite, getattr(importlib.import_module(module), trainer_name)),
-                             {})
-        return trainer_class(model=model, args=args, train_dataset=train_dataset.select_columns(preferences.COLUMNS),
-                             processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    callbacks = [trainers.JsonlLogger(stage_dir / "metrics.jsonl")]
+    if anneal.method in trainers.REFERENCE_FREE:
+        return trainers.REFERENCE_FREE[anneal.method](
+            model=model, args=args, train_dataset=train_dataset.select_columns(preferences.COLUMNS),
+            processing_class=tokenizer, peft_config=lora_config(anneal), callbacks=callbacks)
     with trl_model_hash:  # TRL names its (unused) precompute cache by a hash of the model
-        return PrecomputedReferenceDPOTrainer(model=model, ref_model=None, args=args, train_dataset=train_dataset,
-                                              processing_class=tokenizer, peft_config=peft_config,
-                                              callbacks=callbacks)
+        return trainers.PrecomputedReferenceDPOTrainer(
+            model=model, ref_model=None, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+            peft_config=lora_config(anneal), callbacks=callbacks)
 
 
 def packing_record(counts: dict | None) -> dict | None:

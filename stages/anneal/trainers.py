@@ -1,0 +1,104 @@
+"""Every subclass of TRL's and transformers' classes the anneal stage uses, at module level: the one file to read
+when TRL is upgraded. It imports TRL at its top, so it is imported only when an anneal runs (inside the stage's
+functions): `python -m pipeline --help` and the settings checks stay cheap.
+
+- `PrecomputedReferenceDPOTrainer`: TRL's DPOTrainer reading the reference log-probs from the data set's columns
+  (the stored reference pass) instead of computing them: no reference model is loaded or kept (TRL 1.16 has no
+  option for log-probs computed elsewhere); lengths for length-grouped batches.
+- `StoppingCPOTrainer`, `StoppingORPOTrainer`: TRL's reference-free trainers (trl.experimental, TRL 1.16).
+- each of them stops at the step whose loss is not finite (`StopsWhenNotFinite`);
+- `ScoringTrainer`: TRL's own precompute as the reference pass (stages/anneal/reference.py), packed where asked;
+- `JsonlLogger`: every training log as one JSON line, from the main process.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from trl import DPOTrainer
+from trl.experimental.cpo import CPOTrainer
+from trl.experimental.orpo import ORPOTrainer
+
+from pipeline import UserError, preferences
+from pipeline.preferences import REF_COLUMNS
+from stages.anneal import packing
+from stages.anneal.training import LENGTH_SAMPLERS, diverged
+
+
+class StopsWhenNotFinite:
+    """A trainer mixin: a loss that stops being finite stops training at that step, with the fixes."""
+
+    method = "dpo"  # anneal.method, for the message
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        if not torch.isfinite(loss):
+            raise UserError(diverged(f"the {self.method.upper()} loss became {loss.item()}",
+                                     self.state.global_step + 1, self.args))
+        return loss
+
+
+class PrecomputedReferenceDPOTrainer(StopsWhenNotFinite, DPOTrainer):
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        missing = [c for c in REF_COLUMNS if c not in dataset.column_names]
+        if missing:
+            raise RuntimeError(f"{name} dataset lacks precomputed reference columns {missing}")
+        return dataset
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """TRL's tokenized pairs, with each row's padded length where the sampler groups by it."""
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if args.train_sampling_strategy in LENGTH_SAMPLERS and args.length_column_name not in dataset.column_names:
+            lengths = preferences.padded_lengths(dataset, args.max_length)
+            dataset = dataset.add_column(args.length_column_name, lengths)
+        return dataset
+
+    def _set_signature_columns_if_needed(self):  # the length column reaches the sampler (TRL's collator skips it)
+        super()._set_signature_columns_if_needed()
+        if self.args.train_sampling_strategy in LENGTH_SAMPLERS:
+            self._signature_columns = [*self._signature_columns, self.args.length_column_name]
+
+
+class StoppingCPOTrainer(StopsWhenNotFinite, CPOTrainer):
+    method = "cpo"
+
+
+class StoppingORPOTrainer(StopsWhenNotFinite, ORPOTrainer):
+    method = "orpo"
+
+
+REFERENCE_FREE = {"cpo": StoppingCPOTrainer, "orpo": StoppingORPOTrainer}
+
+
+class ScoringTrainer(DPOTrainer):
+    """TRL's precompute of the reference log-probs as a pass of its own: `pack` packs each batch's rows
+    (stages/anneal/packing.py); `pairs_given` (split -> pairs before TRL's filtering) names what an empty split lost."""
+
+    def __init__(self, *args, pack: bool, pairs_given: dict[str, int], **kwargs):
+        self.pack, self.pairs_given = pack, pairs_given
+        super().__init__(*args, **kwargs)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        if len(dataset) == 0:  # TRL would fail on an empty concatenation
+            split = "train" if name == "train" else "heldout"
+            raise UserError(
+                f"Every one of the {self.pairs_given[split]} {split} pairs has a prompt (with the chat template's "
+                f"system prompt and generation prompt, where the data is conversational) of at least "
+                f"anneal.trainer.max_length={self.args.max_length} tokens, so TRL drops them all and nothing is left "
+                f"to {'train on' if split == 'train' else 'evaluate'}. Fix: raise anneal.trainer.max_length "
+                "(e.g. 1024 or 2048 for chat models), or shorten the prompts.")
+        with packing.packed(self.model, self.pack):
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+
+
+class JsonlLogger(TrainerCallback):
+    """Every training log (loss, rewards/*, logps/*) as one JSON line of `path`, from the main process only."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
