@@ -23,7 +23,15 @@ from trl.experimental.orpo import ORPOTrainer
 from pipeline import UserError, preferences
 from pipeline.preferences import REF_COLUMNS
 from stages.anneal import packing
-from stages.anneal.training import LENGTH_SAMPLERS, diverged
+
+# transformers' samplers that read a length per row (TrainingArguments.train_sampling_strategy).
+LENGTH_SAMPLERS = ("group_by_length", "batch_rebalance")
+
+
+def diverged(what: str, step: int, args) -> str:
+    return (f"Training diverged: {what} at step {step}, so no weights were saved. Fix: a lower "
+            f"anneal.trainer.learning_rate (now {args.learning_rate:g}), gradient clipping "
+            f"(anneal.trainer.max_grad_norm, now {args.max_grad_norm}), or a smaller beta (now {args.beta:g}).")
 
 
 class StopsWhenNotFinite:

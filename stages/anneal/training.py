@@ -22,8 +22,6 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 # DPOConfig fields the stage owns: where things are written, and the precomputed reference.
 OWNED_FIELDS = {"output_dir", "precompute_ref_log_probs"}
-# transformers' samplers that read a length per row (TrainingArguments.train_sampling_strategy).
-LENGTH_SAMPLERS = ("group_by_length", "batch_rebalance")
 # anneal.method: TRL's reference-free trainers besides DPO (module, config), experimental in TRL 1.16.
 METHODS = {"cpo": ("trl.experimental.cpo", "CPOConfig"), "orpo": ("trl.experimental.orpo", "ORPOConfig")}
 
@@ -83,6 +81,8 @@ def method_config(anneal: AnnealSettings, dpo_args, precision: perf.Precision):
     import importlib
 
     from transformers import TrainingArguments
+
+    from stages.anneal.trainers import LENGTH_SAMPLERS
 
     method, method_args = anneal.method, dict(anneal.method_args)
     if method == "dpo":
@@ -153,15 +153,11 @@ def packing_record(counts: dict | None) -> dict | None:
             "switched_off": counts["off"]}
 
 
-def diverged(what: str, step: int, args) -> str:
-    return (f"Training diverged: {what} at step {step}, so no weights were saved. Fix: a lower "
-            f"anneal.trainer.learning_rate (now {args.learning_rate:g}), gradient clipping "
-            f"(anneal.trainer.max_grad_norm, now {args.max_grad_norm}), or a smaller beta (now {args.beta:g}).")
-
-
 def check_finite(model, step: int, args) -> None:
     """Non-finite weights are never saved (a step can turn them NaN with a finite loss, e.g. the last one)."""
     import torch
+
+    from stages.anneal.trainers import diverged
 
     bad = [name for name, param in model.named_parameters() if not torch.isfinite(param).all()]
     if bad:

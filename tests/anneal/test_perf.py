@@ -89,7 +89,7 @@ def test_each_switch_on_and_off_in_the_stage(lora, make_short_cfg, tmp_path):
     assert on["saved_for_backward"]["silu_recomputed"] > 0 and off["saved_for_backward"] == {}
     assert (on["precision"]["autocast_weight_cache"], off["precision"]["autocast_weight_cache"]) == (False, True)
     # float32_attention (full fine-tuning only) and frozen_weights_bf16 (LoRA only)
-    packed = on["perf"]["applied"].pop("packing")  # pack_rows: every training forward seen (tests/test_packing.py)
+    packed = on["perf"]["applied"].pop("packing")  # pack_rows: every training forward seen (anneal/test_packing.py)
     assert packed["rows"] > 0 and packed["packed_positions"] <= packed["positions"]
     assert off["perf"]["applied"].pop("packing") is None
     assert on["perf"]["applied"] == {"float32_attention": not lora, "frozen_base_in_bf16": lora}

@@ -4,7 +4,7 @@ training, eval and release (5 boundaries, 20 seeded points), then resumed with `
 must end `done` with the same outputs as an uninterrupted run (the merge byte for byte, the annealed and released
 weights tensor for tensor, the eval metrics), and no cache entry or temporary may be left half-written. Two
 processes sharing a cache compute a merge once. Each point appends a line of figures to `<pytest session
-folder>/fault-injection.jsonl`; `python tests/test_fault_injection.py FILE` tabulates them."""
+folder>/fault-injection.jsonl`; `python tests/shared/test_fault_injection.py FILE` tabulates them."""
 
 import json
 import os

@@ -25,7 +25,7 @@ def compose_cfg(make_cfg, tiny):
 def test_two_cpu_processes_anneal_as_one_with_the_same_global_batch(compose_cfg, tmp_path, monkeypatch):
     """Data-parallel over two gloo CPU processes against one process, the same global batch: the same reference
     store, the same trained weights. (accelerate runs FSDP on CPU processes as plain data parallelism: the
-    sharded presets are checked on GPUs, tests/test_gpu.py.)"""
+    sharded presets are checked on GPUs, tests/shared/test_gpu.py.)"""
     for name, value in ONE_THREAD.items():  # the launched processes: one thread each, as this one
         monkeypatch.setenv(name, value)
     threads = torch.get_num_threads()

@@ -1,6 +1,7 @@
 """Faults: damaged checkpoints are named with the fix before any library reads them; a training run that diverges
 stops at that step with nothing saved; the cache checks itself and never shares a writable file with a run; a full
-disk stops a stage with a message and keeps nothing. The kill-and-resume suite is tests/test_fault_injection.py."""
+disk stops a stage with a message and keeps nothing. The kill-and-resume suite is
+tests/shared/test_fault_injection.py."""
 
 import json
 import os

@@ -143,20 +143,27 @@ def model_metrics(**values) -> records.ModelMetrics:
                                    "ci95": {}, **values})
 
 
-def test_objective_paths():
-    report = records.EvalReport(
+@pytest.fixture
+def report() -> records.EvalReport:
+    return records.EvalReport(
         models={"annealed": model_metrics(preference_accuracy=0.9, skill_accuracy={"add": 0.5}),
                 "parent:my.model": model_metrics(perplexity=3.0)},
         comparison={"annealed_vs_merged": {"preference_accuracy": {"delta": 0.07, "ci95": [0.01, 0.1]}}},
         heldout_pairs=8, reference={}, perplexity_on="heldout chosen completions", beta=0.1, bootstrap={},
         generation={}, scoring_seconds=0.0)
-    assert sweep.objective_value(report, "annealed.preference_accuracy") == 0.9
-    assert sweep.objective_value(report, "annealed.skill_accuracy.add") == 0.5
-    assert sweep.objective_value(report, "parent:my.model.perplexity") == 3.0
-    assert sweep.objective_value(report, "comparison.annealed_vs_merged.preference_accuracy.delta") == 0.07
-    for bad in ("annealed.skill_accuracy", "annealed.nope", "merged.preference_accuracy"):
-        with pytest.raises(UserError, match="pipeline.objective.metric"):
-            sweep.objective_value(report, bad)
+
+
+@pytest.mark.parametrize("path, value", [("annealed.preference_accuracy", 0.9), ("annealed.skill_accuracy.add", 0.5),
+                                         ("parent:my.model.perplexity", 3.0),
+                                         ("comparison.annealed_vs_merged.preference_accuracy.delta", 0.07)])
+def test_objective_paths(report, path, value):
+    assert sweep.objective_value(report, path) == value
+
+
+@pytest.mark.parametrize("path", ["annealed.skill_accuracy", "annealed.nope", "merged.preference_accuracy"])
+def test_an_objective_that_names_no_number_is_refused(report, path):
+    with pytest.raises(UserError, match="pipeline.objective.metric"):
+        sweep.objective_value(report, path)
 
 
 def test_presets_compose(make_cfg):
