@@ -45,14 +45,41 @@ SIZES = {
     # name: Llama dimensions (vocab: the demo's 99-character tokenizer), prompt / completion characters
     "demo": None,  # the embedded demo parents and data
     # the smaller sizes of bench/scaling.py
-    "1m": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-               intermediate_size=512, prompt_chars=100, completion_chars=30),
-    "10m": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,
-                intermediate_size=1536, prompt_chars=100, completion_chars=30),
-    "100m": dict(hidden_size=768, num_hidden_layers=10, num_attention_heads=12, num_key_value_heads=12,
-                 intermediate_size=3072, prompt_chars=100, completion_chars=30),
-    "real": dict(hidden_size=768, num_hidden_layers=10, num_attention_heads=12, num_key_value_heads=12,
-                 intermediate_size=3072, max_length=1024),  # TRL's default max_length
+    "1m": dict(
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=512,
+        prompt_chars=100,
+        completion_chars=30,
+    ),
+    "10m": dict(
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+        intermediate_size=1536,
+        prompt_chars=100,
+        completion_chars=30,
+    ),
+    "100m": dict(
+        hidden_size=768,
+        num_hidden_layers=10,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        intermediate_size=3072,
+        prompt_chars=100,
+        completion_chars=30,
+    ),
+    "real": dict(
+        hidden_size=768,
+        num_hidden_layers=10,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        intermediate_size=3072,
+        max_length=1024,
+    ),  # TRL's default max_length
 }
 # Real preference pairs' lengths, (prompt, chosen, rejected) in tokens (approximately: characters / 4, prompt =
 # every turn of the conversation), measured on the 19 complete records of 8 evenly spaced 16 kB chunks of
@@ -61,10 +88,27 @@ SIZES = {
 # p10 / p50 / p90 / max: prompt 14 / 145 / 576 / 768, chosen 5 / 232 / 676 / 884, rejected 57 / 240 / 645 / 818.
 # Records longer than a chunk could not be measured, so the real tail is heavier than this: padding is understated.
 REAL_CHECK_PAIRS = 24  # held out for the check of the trained models (case `real`)
-REAL_PAIR_TOKENS = ((28, 422, 137), (572, 232, 231), (13, 651, 276), (11, 530, 183), (187, 366, 421), (24, 6, 50),
-                    (768, 452, 743), (185, 116, 212), (222, 156, 240), (20, 775, 136), (594, 325, 621),
-                    (544, 603, 508), (79, 96, 59), (145, 3, 502), (436, 2, 162), (32, 884, 818), (27, 222, 284),
-                    (538, 31, 310), (14, 20, 51))
+REAL_PAIR_TOKENS = (
+    (28, 422, 137),
+    (572, 232, 231),
+    (13, 651, 276),
+    (11, 530, 183),
+    (187, 366, 421),
+    (24, 6, 50),
+    (768, 452, 743),
+    (185, 116, 212),
+    (222, 156, 240),
+    (20, 775, 136),
+    (594, 325, 621),
+    (544, 603, 508),
+    (79, 96, 59),
+    (145, 3, 502),
+    (436, 2, 162),
+    (32, 884, 818),
+    (27, 222, 284),
+    (538, 31, 310),
+    (14, 20, 51),
+)
 
 
 def main() -> None:
@@ -74,8 +118,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--sizes", default="demo,100m")
     parser.add_argument("--runs-log", type=Path, help="append each measurement here (JSON lines) as it lands")
-    parser.add_argument("--switches", action="store_true",
-                        help="the stage with each anneal.perf switch off in turn, against all on (no plain TRL)")
+    parser.add_argument(
+        "--switches",
+        action="store_true",
+        help="the stage with each anneal.perf switch off in turn, against all on (no plain TRL)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--case", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--heldout", action="store_true", help=argparse.SUPPRESS)
@@ -92,16 +139,18 @@ def main() -> None:
     try:
         for size in args.sizes.split(","):
             steps, batch = {"100m": (8, 4), "real": (2 if args.quick else 4, 8)}.get(
-                size, (60 if args.quick else 250, 16))
-            variants = {"100m": ["anneal", "trl", "sweep4", "anneal-lora", "trl-lora"],
-                        "real": ["anneal", "anneal-padded", "trl"]}.get(
-                size, ["anneal", "trl"] + ([] if args.quick else ["sweep4"]))
+                size, (60 if args.quick else 250, 16)
+            )
+            variants = {
+                "100m": ["anneal", "trl", "sweep4", "anneal-lora", "trl-lora"],
+                "real": ["anneal", "anneal-padded", "trl"],
+            }.get(size, ["anneal", "trl"] + ([] if args.quick else ["sweep4"]))
             if args.switches:
                 variants = switch_variants()
             case = prepare(size, work / size, steps, batch, sweep="sweep4" in variants)
             runs = {v: [] for v in variants}
             for r in range(repeats):
-                for v in variants[r % len(variants):] + variants[:r % len(variants)]:  # alternate the order
+                for v in variants[r % len(variants) :] + variants[: r % len(variants)]:  # alternate the order
                     if v == "sweep4" and args.quick and r > 0:
                         continue  # --quick times the sweep (four anneals) once
                     runs[v].append(run_worker(v, case, heldout=size == "real" and r == 0))
@@ -110,8 +159,11 @@ def main() -> None:
                         with args.runs_log.open("a") as log:
                             log.write(json.dumps({"size": size, "variant": v, "rep": r, "result": last}) + "\n")
                     phases = " ".join(f"{k} {t:.1f}" for k, t in last.get("phases", {}).items())
-                    print(f"  {size} {v:12s} rep {r}: {last['wall_s']:.1f} s, {last['peak_rss_mb']:.0f} MB"
-                          + (f"  ({phases})" if phases else ""), flush=True)
+                    print(
+                        f"  {size} {v:12s} rep {r}: {last['wall_s']:.1f} s, {last['peak_rss_mb']:.0f} MB"
+                        + (f"  ({phases})" if phases else ""),
+                        flush=True,
+                    )
             report[size] = summarize_switches(size, runs) if args.switches else summarize(size, runs, peaks, case)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -134,8 +186,11 @@ def prepare(size: str, case_dir: Path, steps: int, batch: int, sweep: bool = Tru
     if size == "demo":
         root = demo.ensure_demo(cache)
         base, parents = root / "base", [root / "add", root / "reverse"]
-        rows = [json.loads(line) for split in ("train", "heldout")  # held-out pairs after all 4000 training ones
-                for line in (root / "data" / f"{split}.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(line)
+            for split in ("train", "heldout")  # held-out pairs after all 4000 training ones
+            for line in (root / "data" / f"{split}.jsonl").read_text().splitlines()
+        ]
         max_length = 64
     elif size == "real":
         base, parents = make_parents(case_dir / "parents", SIZES[size])
@@ -146,20 +201,32 @@ def prepare(size: str, case_dir: Path, steps: int, batch: int, sweep: bool = Tru
         rows = synthetic_pairs(n_train + n_heldout, SIZES[size]["prompt_chars"], SIZES[size]["completion_chars"])
         max_length = SIZES[size]["prompt_chars"] + SIZES[size]["completion_chars"] + 4
     if size == "real":  # pairs for the held-out check of the trained models (eval's scoring, not timed)
-        rows, check = rows[: n_train + n_heldout], rows[n_train + n_heldout:]
+        rows, check = rows[: n_train + n_heldout], rows[n_train + n_heldout :]
         (case_dir / "check.jsonl").write_text("".join(json.dumps(r) + "\n" for r in check))
     rows = rows[: n_train + n_heldout]
     (case_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:n_train]))
     (case_dir / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[n_train:]))
     overrides = [
-        "+merge=linear", "models=local", f"models.base={base}", f"models.parents=[{parents[0]},{parents[1]}]",
-        "data=custom", f"data.path={case_dir / 'train.jsonl'}", f"data.heldout.path={case_dir / 'heldout.jsonl'}",
-        f"pipeline.cache_dir={case_dir / 'cache'}", f"models.cache_dir={cache}", "anneal.reference=0",
-        f"anneal.trainer.max_steps={steps}", f"anneal.trainer.per_device_train_batch_size={batch}",
-        f"anneal.trainer.max_length={max_length}", "anneal.trainer.save_strategy=no",
-        f"anneal.trainer.logging_steps={max(1, steps // 4)}", "anneal.trainer.disable_tqdm=true",
+        "+merge=linear",
+        "models=local",
+        f"models.base={base}",
+        f"models.parents=[{parents[0]},{parents[1]}]",
+        "data=custom",
+        f"data.path={case_dir / 'train.jsonl'}",
+        f"data.heldout.path={case_dir / 'heldout.jsonl'}",
+        f"pipeline.cache_dir={case_dir / 'cache'}",
+        f"models.cache_dir={cache}",
+        "anneal.reference=0",
+        f"anneal.trainer.max_steps={steps}",
+        f"anneal.trainer.per_device_train_batch_size={batch}",
+        f"anneal.trainer.max_length={max_length}",
+        "anneal.trainer.save_strategy=no",
+        f"anneal.trainer.logging_steps={max(1, steps // 4)}",
+        "anneal.trainer.disable_tqdm=true",
         # fixed here, not left to the defaults (TRL's, for real models): the settings every earlier figure used
-        "anneal.trainer.learning_rate=3e-4", "anneal.trainer.lr_scheduler_type=cosine", "anneal.trainer.seed=0",
+        "anneal.trainer.learning_rate=3e-4",
+        "anneal.trainer.lr_scheduler_type=cosine",
+        "anneal.trainer.seed=0",
         "anneal.trainer.activation_checkpointing=false",
         # plain TRL has no merge check (the merged model and the parents scored before the anneal): timed apart
         "pipeline.merge_check.texts=0",
@@ -169,11 +236,14 @@ def prepare(size: str, case_dir: Path, steps: int, batch: int, sweep: bool = Tru
     run_pipeline(cfg, case_dir / "merged-run")
     for i, weight in enumerate(SWEEP_WEIGHTS if sweep else ()):  # the merge sweep's four merged models
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=[*overrides, "pipeline.stages=[merge]",
-                                               f"merge.models.0.parameters.weight={weight}"])
+            cfg = compose(
+                "config",
+                overrides=[*overrides, "pipeline.stages=[merge]", f"merge.models.0.parameters.weight={weight}"],
+            )
         run_pipeline(cfg, case_dir / f"sweep-merged-{i}")
-    (case_dir / "case.json").write_text(json.dumps({"overrides": overrides, "steps": steps, "batch": batch,
-                                                    "parent": str(parents[0])}))
+    (case_dir / "case.json").write_text(
+        json.dumps({"overrides": overrides, "steps": steps, "batch": batch, "parent": str(parents[0])})
+    )
     return case_dir
 
 
@@ -186,10 +256,14 @@ def make_parents(folder: Path, dims: dict, vocab_size: int | None = None, dtype=
     from pipeline.demo.build import build_tokenizer
 
     tokenizer = build_tokenizer()
-    config = LlamaConfig(vocab_size=vocab_size or len(tokenizer), max_position_embeddings=dims.get("max_length", 256),
-                         tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id,
-                         **{k: v for k, v in dims.items() if not k.endswith("_chars") and k != "max_length"})
+    config = LlamaConfig(
+        vocab_size=vocab_size or len(tokenizer),
+        max_position_embeddings=dims.get("max_length", 256),
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **{k: v for k, v in dims.items() if not k.endswith("_chars") and k != "max_length"},
+    )
     torch.manual_seed(0)
     base = LlamaForCausalLM(config)
     for name, seed in (("a", 1), ("b", 2)):
@@ -214,8 +288,10 @@ def synthetic_pairs(n: int, prompt_chars: int, completion_chars: int) -> list[di
     rng = random.Random(0)
     letters = "abcdefghijklmnopqrstuvwxyz "
     text = lambda k: "".join(rng.choice(letters) for _ in range(k))
-    return [{"prompt": text(prompt_chars), "chosen": text(completion_chars), "rejected": text(completion_chars)}
-            for _ in range(n)]
+    return [
+        {"prompt": text(prompt_chars), "chosen": text(completion_chars), "rejected": text(completion_chars)}
+        for _ in range(n)
+    ]
 
 
 def real_length_pairs(n: int) -> list[dict]:
@@ -260,12 +336,16 @@ def count_padding() -> dict:
 
 
 def run_worker(variant: str, case: Path, heldout: bool = False) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", variant, "--case", str(case),
-                          *(["--heldout"] if heldout else [])], capture_output=True, text=True, cwd=case)
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", variant, "--case", str(case), *(["--heldout"] if heldout else [])],
+        capture_output=True,
+        text=True,
+        cwd=case,
+    )
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
         raise SystemExit(f"worker {variant} failed:\n{out.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def worker(variant: str, case: Path, heldout: bool = False) -> dict:
@@ -328,8 +408,17 @@ def worker(variant: str, case: Path, heldout: bool = False) -> dict:
     # training time with the reference's work in it on both sides: plain TRL's reference forward runs inside its
     # training loop (train_runtime), the stage's before it (its reference pass, which scores the held-out pairs too)
     train_s = final["train_runtime"] + phases.get("reference_logps", 0.0)
-    return {"wall_s": wall, "train_s": train_s, "tokens": tokens, "bf16": bf16,
-            "peak_rss_mb": peak, "phases": phases, "positions": positions, "heldout_correct": correct, **counters}
+    return {
+        "wall_s": wall,
+        "train_s": train_s,
+        "tokens": tokens,
+        "bf16": bf16,
+        "peak_rss_mb": peak,
+        "phases": phases,
+        "positions": positions,
+        "heldout_correct": correct,
+        **counters,
+    }
 
 
 def heldout_correct(model_dir: Path, pairs: Path, max_length: int) -> list[int]:
@@ -341,10 +430,18 @@ def heldout_correct(model_dir: Path, pairs: Path, max_length: int) -> list[int]:
     tokenizer, model = scoring.load_tokenizer(model_dir), scoring.load_model(model_dir)
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
     with torch.no_grad():
-        logps = {answer: scoring.score(model, [scoring.tokenize_completion(tokenizer, r["prompt"], r[answer],
-                                                                           max_length, "keep_start")
-                                               for r in rows], batch_size=8, pad_id=tokenizer.pad_token_id)["logps"]
-                 for answer in ("chosen", "rejected")}
+        logps = {
+            answer: scoring.score(
+                model,
+                [
+                    scoring.tokenize_completion(tokenizer, r["prompt"], r[answer], max_length, "keep_start")
+                    for r in rows
+                ],
+                batch_size=8,
+                pad_id=tokenizer.pad_token_id,
+            )["logps"]
+            for answer in ("chosen", "rejected")
+        }
     return (logps["chosen"] > logps["rejected"]).int().tolist()
 
 
@@ -365,22 +462,40 @@ def sweep_worker(cfg, case: Path, run_dir: Path) -> dict:
         jobs.append(entry["cache"]["reference_logps"])
     wall = time.perf_counter() - started
     shutil.rmtree(run_dir, ignore_errors=True)
-    return {"wall_s": wall, "train_s": None, "tokens": None, "bf16": None,  # four trainings: no single figure
-            "peak_rss_mb": peak_rss_mb(), "phases": {f"job{i} ({c})": w for i, (c, w) in enumerate(zip(jobs, walls))}}
+    return {
+        "wall_s": wall,
+        "train_s": None,
+        "tokens": None,
+        "bf16": None,  # four trainings: no single figure
+        "peak_rss_mb": peak_rss_mb(),
+        "phases": {f"job{i} ({c})": w for i, (c, w) in enumerate(zip(jobs, walls))},
+    }
 
 
 # The anneal.perf switches that act on a full fine-tuning run, and the one that acts under LoRA alone.
-FULL_SWITCHES = ("lean_saved_tensors", "float32_attention", "reference_weights_bf16", "reference_pass_tokens",
-                 "pack_rows", "malloc_keeps_freed_memory", "gc_skips_existing_objects", "fingerprint_in_background",
-                 "skip_trl_model_hash")
+FULL_SWITCHES = (
+    "lean_saved_tensors",
+    "float32_attention",
+    "reference_weights_bf16",
+    "reference_pass_tokens",
+    "pack_rows",
+    "malloc_keeps_freed_memory",
+    "gc_skips_existing_objects",
+    "fingerprint_in_background",
+    "skip_trl_model_hash",
+)
 LORA_SWITCHES = ("frozen_weights_bf16",)
 
 
 def switch_variants() -> list[str]:
     """--switches: the stage with every switch on, then with each switch off in turn (full fine-tuning), and the same
     for LoRA's own switch."""
-    return (["anneal", *(f"anneal-no-{s}" for s in FULL_SWITCHES), "anneal-lora",
-             *(f"anneal-lora-no-{s}" for s in LORA_SWITCHES)])
+    return [
+        "anneal",
+        *(f"anneal-no-{s}" for s in FULL_SWITCHES),
+        "anneal-lora",
+        *(f"anneal-lora-no-{s}" for s in LORA_SWITCHES),
+    ]
 
 
 class ProcessCounters:
@@ -404,8 +519,12 @@ class ProcessCounters:
 
     def read(self) -> dict:
         now = resource.getrusage(resource.RUSAGE_SELF)
-        return {"minor_faults": now.ru_minflt - self.usage.ru_minflt, "system_s": now.ru_stime - self.usage.ru_stime,
-                "full_gc_runs": self.gc_runs, "full_gc_s": self.gc_seconds}
+        return {
+            "minor_faults": now.ru_minflt - self.usage.ru_minflt,
+            "system_s": now.ru_stime - self.usage.ru_stime,
+            "full_gc_runs": self.gc_runs,
+            "full_gc_s": self.gc_seconds,
+        }
 
 
 def summarize_switches(size: str, runs: dict) -> dict:
@@ -415,22 +534,31 @@ def summarize_switches(size: str, runs: dict) -> dict:
         for r in rs:
             r["reference_s"] = r["phases"].get("reference_logps")
     med = {v: {k: statistics.median(r[k] for r in rs) for k in keys} for v, rs in runs.items()}
-    print(f"\n== {size}: each anneal.perf switch off against all on; medians of {len(runs['anneal'])} repetitions; "
-          f"bf16 autocast {runs['anneal'][0]['bf16']} ==")
-    print("train s: the reference pass + the training loop; faults: minor page faults; full GC: generation-2 "
-          "collections")
-    print(f"{'variant':44s}{'wall s':>8s}{'train s':>9s}{'ref s':>7s}{'peak RSS MB':>12s}{'faults':>10s}"
-          f"{'system s':>10s}{'full GC':>8s}{'GC s':>7s}")
+    print(
+        f"\n== {size}: each anneal.perf switch off against all on; medians of {len(runs['anneal'])} repetitions; "
+        f"bf16 autocast {runs['anneal'][0]['bf16']} =="
+    )
+    print(
+        "train s: the reference pass + the training loop; faults: minor page faults; full GC: generation-2 collections"
+    )
+    print(
+        f"{'variant':44s}{'wall s':>8s}{'train s':>9s}{'ref s':>7s}{'peak RSS MB':>12s}{'faults':>10s}"
+        f"{'system s':>10s}{'full GC':>8s}{'GC s':>7s}"
+    )
     for v, m in med.items():
-        print(f"{v:44s}{m['wall_s']:8.2f}{m['train_s']:9.2f}{m['reference_s']:7.2f}{m['peak_rss_mb']:12.0f}"
-              f"{m['minor_faults']:10.0f}{m['system_s']:10.2f}{m['full_gc_runs']:8.0f}{m['full_gc_s']:7.2f}")
+        print(
+            f"{v:44s}{m['wall_s']:8.2f}{m['train_s']:9.2f}{m['reference_s']:7.2f}{m['peak_rss_mb']:12.0f}"
+            f"{m['minor_faults']:10.0f}{m['system_s']:10.2f}{m['full_gc_runs']:8.0f}{m['full_gc_s']:7.2f}"
+        )
     ratios = {}
     for v in runs:
         if "-no-" not in v:
             continue
         off, on = runs[v], runs[v.split("-no-")[0]]
-        ratios[v] = {k: round(statistics.median(a[k] / b[k] for a, b in zip(off, on) if b[k]), 3)
-                     for k in ("wall_s", "train_s", "reference_s", "peak_rss_mb", "minor_faults", "system_s")}
+        ratios[v] = {
+            k: round(statistics.median(a[k] / b[k] for a, b in zip(off, on) if b[k]), 3)
+            for k in ("wall_s", "train_s", "reference_s", "peak_rss_mb", "minor_faults", "system_s")
+        }
     print("off / on, paired per repetition:")
     for v, r in ratios.items():
         print(f"  {v:42s} " + "  ".join(f"{k} {x}" for k, x in r.items()))
@@ -465,16 +593,23 @@ def plain_trl(cfg, run_dir: Path, parent: str, lora: bool):
     merged_dir = records.load(run_dir, records.MergeRecord).outputs.model
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     anneal = AnnealSettings.of(cfg.anneal, "anneal")
-    args = training.dpo_config(anneal, run_dir / "trl", perf.decide_precision(anneal,
-                                                                              models.count_parameters(merged_dir)))
+    args = training.dpo_config(
+        anneal, run_dir / "trl", perf.decide_precision(anneal, models.count_parameters(merged_dir))
+    )
     args.precompute_ref_log_probs = False
     args.train_sampling_strategy = "random"  # TRL's default (its DPO drops the length column grouping needs)
     pairs, _ = preferences.load_preferences(DataSettings.of(cfg.data, "data"))
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     ref_model = AutoModelForCausalLM.from_pretrained(parent, dtype=torch.float32)
     peft_config = LoraConfig(**OmegaConf.to_container(cfg.anneal.peft)) if lora else None
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=pairs["train"],
-                         processing_class=tokenizer, peft_config=peft_config)
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=pairs["train"],
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     trainer.train()
     # the same deliverable as the stage's: a full model (with LoRA: the adapter merged into the weights)
     (trainer.model.merge_and_unload() if lora else trainer.model).save_pretrained(run_dir / "trl-model")
@@ -495,20 +630,30 @@ def matmul_peaks() -> dict:
             t = time.perf_counter()
             a @ b
             best = min(best, time.perf_counter() - t)
-        peaks[name] = 2 * 2048 ** 3 / best / 1e9
+        peaks[name] = 2 * 2048**3 / best / 1e9
     return peaks
 
 
 def summarize(size: str, runs: dict, peaks: dict, case: Path) -> dict:
     from pipeline import models, records
 
-    med = {v: {k: statistics.median(r[k] for r in rs) if rs[0][k] is not None else None
-               for k in ("wall_s", "train_s", "tokens", "peak_rss_mb")} for v, rs in runs.items()}
+    med = {
+        v: {
+            k: statistics.median(r[k] for r in rs) if rs[0][k] is not None else None
+            for k in ("wall_s", "train_s", "tokens", "peak_rss_mb")
+        }
+        for v, rs in runs.items()
+    }
     n_params = models.count_parameters(records.load(case / "merged-run", records.MergeRecord).outputs.model)
     bf16 = runs["trl"][0]["bf16"]
     peak = peaks["bf16" if bf16 else "fp32"]
-    out = {"size": size, "params_m": round(n_params / 1e6, 1), "autocast_bf16": bf16, "medians": med,
-           "matmul_peak_gflops": round(peak)}
+    out = {
+        "size": size,
+        "params_m": round(n_params / 1e6, 1),
+        "autocast_bf16": bf16,
+        "medians": med,
+        "matmul_peak_gflops": round(peak),
+    }
     # the same work on both sides: each training token's policy forward + backward (6 FLOP per parameter) and its
     # reference forward (2), over training time with the reference's work in it (`train_s`: plain TRL's loop; the
     # stage's reference pass + its loop, the pass's held-out pairs counted in its time, not in its FLOPs)
@@ -536,20 +681,25 @@ def summarize(size: str, runs: dict, peaks: dict, case: Path) -> dict:
         trained = sum(r["tokens"] for r in rs)
         out.setdefault("padding_share", {})[v] = {
             "train": round(1 - trained / total("computed", "grad"), 3),
-            "reference": round(1 - (total("real", "reference") or trained) / total("computed", "no_grad"), 3)}
+            "reference": round(1 - (total("real", "reference") or trained) / total("computed", "no_grad"), 3),
+        }
         out.setdefault("real_tokens_per_s", {})[v] = round(statistics.median(rate(v, i) for i in range(len(rs))), 1)
     if runs.get("anneal-padded") and runs["anneal-padded"][0]["heldout_correct"] is not None:
         from pipeline import metrics  # paired over the same held-out pairs: packing and grouping against no change
 
         correct = {v: rs[0]["heldout_correct"] for v, rs in runs.items()}
         out["heldout_preference_accuracy"] = {v: round(sum(c) / len(c), 3) for v, c in correct.items()}
-        out["heldout_vs_padded"] = {v: metrics.paired_bootstrap(correct[v], correct["anneal-padded"], 1000, 0)
-                                    for v in correct if v != "anneal-padded"}
+        out["heldout_vs_padded"] = {
+            v: metrics.paired_bootstrap(correct[v], correct["anneal-padded"], 1000, 0)
+            for v in correct
+            if v != "anneal-padded"
+        }
     if "anneal-padded" in wall:
         for v in [v for v in runs if v.startswith("anneal-") or v == "anneal"]:
             out.setdefault("real_tokens_per_s_ratio", {})[v] = paired(lambda i, v=v: rate(v, i) / rate("trl", i))
             out.setdefault("rss_ratio_vs_padded", {})[v] = round(
-                med[v]["peak_rss_mb"] / med["anneal-padded"]["peak_rss_mb"], 3)
+                med[v]["peak_rss_mb"] / med["anneal-padded"]["peak_rss_mb"], 3
+            )
     if "sweep4" in wall:
         sweeps = range(len(wall["sweep4"]))
         out["sweep4_ratio"] = round(statistics.median(wall["sweep4"][i] / (4 * wall["anneal"][i]) for i in sweeps), 3)
@@ -557,34 +707,52 @@ def summarize(size: str, runs: dict, peaks: dict, case: Path) -> dict:
         out["lora_rss_ratio"] = round(med["anneal-lora"]["peak_rss_mb"] / med["trl-lora"]["peak_rss_mb"], 3)
         out["lora_time_ratio"] = paired(lambda i: wall["anneal-lora"][i] / wall["trl-lora"][i])
     print(f"\n== {size}: {out['params_m']}M parameters, bf16 autocast {bf16} ==")
-    print("train s: training with the reference's work in it (plain TRL: its loop, the reference forward inside; "
-          "the stage: its reference pass + its loop); tokens/s: training tokens over train s")
+    print(
+        "train s: training with the reference's work in it (plain TRL: its loop, the reference forward inside; "
+        "the stage: its reference pass + its loop); tokens/s: training tokens over train s"
+    )
     print(f"{'variant':14s}{'wall s':>9s}{'train s':>9s}{'tokens/s':>10s}{'peak RSS MB':>13s}")
     for v, m in med.items():
-        train, speed = ((f"{m['train_s']:9.2f}", f"{m['tokens'] / m['train_s']:10.0f}") if m["train_s"] is not None
-                        else (f"{'-':>9s}", f"{'-':>10s}"))
+        train, speed = (
+            (f"{m['train_s']:9.2f}", f"{m['tokens'] / m['train_s']:10.0f}")
+            if m["train_s"] is not None
+            else (f"{'-':>9s}", f"{'-':>10s}")
+        )
         print(f"{v:14s}{m['wall_s']:9.2f}{train}{speed}{m['peak_rss_mb']:13.0f}")
-    print(f"time_ratio (anneal / plain TRL, wall) {out['time_ratio']}   rss_ratio {out['rss_ratio']}   "
-          f"training tokens/s ratio (reference pass included) {out['tokens_per_s_ratio']}   "
-          f"4-point sweep / 4 independent {out.get('sweep4_ratio', 'not measured')}")
+    print(
+        f"time_ratio (anneal / plain TRL, wall) {out['time_ratio']}   rss_ratio {out['rss_ratio']}   "
+        f"training tokens/s ratio (reference pass included) {out['tokens_per_s_ratio']}   "
+        f"4-point sweep / 4 independent {out.get('sweep4_ratio', 'not measured')}"
+    )
     if "padding_share" in out:
         print("padding share of the computed positions (training forwards; reference forwards), real tokens/s:")
         for v, share in out["padding_share"].items():
-            print(f"  {v:14s} training {share['train']:.1%}   reference {share['reference']:.1%}   "
-                  f"real tokens/s {out['real_tokens_per_s'][v]}")
+            print(
+                f"  {v:14s} training {share['train']:.1%}   reference {share['reference']:.1%}   "
+                f"real tokens/s {out['real_tokens_per_s'][v]}"
+            )
     if "real_tokens_per_s_ratio" in out:
-        print(f"real tokens/s, ratio to plain TRL: {out['real_tokens_per_s_ratio']}; peak RSS, ratio to the stage "
-              f"without packing: {out['rss_ratio_vs_padded']}")
+        print(
+            f"real tokens/s, ratio to plain TRL: {out['real_tokens_per_s_ratio']}; peak RSS, ratio to the stage "
+            f"without packing: {out['rss_ratio_vs_padded']}"
+        )
     if "heldout_vs_padded" in out:
-        print(f"held-out preference accuracy {out['heldout_preference_accuracy']}; minus anneal-padded's, paired "
-              f"[95%]: " + "; ".join(f"{v} {d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
-                                     for v, d in out["heldout_vs_padded"].items()))
+        print(
+            f"held-out preference accuracy {out['heldout_preference_accuracy']}; minus anneal-padded's, paired "
+            f"[95%]: "
+            + "; ".join(
+                f"{v} {d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+                for v, d in out["heldout_vs_padded"].items()
+            )
+        )
     if "lora_rss_ratio" in out:
         print(f"LoRA: rss_ratio {out['lora_rss_ratio']}   time_ratio {out['lora_time_ratio']}")
-    print(f"achieved training throughput (8 FLOP per parameter per training token: policy forward + backward and "
-          f"reference forward, over train s): anneal {out['anneal_train_gflops']} GFLOP/s "
-          f"({out['anneal_peak_fraction']:.0%} of the {peak:.0f} GFLOP/s matmul peak), plain TRL "
-          f"{out['trl_train_gflops']} GFLOP/s ({out['trl_peak_fraction']:.0%})")
+    print(
+        f"achieved training throughput (8 FLOP per parameter per training token: policy forward + backward and "
+        f"reference forward, over train s): anneal {out['anneal_train_gflops']} GFLOP/s "
+        f"({out['anneal_peak_fraction']:.0%} of the {peak:.0f} GFLOP/s matmul peak), plain TRL "
+        f"{out['trl_train_gflops']} GFLOP/s ({out['trl_peak_fraction']:.0%})"
+    )
     return out
 
 

@@ -57,10 +57,14 @@ REPO = BENCH.parent
 sys.path[:0] = [str(REPO), str(BENCH)]  # the pipeline, and the CPU benchmark beside this file
 from anneal_vs_trl import make_parents, matmul_peaks, synthetic_pairs  # noqa: E402
 
-DIMS = {"1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                   intermediate_size=8192),
-        "smoke": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128)}
+DIMS = {
+    "1b": dict(
+        hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192
+    ),
+    "smoke": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128
+    ),
+}
 TARGETS = {"time": 1.0, "memory": 0.8}  # stage / plain TRL, at most
 # Loaded by every Python process of a run (PYTHONPATH): at exit, a process that used CUDA writes its peaks.
 PROBE = """import atexit, json, os, sys
@@ -115,8 +119,11 @@ def main() -> None:
     else:
         peak, device = matmul_peaks()["fp32"] * 1e9, "CPU (fp32)"
     print(f"{device}: matmul peak {peak / 1e12:.2f} TFLOP/s ({'bf16' if cuda else 'fp32'})", flush=True)
-    variants = [v for mode in args.modes.split(",") for v in {"full": ("anneal", "trl"),
-                                                               "lora": ("anneal-lora", "trl-lora")}[mode]]
+    variants = [
+        v
+        for mode in args.modes.split(",")
+        for v in {"full": ("anneal", "trl"), "lora": ("anneal-lora", "trl-lora")}[mode]
+    ]
     work = Path(tempfile.mkdtemp(prefix="gpu-anneal-bench-"))
     try:
         case = prepare(work, DIMS["smoke" if args.smoke else "1b"], args, processes, cuda)
@@ -124,14 +131,18 @@ def main() -> None:
         (work / "probe" / "sitecustomize.py").write_text(PROBE)
         runs = {v: [] for v in variants}
         for r in range(args.repeats):
-            for v in variants[r % len(variants):] + variants[:r % len(variants)]:  # alternate the order
+            for v in variants[r % len(variants) :] + variants[: r % len(variants)]:  # alternate the order
                 runs[v].append(run_worker(v, case, work / "probe", cuda))
                 last = runs[v][-1]
-                print(f"  {v:12s} rep {r}: wall {last['wall_s']:.1f} s, train {last['train_s']:.1f} s, peak device "
-                      f"memory allocated (GiB) {gib(last['allocated'])}", flush=True)
+                print(
+                    f"  {v:12s} rep {r}: wall {last['wall_s']:.1f} s, train {last['train_s']:.1f} s, peak device "
+                    f"memory allocated (GiB) {gib(last['allocated'])}",
+                    flush=True,
+                )
         n_params = json.loads((case / "case.json").read_text())["n_params"]
-        settings = {k: getattr(args, k) for k in ("steps", "batch", "max_length", "repeats",
-                                                  "activation_checkpointing")}
+        settings = {
+            k: getattr(args, k) for k in ("steps", "batch", "max_length", "repeats", "activation_checkpointing")
+        }
         report = summarize(runs, n_params, peak, device, settings | {"processes": processes, "smoke": args.smoke})
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -167,13 +178,22 @@ def prepare(work: Path, dims: dict, args, processes: int, cuda: bool) -> Path:
     (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:n_train]))
     (work / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[n_train:]))
     overrides = [
-        "+merge=linear", "models=local", f"models.base={base}", f"models.parents=[{parents[0]},{parents[1]}]",
-        "data=custom", f"data.path={work / 'train.jsonl'}", f"data.heldout.path={work / 'heldout.jsonl'}",
-        f"pipeline.cache_dir={work / 'cache'}", "anneal.reference=0",
-        f"anneal.trainer.max_steps={args.steps}", f"anneal.trainer.per_device_train_batch_size={args.batch}",
-        f"anneal.trainer.max_length={args.max_length}", "anneal.trainer.learning_rate=1e-6",
+        "+merge=linear",
+        "models=local",
+        f"models.base={base}",
+        f"models.parents=[{parents[0]},{parents[1]}]",
+        "data=custom",
+        f"data.path={work / 'train.jsonl'}",
+        f"data.heldout.path={work / 'heldout.jsonl'}",
+        f"pipeline.cache_dir={work / 'cache'}",
+        "anneal.reference=0",
+        f"anneal.trainer.max_steps={args.steps}",
+        f"anneal.trainer.per_device_train_batch_size={args.batch}",
+        f"anneal.trainer.max_length={args.max_length}",
+        "anneal.trainer.learning_rate=1e-6",
         f"anneal.trainer.activation_checkpointing={str(args.activation_checkpointing).lower()}",
-        f"anneal.trainer.bf16={str(cuda).lower()}", "anneal.trainer.save_strategy=no",
+        f"anneal.trainer.bf16={str(cuda).lower()}",
+        "anneal.trainer.save_strategy=no",
         # the last step must be logged: TRL's num_tokens is cumulative and only appears in the logs
         f"anneal.trainer.logging_steps={math.gcd(args.steps, max(1, args.steps // 4))}",
         "anneal.trainer.disable_tqdm=true",
@@ -184,10 +204,18 @@ def prepare(work: Path, dims: dict, args, processes: int, cuda: bool) -> Path:
         cfg = compose("config", overrides=[*overrides, "pipeline.stages=[merge]"])
     merged_dir = run_pipeline(cfg, work / "merged-run")["stages"]["merge"]["outputs"]["model"]
     n_params = models.count_parameters(merged_dir)
-    print(f"parents and merge ready in {time.perf_counter() - started:.0f} s: Llama {n_params:,} parameters "
-          f"({dims}), {n_train} training pairs, max_length {args.max_length}", flush=True)
-    spec = {"overrides": overrides, "parent": str(parents[0]), "n_params": n_params, "processes": processes,
-            "cpu": not cuda}
+    print(
+        f"parents and merge ready in {time.perf_counter() - started:.0f} s: Llama {n_params:,} parameters "
+        f"({dims}), {n_train} training pairs, max_length {args.max_length}",
+        flush=True,
+    )
+    spec = {
+        "overrides": overrides,
+        "parent": str(parents[0]),
+        "n_params": n_params,
+        "processes": processes,
+        "cpu": not cuda,
+    }
     (work / "case.json").write_text(json.dumps(spec))
     return work
 
@@ -196,14 +224,24 @@ def run_worker(variant: str, case: Path, probe_dir: Path, cuda: bool) -> dict:
     """One measurement in a fresh process; peak device memory: the maximum over it and every process below it."""
     memory_dir = Path(tempfile.mkdtemp(prefix="memory-", dir=case))
     path = [str(probe_dir), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "GPU_BENCH_MEMORY_DIR": str(memory_dir),
-           "TQDM_DISABLE": "1", **({} if cuda else {"CUDA_VISIBLE_DEVICES": ""})}
-    out = subprocess.run([sys.executable, __file__, "--worker", variant, "--case", str(case)], capture_output=True,
-                         text=True, cwd=case, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(path),
+        "GPU_BENCH_MEMORY_DIR": str(memory_dir),
+        "TQDM_DISABLE": "1",
+        **({} if cuda else {"CUDA_VISIBLE_DEVICES": ""}),
+    }
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", variant, "--case", str(case)],
+        capture_output=True,
+        text=True,
+        cwd=case,
+        env=env,
+    )
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
         raise SystemExit(f"worker {variant} failed:\n{out.stdout[-2000:]}\n{out.stderr[-6000:]}")
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT ") :])
     peaks = [json.loads(p.read_text()) for p in memory_dir.glob("*.json")] + [result.pop("own_memory") or [0, 0]]
     result["allocated"], result["reserved"] = (max(p[i] for p in peaks) or None for i in (0, 1))
     return result
@@ -219,8 +257,11 @@ def compose_anneal(case: Path, variant: str):
     if variant.endswith("-lora"):
         overrides.append("anneal=lora")
     if spec["processes"] > 1:  # the stage: the pipeline launches the ranks; plain TRL: the same accelerate config
-        overrides += ["distributed=ddp", f"distributed.num_processes={spec['processes']}",
-                      *(["distributed.use_cpu=true"] if spec["cpu"] else [])]  # --smoke: gloo CPU processes
+        overrides += [
+            "distributed=ddp",
+            f"distributed.num_processes={spec['processes']}",
+            *(["distributed.use_cpu=true"] if spec["cpu"] else []),
+        ]  # --smoke: gloo CPU processes
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=overrides), spec
 
@@ -251,13 +292,31 @@ def worker(variant: str, case: Path) -> dict:
         config_file = run_dir / "accelerate.yaml"
         config_file.write_text(OmegaConf.to_yaml(launch.accelerate_config(cfg.distributed, processes)))
         env = {**os.environ, **({"ACCELERATE_USE_CPU": "true"} if spec["cpu"] else {})}
-        subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
-                        __file__, "--rank", variant, "--case", str(case), "--run-dir", str(run_dir)], check=True,
-                       env=env)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--config_file",
+                str(config_file),
+                __file__,
+                "--rank",
+                variant,
+                "--case",
+                str(case),
+                "--run-dir",
+                str(run_dir),
+            ],
+            check=True,
+            env=env,
+        )
         log = json.loads((run_dir / "trl-log.json").read_text())
     wall = time.perf_counter() - started
-    own = ([torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()]
-           if cuda and torch.cuda.is_initialized() else None)
+    own = (
+        [torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()]
+        if cuda and torch.cuda.is_initialized()
+        else None
+    )
     shutil.rmtree(run_dir, ignore_errors=True)
     steps = [r for r in log if "num_tokens" in r]
     if not steps or steps[-1]["step"] != cfg.anneal.trainer.max_steps:
@@ -266,8 +325,12 @@ def worker(variant: str, case: Path) -> dict:
     # training with the reference's work in it on both sides: plain TRL's reference forward runs inside its loop,
     # the stage's reference pass before it
     reference_s = entry.get("seconds_by_phase", {}).get("reference_logps", 0.0) if variant.startswith("anneal") else 0
-    return {"wall_s": wall, "train_s": final["train_runtime"] + reference_s, "tokens": steps[-1]["num_tokens"],
-            "own_memory": own}
+    return {
+        "wall_s": wall,
+        "train_s": final["train_runtime"] + reference_s,
+        "tokens": steps[-1]["num_tokens"],
+        "own_memory": own,
+    }
 
 
 def plain_trl(cfg, run_dir: Path, parent: str):
@@ -295,8 +358,14 @@ def plain_trl(cfg, run_dir: Path, parent: str):
     ref_model = AutoModelForCausalLM.from_pretrained(parent, dtype=torch.float32)
     lora = cfg.anneal.peft is not None
     peft_config = LoraConfig(**OmegaConf.to_container(cfg.anneal.peft, resolve=True)) if lora else None
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=pairs["train"],
-                         processing_class=tokenizer, peft_config=peft_config)
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=pairs["train"],
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     trainer.train()
     out_dir = run_dir / "trl-model"
     trainer.save_model(str(out_dir / "adapter" if lora else out_dir))
@@ -322,30 +391,43 @@ def cuda_matmul_peak(n: int = 8192) -> float:
         seconds.append(start.elapsed_time(end) / 1e3 / 10)
     del a, b
     torch.cuda.empty_cache()
-    return 2 * n ** 3 / min(seconds)
+    return 2 * n**3 / min(seconds)
 
 
 def gib(n) -> str:
-    return "n/a" if n is None else f"{n / 2 ** 30:.2f}"
+    return "n/a" if n is None else f"{n / 2**30:.2f}"
 
 
 def summarize(runs: dict, n_params: int, peak: float, device: str, settings: dict) -> dict:
     median = lambda rs, key: None if rs[0][key] is None else statistics.median(r[key] for r in rs)
-    med = {v: {k: median(rs, k) for k in ("wall_s", "train_s", "tokens", "allocated", "reserved")}
-           for v, rs in runs.items()}
+    med = {
+        v: {k: median(rs, k) for k in ("wall_s", "train_s", "tokens", "allocated", "reserved")}
+        for v, rs in runs.items()
+    }
     for m in med.values():  # each training token's policy forward + backward (6N) and reference forward (2N)
         flops = 8 * n_params * m["tokens"]
-        m |= {"tokens_per_s": m["tokens"] / m["wall_s"], "mfu_wall": flops / m["wall_s"] / peak,
-              "mfu_train": flops / m["train_s"] / peak}
-    print(f"\n== Llama {n_params / 1e6:.1f}M parameters on {device}; {settings['steps']} steps x "
-          f"{settings['batch']} pairs x {settings['max_length']} tokens, {settings['repeats']} repeat(s), medians ==")
-    print("train s: training with the reference's work in it (plain TRL: its loop, the reference forward inside; "
-          "the stage: its reference pass + its loop); MFU: 8 x parameters x training tokens / time / peak")
-    print(f"{'variant':12s}{'wall s':>8s}{'train s':>9s}{'tokens/s':>10s}{'MFU wall':>10s}{'MFU train':>11s}"
-          f"{'peak alloc GiB':>16s}{'peak reserved GiB':>19s}")
+        m |= {
+            "tokens_per_s": m["tokens"] / m["wall_s"],
+            "mfu_wall": flops / m["wall_s"] / peak,
+            "mfu_train": flops / m["train_s"] / peak,
+        }
+    print(
+        f"\n== Llama {n_params / 1e6:.1f}M parameters on {device}; {settings['steps']} steps x "
+        f"{settings['batch']} pairs x {settings['max_length']} tokens, {settings['repeats']} repeat(s), medians =="
+    )
+    print(
+        "train s: training with the reference's work in it (plain TRL: its loop, the reference forward inside; "
+        "the stage: its reference pass + its loop); MFU: 8 x parameters x training tokens / time / peak"
+    )
+    print(
+        f"{'variant':12s}{'wall s':>8s}{'train s':>9s}{'tokens/s':>10s}{'MFU wall':>10s}{'MFU train':>11s}"
+        f"{'peak alloc GiB':>16s}{'peak reserved GiB':>19s}"
+    )
     for v, m in med.items():
-        print(f"{v:12s}{m['wall_s']:8.2f}{m['train_s']:9.2f}{m['tokens_per_s']:10.0f}{m['mfu_wall']:10.1%}"
-              f"{m['mfu_train']:11.1%}{gib(m['allocated']):>16s}{gib(m['reserved']):>19s}")
+        print(
+            f"{v:12s}{m['wall_s']:8.2f}{m['train_s']:9.2f}{m['tokens_per_s']:10.0f}{m['mfu_wall']:10.1%}"
+            f"{m['mfu_train']:11.1%}{gib(m['allocated']):>16s}{gib(m['reserved']):>19s}"
+        )
     ratios = {}
     for mode, (stage, trl) in (("full", ("anneal", "trl")), ("lora", ("anneal-lora", "trl-lora"))):
         if stage not in runs:
@@ -353,14 +435,28 @@ def summarize(runs: dict, n_params: int, peak: float, device: str, settings: dic
         # time: the median of each repeat's own ratio (the two ran back to back); memory: ratio of the medians
         time_ratio = statistics.median(a["wall_s"] / b["wall_s"] for a, b in zip(runs[stage], runs[trl]))
         memory_ratio = med[stage]["allocated"] / med[trl]["allocated"] if med[trl]["allocated"] else None
-        ratios[mode] = {"time": time_ratio, "memory": memory_ratio,
-                        "reserved": med[stage]["reserved"] / med[trl]["reserved"] if med[trl]["reserved"] else None}
-        verdict = lambda x, key: ("n/a" if x is None else
-                                  f"{x:.3f}x ({'meets' if x <= TARGETS[key] else 'misses'} <= {TARGETS[key]}x)")
-        print(f"{mode:5s} stage / plain TRL: time {verdict(time_ratio, 'time')}   "
-              f"peak device memory {verdict(memory_ratio, 'memory')}")
-    return {"device": device, "n_params": n_params, "peak_flops": peak, "settings": settings, "targets": TARGETS,
-            "ratios": ratios, "medians": med, "runs": runs}
+        ratios[mode] = {
+            "time": time_ratio,
+            "memory": memory_ratio,
+            "reserved": med[stage]["reserved"] / med[trl]["reserved"] if med[trl]["reserved"] else None,
+        }
+        verdict = lambda x, key: (
+            "n/a" if x is None else f"{x:.3f}x ({'meets' if x <= TARGETS[key] else 'misses'} <= {TARGETS[key]}x)"
+        )
+        print(
+            f"{mode:5s} stage / plain TRL: time {verdict(time_ratio, 'time')}   "
+            f"peak device memory {verdict(memory_ratio, 'memory')}"
+        )
+    return {
+        "device": device,
+        "n_params": n_params,
+        "peak_flops": peak,
+        "settings": settings,
+        "targets": TARGETS,
+        "ratios": ratios,
+        "medians": med,
+        "runs": runs,
+    }
 
 
 if __name__ == "__main__":

@@ -59,13 +59,24 @@ def main() -> None:
     for name, part in (("train", rows[:-HELDOUT]), ("heldout", rows[-HELDOUT:])):
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     overrides = [
-        "+merge=linear", "models=local", f"models.base={base}", f"models.parents=[{parents[0]},{parents[1]}]",
-        "data=custom", f"data.path={work / 'train.jsonl'}", f"data.heldout.path={work / 'heldout.jsonl'}",
-        f"pipeline.cache_dir={work / 'cache'}", "pipeline.cache=false", "anneal.reference=0",
-        f"anneal.trainer.max_steps={args.steps}", f"anneal.trainer.per_device_train_batch_size={BATCH}",
+        "+merge=linear",
+        "models=local",
+        f"models.base={base}",
+        f"models.parents=[{parents[0]},{parents[1]}]",
+        "data=custom",
+        f"data.path={work / 'train.jsonl'}",
+        f"data.heldout.path={work / 'heldout.jsonl'}",
+        f"pipeline.cache_dir={work / 'cache'}",
+        "pipeline.cache=false",
+        "anneal.reference=0",
+        f"anneal.trainer.max_steps={args.steps}",
+        f"anneal.trainer.per_device_train_batch_size={BATCH}",
         f"anneal.trainer.max_length={dims['prompt_chars'] + dims['completion_chars'] + 4}",
-        "anneal.trainer.save_strategy=no", "anneal.trainer.disable_tqdm=true", "eval.batch_size=8",
-        "anneal.trainer.activation_checkpointing=false", "pipeline.merge_check.texts=0",  # the gate: timed alone
+        "anneal.trainer.save_strategy=no",
+        "anneal.trainer.disable_tqdm=true",
+        "eval.batch_size=8",
+        "anneal.trainer.activation_checkpointing=false",
+        "pipeline.merge_check.texts=0",  # the gate: timed alone
     ]
 
     def config(*more):
@@ -89,26 +100,39 @@ def main() -> None:
         cfg = config()
         heldout = preferences.load_preferences(DataSettings.of(cfg.data, "data"))[0]["heldout"]  # the stage's own
         started = time.perf_counter()
-        checked = gate.perplexity_gate(MergeCheck(texts=HELDOUT, max_perplexity_ratio=10), heldout, merge,
-                                       OmegaConf.to_container(cfg.anneal.trainer), int(cfg.eval.batch_size))
+        checked = gate.perplexity_gate(
+            MergeCheck(texts=HELDOUT, max_perplexity_ratio=10),
+            heldout,
+            merge,
+            OmegaConf.to_container(cfg.anneal.trainer),
+            int(cfg.eval.batch_size),
+        )
         seconds["gate"].append(time.perf_counter() - started)
         started = time.perf_counter()
         record = anneal.run(config("pipeline.stages=[anneal]"), run_dir)
         seconds["anneal"].append(time.perf_counter() - started)
         seconds["train"].append(record.seconds_by_phase["train"])
-        print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in seconds.items())
-              + f"; gate ratio {checked['ratio']:.3f}", flush=True)
+        print(
+            f"rep {rep}: "
+            + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in seconds.items())
+            + f"; gate ratio {checked['ratio']:.3f}",
+            flush=True,
+        )
 
     median = {k: statistics.median(v) for k, v in seconds.items()}
     print(f"\n{args.size} Llama, {args.repeats} repetitions, medians:")
-    print(f"  merge stage {median['merge']:.2f} s, of it the whole-merge check {median['whole']:.2f} s "
-          f"({median['whole'] / median['merge']:.3f}x): loading report and tokenizer {median['report']:.3f} s, "
-          f"finiteness {median['finite']:.3f} s")
+    print(
+        f"  merge stage {median['merge']:.2f} s, of it the whole-merge check {median['whole']:.2f} s "
+        f"({median['whole'] / median['merge']:.3f}x): loading report and tokenizer {median['report']:.3f} s, "
+        f"finiteness {median['finite']:.3f} s"
+    )
     step = median["train"] / args.steps
-    print(f"  anneal stage ({args.steps} steps of {BATCH} pairs) {median['anneal']:.2f} s, of it training "
-          f"{median['train']:.2f} s ({step:.2f} s a step); the perplexity gate ({HELDOUT} answers, merged + 2 "
-          f"parents) {median['gate']:.2f} s ({median['gate'] / median['anneal']:.3f}x the stage, "
-          f"{median['gate'] / step:.1f} training steps)")
+    print(
+        f"  anneal stage ({args.steps} steps of {BATCH} pairs) {median['anneal']:.2f} s, of it training "
+        f"{median['train']:.2f} s ({step:.2f} s a step); the perplexity gate ({HELDOUT} answers, merged + 2 "
+        f"parents) {median['gate']:.2f} s ({median['gate'] / median['anneal']:.3f}x the stage, "
+        f"{median['gate'] / step:.1f} training steps)"
+    )
 
 
 if __name__ == "__main__":

@@ -73,10 +73,14 @@ def main() -> None:
                 profile(parents, args.profile, work / size)
                 continue
             repeats = args.repeats or (3 if size == "100m" else 2)
-            imports = statistics.median(timed([sys.executable, "-c", "import mergekit.merge, torch"], work)
-                                        for _ in range(3))
-            report[size] = {"params_m": round(parameter_count(SIZES[size]) / 1e6, 1), "imports_s": round(imports, 2),
-                            "methods": {}}
+            imports = statistics.median(
+                timed([sys.executable, "-c", "import mergekit.merge, torch"], work) for _ in range(3)
+            )
+            report[size] = {
+                "params_m": round(parameter_count(SIZES[size]) / 1e6, 1),
+                "imports_s": round(imports, 2),
+                "methods": {},
+            }
             for method in args.methods.split(","):
                 report[size]["methods"][method] = measure(method, parents, work / size / method, repeats)
                 show(size, method, report[size])
@@ -95,10 +99,20 @@ def parameter_count(dims: dict) -> int:
 
 
 def stage_command(method: str, parents: dict, run_dir: Path, cache_dir: Path, cache: bool) -> list[str]:
-    return [sys.executable, "-m", "pipeline", f"+merge={method}", "models=local", f"models.base={parents['base']}",
-            f"models.parents=[{parents['a']},{parents['b']}]", "pipeline.stages=[merge]",
-            f"pipeline.cache={'true' if cache else 'false'}", f"pipeline.cache_dir={cache_dir}",
-            "merge_options.quiet=true", f"hydra.run.dir={run_dir}"]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        f"+merge={method}",
+        "models=local",
+        f"models.base={parents['base']}",
+        f"models.parents=[{parents['a']},{parents['b']}]",
+        "pipeline.stages=[merge]",
+        f"pipeline.cache={'true' if cache else 'false'}",
+        f"pipeline.cache_dir={cache_dir}",
+        "merge_options.quiet=true",
+        f"hydra.run.dir={run_dir}",
+    ]
 
 
 def mergekit_command(config: Path, out: Path, options: dict) -> list[str]:
@@ -137,8 +151,8 @@ def measure(method: str, parents: dict, folder: Path, repeats: int) -> dict:
     config, options = folder / "mergekit_config.yml", None
     runs = {v: [] for v in VARIANTS}
     for r in range(repeats):
-        order = VARIANTS[r % 3:] + VARIANTS[:r % 3]  # the first repetition starts with the stage: its resolved
-        for variant in order:                        # mergekit config and options are what the others run
+        order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]  # the first repetition starts with the stage: its resolved
+        for variant in order:  # mergekit config and options are what the others run
             out = folder / f"{variant}-{r}"
             if variant == "stage":
                 runs[variant].append(timed(stage_command(method, parents, out, folder / "cache-off", False), folder))
@@ -149,8 +163,9 @@ def measure(method: str, parents: dict, folder: Path, repeats: int) -> dict:
             elif variant == "mergekit":
                 runs[variant].append(timed(mergekit_command(config, out, options), folder))
             else:
-                runs[variant].append(timed([sys.executable, __file__, "--floor", str(config), str(out),
-                                            str(out / "io.json")], folder))
+                runs[variant].append(
+                    timed([sys.executable, __file__, "--floor", str(config), str(out), str(out / "io.json")], folder)
+                )
                 runs.setdefault("floor_io", []).append(json.loads((out / "io.json").read_text())["seconds"])
         ours = load_file(folder / f"stage-{r}" / "merge" / "model" / "model.safetensors")
         theirs = load_file(folder / f"mergekit-{r}" / "model.safetensors")
@@ -165,16 +180,24 @@ def measure(method: str, parents: dict, folder: Path, repeats: int) -> dict:
     hit = json.loads((folder / "hit" / "manifest.json").read_text())["stages"]["merge"]
     assert hit["cache"]["merge"] == "hit", hit["cache"]
     # the same with read-only hard links instead of copies (what cache_files=auto does for a user who is not root)
-    timed(stage_command(method, parents, folder / "hit-linked", cache, cache=True) + ["pipeline.cache_files=hardlink"],
-          folder)
+    timed(
+        stage_command(method, parents, folder / "hit-linked", cache, cache=True) + ["pipeline.cache_files=hardlink"],
+        folder,
+    )
     linked = json.loads((folder / "hit-linked" / "manifest.json").read_text())["stages"]["merge"]
     assert linked["cache"]["merge"] == "hit", linked["cache"]
     shutil.rmtree(folder, ignore_errors=True)
     ratio = lambda a, b: round(statistics.median(x / y for x, y in zip(runs[a], runs[b])), 3)
-    return {"seconds": {v: round(statistics.median(t), 2) for v, t in runs.items()},
-            "stage_over_mergekit": ratio("stage", "mergekit"), "mergekit_over_floor": ratio("mergekit", "floor"),
-            "identical_tensors": True, "hit_stage_s": round(hit["seconds"], 3), "hit_process_s": round(hit_process, 2),
-            "hit_hardlink_stage_s": round(linked["seconds"], 3), "copies": os.geteuid() == 0}
+    return {
+        "seconds": {v: round(statistics.median(t), 2) for v, t in runs.items()},
+        "stage_over_mergekit": ratio("stage", "mergekit"),
+        "mergekit_over_floor": ratio("mergekit", "floor"),
+        "identical_tensors": True,
+        "hit_stage_s": round(hit["seconds"], 3),
+        "hit_process_s": round(hit_process, 2),
+        "hit_hardlink_stage_s": round(linked["seconds"], 3),
+        "copies": os.geteuid() == 0,
+    }
 
 
 def floor_worker(config: Path, out: Path, result: Path) -> None:
@@ -215,24 +238,30 @@ def profile(parents: dict, method: str, folder: Path) -> None:
 def show(size: str, method: str, report: dict) -> None:
     m = report["methods"][method]
     s = m["seconds"]
-    print(f"  {size} {method:10s} stage {s['stage']:.1f} s  mergekit {s['mergekit']:.1f} s  floor {s['floor']:.1f} s "
-          f"(io {s['floor_io']:.1f} s)  stage/mergekit {m['stage_over_mergekit']}  mergekit/floor "
-          f"{m['mergekit_over_floor']}  cache hit: stage {m['hit_stage_s']} s, process {m['hit_process_s']} s, "
-          f"stage with hard links {m['hit_hardlink_stage_s']} s",
-          flush=True)
+    print(
+        f"  {size} {method:10s} stage {s['stage']:.1f} s  mergekit {s['mergekit']:.1f} s  floor {s['floor']:.1f} s "
+        f"(io {s['floor_io']:.1f} s)  stage/mergekit {m['stage_over_mergekit']}  mergekit/floor "
+        f"{m['mergekit_over_floor']}  cache hit: stage {m['hit_stage_s']} s, process {m['hit_process_s']} s, "
+        f"stage with hard links {m['hit_hardlink_stage_s']} s",
+        flush=True,
+    )
 
 
 def table(report: dict) -> None:
-    print("\n| size | method | stage s | mergekit-yaml s | stage / mergekit | I/O floor s (process; I/O alone) | "
-          "mergekit / floor | (mergekit - imports) / I/O | cache hit: stage s (process s) | hit, hard links: stage s |")
+    print(
+        "\n| size | method | stage s | mergekit-yaml s | stage / mergekit | I/O floor s (process; I/O alone) | "
+        "mergekit / floor | (mergekit - imports) / I/O | cache hit: stage s (process s) | hit, hard links: stage s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in report.values():
         for method, m in r["methods"].items():
             s = m["seconds"]
             compute = (s["mergekit"] - r["imports_s"]) / s["floor_io"]
-            print(f"| {r['params_m']}M | {method} | {s['stage']:.1f} | {s['mergekit']:.1f} | "
-                  f"{m['stage_over_mergekit']} | {s['floor']:.1f}; {s['floor_io']:.1f} | {m['mergekit_over_floor']} | "
-                  f"{compute:.1f} | {m['hit_stage_s']} ({m['hit_process_s']}) | {m['hit_hardlink_stage_s']} |")
+            print(
+                f"| {r['params_m']}M | {method} | {s['stage']:.1f} | {s['mergekit']:.1f} | "
+                f"{m['stage_over_mergekit']} | {s['floor']:.1f}; {s['floor_io']:.1f} | {m['mergekit_over_floor']} | "
+                f"{compute:.1f} | {m['hit_stage_s']} ({m['hit_process_s']}) | {m['hit_hardlink_stage_s']} |"
+            )
     imports = ", ".join(f"{size}: {r['imports_s']} s" for size, r in report.items())
     print(f"(imports: a process importing mergekit.merge and torch, {imports})")
 

@@ -42,16 +42,27 @@ def main() -> None:
                 params = case_parameters(case)
                 runs = {"anneal": [], "trl": []}
                 for r in range(args.repeats):
-                    for variant in (("anneal", "trl") if r % 2 == 0 else ("trl", "anneal")):
+                    for variant in ("anneal", "trl") if r % 2 == 0 else ("trl", "anneal"):
                         runs[variant].append(run_worker(variant, case))
                 for variant, rs in runs.items():
                     wall = statistics.median(x["wall_s"] for x in rs)
-                    rows.append({"size": size, "params_m": round(params / 1e6, 1), "pairs": pairs, "variant": variant,
-                                 "wall_s": round(wall, 1), "s_per_1k_pairs": round(wall / pairs * 1000, 1),
-                                 "peak_rss_mb": round(statistics.median(x["peak_rss_mb"] for x in rs)),
-                                 "bf16": rs[0]["bf16"]})
-                    print(f"  {size} {pairs:5d} pairs {variant:7s} {wall:7.1f} s  "
-                          f"{rows[-1]['s_per_1k_pairs']:8.1f} s/1k pairs  {rows[-1]['peak_rss_mb']:6d} MB", flush=True)
+                    rows.append(
+                        {
+                            "size": size,
+                            "params_m": round(params / 1e6, 1),
+                            "pairs": pairs,
+                            "variant": variant,
+                            "wall_s": round(wall, 1),
+                            "s_per_1k_pairs": round(wall / pairs * 1000, 1),
+                            "peak_rss_mb": round(statistics.median(x["peak_rss_mb"] for x in rs)),
+                            "bf16": rs[0]["bf16"],
+                        }
+                    )
+                    print(
+                        f"  {size} {pairs:5d} pairs {variant:7s} {wall:7.1f} s  "
+                        f"{rows[-1]['s_per_1k_pairs']:8.1f} s/1k pairs  {rows[-1]['peak_rss_mb']:6d} MB",
+                        flush=True,
+                    )
                 shutil.rmtree(case, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -69,15 +80,19 @@ def case_parameters(case: Path) -> int:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| parameters | pairs | stage: s per 1k pairs | plain TRL: s per 1k pairs | time ratio | "
-             "stage peak RSS MB | plain TRL peak RSS MB | RSS ratio | bf16 autocast |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| parameters | pairs | stage: s per 1k pairs | plain TRL: s per 1k pairs | time ratio | "
+        "stage peak RSS MB | plain TRL peak RSS MB | RSS ratio | bf16 autocast |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     by = {(r["params_m"], r["pairs"], r["variant"]): r for r in rows}
     for params, pairs in sorted({(r["params_m"], r["pairs"]) for r in rows}):
         a, t = by[(params, pairs, "anneal")], by[(params, pairs, "trl")]
-        lines.append(f"| {params}M | {pairs} | {a['s_per_1k_pairs']} | {t['s_per_1k_pairs']} | "
-                     f"{a['wall_s'] / t['wall_s']:.2f} | {a['peak_rss_mb']} | {t['peak_rss_mb']} | "
-                     f"{a['peak_rss_mb'] / t['peak_rss_mb']:.2f} | {a['bf16']} |")
+        lines.append(
+            f"| {params}M | {pairs} | {a['s_per_1k_pairs']} | {t['s_per_1k_pairs']} | "
+            f"{a['wall_s'] / t['wall_s']:.2f} | {a['peak_rss_mb']} | {t['peak_rss_mb']} | "
+            f"{a['peak_rss_mb'] / t['peak_rss_mb']:.2f} | {a['bf16']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -90,8 +105,11 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for variant, style in (("anneal", "-"), ("trl", "--")):
         for pairs in sorted({r["pairs"] for r in rows}):
-            points = sorted((r["params_m"], r["s_per_1k_pairs"], r["peak_rss_mb"]) for r in rows
-                            if r["variant"] == variant and r["pairs"] == pairs)
+            points = sorted(
+                (r["params_m"], r["s_per_1k_pairs"], r["peak_rss_mb"])
+                for r in rows
+                if r["variant"] == variant and r["pairs"] == pairs
+            )
             label = f"{'stage' if variant == 'anneal' else 'plain TRL'}, {pairs} pairs"
             left.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=label)
             right.plot([p[0] for p in points], [p[2] for p in points], style, marker="o", label=label)

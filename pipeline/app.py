@@ -55,8 +55,7 @@ class RequireMerge(Callback):
 
 def fail(message: str) -> None:
     """One paragraph on stderr (and in the run folder's log), exit code 2: how user mistakes end."""
-    text = textwrap.fill(f"merge-anneal: error: {message}", width=100, break_long_words=False,
-                         break_on_hyphens=False)
+    text = textwrap.fill(f"merge-anneal: error: {message}", width=100, break_long_words=False, break_on_hyphens=False)
     logs.to_log_file(logging.ERROR, text)
     print(text, file=sys.stderr)
     sys.exit(2)
@@ -66,8 +65,10 @@ def check_stages(names) -> list[str]:
     names = list(names)
     unknown = [n for n in names if n not in STAGES]
     if unknown:
-        raise UserError(f"Unknown stage(s) {unknown} in pipeline.stages. Fix: choose from {list(STAGES)}, "
-                        "e.g. pipeline.stages=[merge].")
+        raise UserError(
+            f"Unknown stage(s) {unknown} in pipeline.stages. Fix: choose from {list(STAGES)}, "
+            "e.g. pipeline.stages=[merge]."
+        )
     return sorted(names, key=STAGES.index)
 
 
@@ -91,14 +92,21 @@ def in_demo(cfg: DictConfig, model: str) -> bool:
 def check_data_fits_models(cfg: DictConfig, stages: list[str], merged: list[str] | None) -> None:
     """The demo's pairs (arithmetic and word reversal, with the demo's recipe) anneal the demo parents only: `merged`,
     the models the merge reads (`merge_inputs`), must all be the demo's."""
-    if (cfg.data.source == "demo" and "anneal" in stages and merged is not None
-            and not all(in_demo(cfg, m) for m in merged) and not cfg.data.get("with_other_models")):
+    if (
+        cfg.data.source == "demo"
+        and "anneal" in stages
+        and merged is not None
+        and not all(in_demo(cfg, m) for m in merged)
+        and not cfg.data.get("with_other_models")
+    ):
         others = ", ".join(Path(m).name for m in merged if not in_demo(cfg, m))
-        raise UserError(f"Your merge's models ({others}) would be annealed on the embedded demo's preference pairs "
-                        "(two-digit sums and reversed words, with the demo's recipe: learning rate 3e-4, max_length "
-                        "64), since no data was chosen. Fix: name your preference data, data=custom "
-                        "data.path=prefs.jsonl (a local file or a hub data set id; conf/data/custom.yaml). For a smoke "
-                        "test on the demo's pairs: data.with_other_models=true.")
+        raise UserError(
+            f"Your merge's models ({others}) would be annealed on the embedded demo's preference pairs "
+            "(two-digit sums and reversed words, with the demo's recipe: learning rate 3e-4, max_length "
+            "64), since no data was chosen. Fix: name your preference data, data=custom "
+            "data.path=prefs.jsonl (a local file or a hub data set id; conf/data/custom.yaml). For a smoke "
+            "test on the demo's pairs: data.with_other_models=true."
+        )
 
 
 def run_pipeline(cfg: DictConfig, run_dir: Path, command=None) -> dict:
@@ -121,8 +129,9 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, command=None) -> dict:
 def _run_stages(cfg: DictConfig, run_dir: Path, stages: list[str], merged: list[str] | None) -> dict:
     # The demo is built on first use (never rebuilt while present): when the merge reads its parents, or the anneal
     # its pairs. A merge of other models never builds it.
-    if ("merge" in stages and any(in_demo(cfg, m) for m in merged)) or (cfg.data.source == "demo"
-                                                                         and "anneal" in stages):
+    if ("merge" in stages and any(in_demo(cfg, m) for m in merged)) or (
+        cfg.data.source == "demo" and "anneal" in stages
+    ):
         demo.ensure_demo(cfg.models.cache_dir)
     for name in stages:
         if cfg.pipeline.resume and manifest.load(run_dir)["stages"].get(name, {}).get("status") == "done":
@@ -136,9 +145,16 @@ def _run_stages(cfg: DictConfig, run_dir: Path, stages: list[str], merged: list[
         except BaseException as err:
             full = artifacts.disk_full(err)
             try:  # on a full disk these writes may fail too: the stage then stays `running`, never `done`
-                manifest.set_stage(run_dir, name, {"status": "failed", "error": f"{type(err).__name__}: {err}",
-                                                   "seconds": round(time.perf_counter() - started, 3),
-                                                   "versions": manifest.versions()})
+                manifest.set_stage(
+                    run_dir,
+                    name,
+                    {
+                        "status": "failed",
+                        "error": f"{type(err).__name__}: {err}",
+                        "seconds": round(time.perf_counter() - started, 3),
+                        "versions": manifest.versions(),
+                    },
+                )
                 if not isinstance(err, (UserError, KeyboardInterrupt)) and not full:
                     (run_dir / name).mkdir(parents=True, exist_ok=True)
                     (run_dir / name / "error.log").write_text(traceback.format_exc())
@@ -147,18 +163,25 @@ def _run_stages(cfg: DictConfig, run_dir: Path, stages: list[str], merged: list[
             if full:
                 raise UserError(disk_full_message(name, err, run_dir, cfg)) from None
             raise
-        record = record.model_copy(update={"status": "done", "seconds": round(time.perf_counter() - started, 3),
-                                           "versions": manifest.versions()})
+        record = record.model_copy(
+            update={
+                "status": "done",
+                "seconds": round(time.perf_counter() - started, 3),
+                "versions": manifest.versions(),
+            }
+        )
         manifest.set_stage(run_dir, name, record.dump())
     return manifest.load(run_dir)
 
 
 def disk_full_message(stage: str, err: BaseException, run_dir: Path, cfg: DictConfig) -> str:
     where = getattr(err, "filename", None) or f"the run folder {run_dir} or the cache {cfg.pipeline.cache_dir}"
-    return (f"{stage}: the disk filled up while writing ({where}): {err}. Nothing it wrote was kept or marked done. "
-            f"Fix: free space there (`df -h {run_dir}`), or put the run folder (hydra.run.dir) or the cache "
-            f"(pipeline.cache_dir) on a larger disk, then continue with `pipeline.resume=true "
-            f"hydra.run.dir={run_dir}`.")
+    return (
+        f"{stage}: the disk filled up while writing ({where}): {err}. Nothing it wrote was kept or marked done. "
+        f"Fix: free space there (`df -h {run_dir}`), or put the run folder (hydra.run.dir) or the cache "
+        f"(pipeline.cache_dir) on a larger disk, then continue with `pipeline.resume=true "
+        f"hydra.run.dir={run_dir}`."
+    )
 
 
 def free_job_memory(err: BaseException | None = None) -> None:

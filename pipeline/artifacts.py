@@ -122,8 +122,10 @@ def set_aside(entry: Path, problem: str) -> Path:
     (entry.parent / ".bad").mkdir(exist_ok=True)
     aside = Path(tempfile.mkdtemp(prefix=f"{entry.name}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=entry.parent / ".bad"))
     os.replace(entry, aside)  # onto the empty folder just made: a unique name
-    log.warning(f"merge-anneal: cache entry {entry} failed its check ({problem}); moved it to {aside} (safe to "
-                "delete) and computing it again.")
+    log.warning(
+        f"merge-anneal: cache entry {entry} failed its check ({problem}); moved it to {aside} (safe to "
+        "delete) and computing it again."
+    )
     return aside
 
 
@@ -171,8 +173,10 @@ def through_cache(entry: Path, build, target: Path, ranks=None, files: str = "au
     from pipeline import UserError
 
     if files not in ("auto", "clone", "hardlink") or digests not in ("cheap", "all"):
-        raise UserError(f"pipeline.cache_files={files!r}, pipeline.cache_verify={digests!r}: cache_files takes auto, "
-                        "clone or hardlink, cache_verify cheap or all (see conf/config.yaml).")
+        raise UserError(
+            f"pipeline.cache_files={files!r}, pipeline.cache_verify={digests!r}: cache_files takes auto, "
+            "clone or hardlink, cache_verify cheap or all (see conf/config.yaml)."
+        )
     entry = Path(entry)
     main = ranks is None or ranks.is_main_process
     lock = nullcontext()

@@ -14,8 +14,10 @@ def greedy_answers(model, tokenizer, prompts, max_new_tokens: int = 8) -> list[s
     sampling flags and logits processors included, is not used), stopping at the tokenizer's EOS. Prompts
     are encoded without special tokens and grouped by token length, so no batch needs padding.
     """
-    return [tokenizer.decode(ids, skip_special_tokens=False)
-            for ids, _ in generate(model, tokenizer, prompts, max_new_tokens)]
+    return [
+        tokenizer.decode(ids, skip_special_tokens=False)
+        for ids, _ in generate(model, tokenizer, prompts, max_new_tokens)
+    ]
 
 
 def generate(model, tokenizer, prompts, max_new_tokens: int, sample: dict | None = None) -> list[tuple[list, bool]]:
@@ -30,10 +32,14 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, sample: dict | None
         return [([], False)] * len(prompts)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    how = (dict(do_sample=True, temperature=float(sample["temperature"]), top_p=float(sample["top_p"]), top_k=0)
-           if sample else dict(do_sample=False))
-    config = GenerationConfig(num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                              use_cache=True, **how)
+    how = (
+        dict(do_sample=True, temperature=float(sample["temperature"]), top_p=float(sample["top_p"]), top_k=0)
+        if sample
+        else dict(do_sample=False)
+    )
+    config = GenerationConfig(
+        num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, use_cache=True, **how
+    )
     encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
     groups: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
@@ -67,9 +73,13 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, sample: dict | None
 def health(generations: list[tuple[list, bool]], n: int = 2) -> dict:
     """Per generation: `ends_with_eos` (1.0 when an EOS came within the limit), `length` (new tokens before it)
     and `distinct_<n>` (distinct token n-grams / n-grams: 1.0 is no repetition; 1.0 for fewer than n tokens)."""
+
     def distinct(ids):
-        grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+        grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
         return len(set(grams)) / len(grams) if grams else 1.0
-    return {"ends_with_eos": [float(ended) for _, ended in generations],
-            "length": [float(len(ids)) for ids, _ in generations],
-            f"distinct_{n}": [distinct(ids) for ids, _ in generations]}
+
+    return {
+        "ends_with_eos": [float(ended) for _, ended in generations],
+        "length": [float(len(ids)) for ids, _ in generations],
+        f"distinct_{n}": [distinct(ids) for ids, _ in generations],
+    }

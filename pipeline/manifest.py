@@ -18,8 +18,18 @@ from pathlib import Path
 from pipeline import UserError
 
 MANIFEST_NAME = "manifest.json"
-_VERSIONED = ("merge-anneal", "torch", "transformers", "mergekit", "trl", "peft", "datasets", "hydra-core",
-              "huggingface_hub", "safetensors")
+_VERSIONED = (
+    "merge-anneal",
+    "torch",
+    "transformers",
+    "mergekit",
+    "trl",
+    "peft",
+    "datasets",
+    "hydra-core",
+    "huggingface_hub",
+    "safetensors",
+)
 
 
 def manifest_path(run_dir: Path) -> Path:
@@ -91,9 +101,11 @@ def owned(run_dir: Path):
         lock.acquire(timeout=0)
     except Timeout:
         who = json.loads(owner.read_text()) if owner.is_file() else {}
-        raise UserError(f"The run folder {run_dir} is in use by another merge-anneal process (pid "
-                        f"{who.get('pid', '?')} on {who.get('host', '?')}, since {who.get('since', '?')}). Fix: wait "
-                        "for it to finish, or give this run a folder of its own (hydra.run.dir=...).") from None
+        raise UserError(
+            f"The run folder {run_dir} is in use by another merge-anneal process (pid "
+            f"{who.get('pid', '?')} on {who.get('host', '?')}, since {who.get('since', '?')}). Fix: wait "
+            "for it to finish, or give this run a folder of its own (hydra.run.dir=...)."
+        ) from None
     _owned.add(run_dir)
     try:
         owner.write_text(json.dumps({"pid": os.getpid(), "host": platform.node(), "since": _now()}))
@@ -111,12 +123,20 @@ def check_interrupted(run_dir: Path, resume: bool) -> list[str]:
     if stopped and not resume:
         name, entry = next(iter(stopped.items()))
         commands = manifest.get("commands") or [{"overrides": []}]
-        again = " ".join(["python -m pipeline", *commands[-1]["overrides"], "pipeline.resume=true",
-                          f"hydra.run.dir={Path(run_dir).resolve()}"])
-        raise UserError(f"The {name} stage of {Path(run_dir).resolve()} was interrupted: its process (pid "
-                        f"{entry.get('pid', '?')} on {entry.get('host', '?')}, started {entry.get('started', '?')}) "
-                        f"is gone and the stage is not done. Fix: resume it, finished stages skipped and training "
-                        f"from its last checkpoint: {again}")
+        again = " ".join(
+            [
+                "python -m pipeline",
+                *commands[-1]["overrides"],
+                "pipeline.resume=true",
+                f"hydra.run.dir={Path(run_dir).resolve()}",
+            ]
+        )
+        raise UserError(
+            f"The {name} stage of {Path(run_dir).resolve()} was interrupted: its process (pid "
+            f"{entry.get('pid', '?')} on {entry.get('host', '?')}, started {entry.get('started', '?')}) "
+            f"is gone and the stage is not done. Fix: resume it, finished stages skipped and training "
+            f"from its last checkpoint: {again}"
+        )
     if stopped:  # what the killed process was writing: hidden `.<name>.partial-<pid>-<thread>` folders and files
         from pipeline.artifacts import remove_partials
 

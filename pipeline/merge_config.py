@@ -50,21 +50,27 @@ def load(cfg: DictConfig) -> list[dict]:
             return [OmegaConf.to_container(cfg.merge, resolve=True)]
         path = Path(cfg.merge.config_file).expanduser()
     except OmegaConfBaseException as err:
-        raise UserError(f"The merge config cannot be resolved: {err.msg if hasattr(err, 'msg') else err}. Fix: "
-                        "with models=local, set models.parents=[...] (and models.base=... for methods with a "
-                        "base model; models.expert_prompts=[[...],[...]] for +merge=moe); with +merge=custom, set "
-                        "merge.config_file=PATH.") from None
+        raise UserError(
+            f"The merge config cannot be resolved: {err.msg if hasattr(err, 'msg') else err}. Fix: "
+            "with models=local, set models.parents=[...] (and models.base=... for methods with a "
+            "base model; models.expert_prompts=[[...],[...]] for +merge=moe); with +merge=custom, set "
+            "merge.config_file=PATH."
+        ) from None
     if not path.is_file():
-        raise UserError(f"merge.config_file {path} does not exist. Fix: pass the path of your mergekit YAML, "
-                        "e.g. +merge=custom merge.config_file=examples/my-merge.yml.")
+        raise UserError(
+            f"merge.config_file {path} does not exist. Fix: pass the path of your mergekit YAML, "
+            "e.g. +merge=custom merge.config_file=examples/my-merge.yml."
+        )
     try:
         docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
     except yaml.YAMLError as err:
         raise UserError(f"{path} is not valid YAML ({' '.join(str(err).split())}). Fix: correct the file.") from None
     if not docs or not all(isinstance(doc, dict) for doc in docs):
-        raise UserError(f"{path} does not hold a mergekit configuration (a YAML mapping with merge_method, or "
-                        "base_model and experts for mergekit-moe; several, separated by ---, for a mergekit-multi "
-                        "chain). Fix: point merge.config_file at a mergekit YAML.")
+        raise UserError(
+            f"{path} does not hold a mergekit configuration (a YAML mapping with merge_method, or "
+            "base_model and experts for mergekit-moe; several, separated by ---, for a mergekit-multi "
+            "chain). Fix: point merge.config_file at a mergekit YAML."
+        )
     return docs
 
 
@@ -102,39 +108,53 @@ def plan(docs: list[dict], intermediates_dir: Path, out_dir: Path) -> list[Step]
         return [Step(None, docs[0], out_dir)]
     docs = [dict(doc) for doc in docs]
     names = [doc.pop("name", None) for doc in docs]
-    fix = ("Fix: give every intermediate merge a unique `name:` (a folder name), used as a model by later documents, "
-           "and leave the final merge unnamed, as mergekit-multi reads it.")
+    fix = (
+        "Fix: give every intermediate merge a unique `name:` (a folder name), used as a model by later documents, "
+        "and leave the final merge unnamed, as mergekit-multi reads it."
+    )
     if names.count(None) > 1:
-        raise UserError(f"The merge config has {names.count(None)} documents without a `name:`; a chain "
-                        f"(mergekit-multi) has at most one, the final merge. {fix}")
+        raise UserError(
+            f"The merge config has {names.count(None)} documents without a `name:`; a chain "
+            f"(mergekit-multi) has at most one, the final merge. {fix}"
+        )
     bad = [n for n in names if n is not None and not re.fullmatch(r"[A-Za-z0-9_][\w.-]*", str(n))]
     twice = sorted({n for n in names if n is not None and names.count(n) > 1})
     if bad or twice:
-        raise UserError(f"The chain's merge names {bad or twice} are {'not folder names' if bad else 'used twice'}. "
-                        f"{fix}")
+        raise UserError(
+            f"The chain's merge names {bad or twice} are {'not folder names' if bad else 'used twice'}. {fix}"
+        )
     folders = {n: str(intermediates_dir / n) for n in names if n is not None}
     uses = {n: [u for u in model_references(doc)[0] if u in folders] for n, doc in zip(names, docs)}
     users = {u for used in uses.values() for u in used}
     final = None if None in names else [n for n in names if n not in users]
     if isinstance(final, list):
         if len(final) != 1:
-            raise UserError(f"The chain's merges {final} are each used by no other document, so which one to anneal "
-                            f"is unclear. {fix}")
+            raise UserError(
+                f"The chain's merges {final} are each used by no other document, so which one to anneal "
+                f"is unclear. {fix}"
+            )
         final = final[0]
     try:
         order = list(graphlib.TopologicalSorter({n: uses[n] for n in names}).static_order())
     except graphlib.CycleError as err:
-        raise UserError(f"The chain's merges use each other in a circle ({' -> '.join(map(str, err.args[1]))}). "
-                        f"{fix}") from None
+        raise UserError(
+            f"The chain's merges use each other in a circle ({' -> '.join(map(str, err.args[1]))}). {fix}"
+        ) from None
     needed = ancestry(uses, final)
     skipped = [n for n in names if n not in needed]
     if skipped:
         log.warning(f"merge: the chain's merges {skipped} are not used by the final merge; not merged")
     by_name = dict(zip(names, docs))
-    return [Step(None if n == final else n,
-                 replace_strings(by_name[n], folders, keys=MODEL_KEYS),
-                 out_dir if n == final else intermediates_dir / n, tuple(uses[n]))
-            for n in order if n in needed]
+    return [
+        Step(
+            None if n == final else n,
+            replace_strings(by_name[n], folders, keys=MODEL_KEYS),
+            out_dir if n == final else intermediates_dir / n,
+            tuple(uses[n]),
+        )
+        for n in order
+        if n in needed
+    ]
 
 
 def lineage_base(configs: list, steps: list[Step], base_of) -> str | None:
@@ -153,8 +173,7 @@ def chain_yaml(steps: list[Step], configs: list, step: Step, yaml_text) -> str:
     names = {str(s.out_dir): s.name for s in steps if s.name}
     made = dict(zip((s.name for s in steps), configs))
     needed = ancestry({s.name: s.after for s in steps}, step.name)
-    docs = [(f"name: {s.name}\n" if s.name else "") + yaml_text(made[s.name], names)
-            for s in steps if s.name in needed]
+    docs = [(f"name: {s.name}\n" if s.name else "") + yaml_text(made[s.name], names) for s in steps if s.name in needed]
     return "\n---\n".join(docs)
 
 

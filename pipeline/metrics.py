@@ -61,8 +61,9 @@ def implicit_rewards(logps: torch.Tensor, reference_logps: torch.Tensor, beta: f
 
 def reward_margins(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float) -> torch.Tensor:
     """r_chosen - r_rejected per pair."""
-    return (implicit_rewards(chosen_logps, ref_chosen_logps, beta)
-            - implicit_rewards(rejected_logps, ref_rejected_logps, beta))
+    return implicit_rewards(chosen_logps, ref_chosen_logps, beta) - implicit_rewards(
+        rejected_logps, ref_rejected_logps, beta
+    )
 
 
 def _resample_indices(n: int, resamples: int, seed: int) -> np.ndarray:
@@ -102,8 +103,12 @@ def paired_bootstrap_perplexity(nll_a, nll_b, tokens, resamples: int, seed: int,
     ppl = lambda nll, i: np.exp(nll[i].sum(-1) / tokens[i].sum(-1))
     whole = np.arange(len(tokens))
     a, b = ppl(nll_a, idx), ppl(nll_b, idx)
-    return {"delta": float(ppl(nll_a, whole) - ppl(nll_b, whole)), "ci95": _percentiles(a - b, confidence),
-            "ratio": float(ppl(nll_a, whole) / ppl(nll_b, whole)), "ratio_ci95": _percentiles(a / b, confidence)}
+    return {
+        "delta": float(ppl(nll_a, whole) - ppl(nll_b, whole)),
+        "ci95": _percentiles(a - b, confidence),
+        "ratio": float(ppl(nll_a, whole) / ppl(nll_b, whole)),
+        "ratio_ci95": _percentiles(a / b, confidence),
+    }
 
 
 def retention(model: dict, parents: dict, own: dict, resamples: int, seed: int, confidence: float = 0.95):

@@ -48,12 +48,20 @@ def check_checkpoint(path: Path) -> None:
     here, not as a traceback inside mergekit or transformers). Pickled .bin weights are refused."""
     config = path / "config.json"
     if not config.is_file():
-        raise UserError(f"{path} is not a Hugging Face model folder (no config.json). Fix: point at the folder "
-                        "that holds config.json and the *.safetensors weights.")
+        raise UserError(
+            f"{path} is not a Hugging Face model folder (no config.json). Fix: point at the folder "
+            "that holds config.json and the *.safetensors weights."
+        )
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        hint = (" It holds pickled .bin weights, which merge-anneal does not load: convert them to safetensors "
-                "first (e.g. load with transformers and save_pretrained).") if any(path.glob("*.bin")) else ""
+        hint = (
+            (
+                " It holds pickled .bin weights, which merge-anneal does not load: convert them to safetensors "
+                "first (e.g. load with transformers and save_pretrained)."
+            )
+            if any(path.glob("*.bin"))
+            else ""
+        )
         raise UserError(f"{path} has no *.safetensors weights.{hint} Fix: use a checkpoint saved as safetensors.")
     damaged = "Fix: download or copy the checkpoint again (for a hub model, delete its snapshot folder)."
     for name in (config, *path.glob("*.safetensors.index.json")):
@@ -64,8 +72,10 @@ def check_checkpoint(path: Path) -> None:
         if name.name.endswith(".index.json"):
             missing = sorted(set(content.get("weight_map", {}).values()) - {f.name for f in files})
             if missing:
-                raise UserError(f"{name} lists weight shards that are not in {path}: {', '.join(missing)} (an "
-                                f"interrupted download?). {damaged}")
+                raise UserError(
+                    f"{name} lists weight shards that are not in {path}: {', '.join(missing)} (an "
+                    f"interrupted download?). {damaged}"
+                )
     for file in files:
         problem = safetensors_problem(file)
         if problem:
@@ -130,8 +140,7 @@ def fingerprint(folder: str | Path, memo: Path | None = None) -> str:
     (as git's index trusts a file's stat)."""
     root = Path(folder).resolve()
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    stamp = tuple((str(f.relative_to(root)), st.st_size, st.st_mtime_ns, st.st_ino) for f in files
-                  for st in [f.stat()])
+    stamp = tuple((str(f.relative_to(root)), st.st_size, st.st_mtime_ns, st.st_ino) for f in files for st in [f.stat()])
     if memo is None:
         return _fingerprint(root, stamp)
     remembered = Path(memo) / f"{hashlib.sha256(str(root).encode()).hexdigest()[:32]}.json"
@@ -153,7 +162,7 @@ def fingerprint(folder: str | Path, memo: Path | None = None) -> str:
 def _fingerprint(root: Path, stamp: tuple) -> str:
     digest = hashlib.sha256()
     buffer = memoryview(bytearray(16 << 20))  # big reads: hashing and reading release the GIL, so a thread
-    for name, *_ in stamp:                    # hashing overlaps the caller's Python work (few GIL hand-overs)
+    for name, *_ in stamp:  # hashing overlaps the caller's Python work (few GIL hand-overs)
         digest.update(name.encode() + b"\0")
         content = hashlib.sha256()
         with (root / name).open("rb") as handle:
@@ -167,9 +176,17 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of what scoring with a tokenizer depends on: vocabulary, chat template, EOS and padding tokens."""
     import json
 
-    return hashlib.sha256(json.dumps({"vocab": sorted(tokenizer.get_vocab().items()),
-                                      "template": tokenizer.chat_template, "eos": tokenizer.eos_token,
-                                      "pad": tokenizer.pad_token}, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(
+            {
+                "vocab": sorted(tokenizer.get_vocab().items()),
+                "template": tokenizer.chat_template,
+                "eos": tokenizer.eos_token,
+                "pad": tokenizer.pad_token,
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
 
 
 def count_parameters(folder: str | Path) -> int:
@@ -202,9 +219,11 @@ def check_same_vocabulary(tokenizer, merged_dir: Path, model_dir: str | Path, wh
     except (OSError, ValueError) as err:
         raise UserError(f"{what} ({model_dir}) has no loadable tokenizer or config ({err}). Fix: {fix}") from None
     if other.get_vocab() != tokenizer.get_vocab() or other_rows != embedding_rows:
-        raise UserError(f"{what} ({model_dir}) does not share the merged model's vocabulary (tokens {len(other)} vs "
-                        f"{len(tokenizer)}, embedding rows {other_rows} vs {embedding_rows}); scoring it with the "
-                        f"merged model's token ids would be meaningless. Fix: {fix}")
+        raise UserError(
+            f"{what} ({model_dir}) does not share the merged model's vocabulary (tokens {len(other)} vs "
+            f"{len(tokenizer)}, embedding rows {other_rows} vs {embedding_rows}); scoring it with the "
+            f"merged model's token ids would be meaningless. Fix: {fix}"
+        )
 
 
 def release_memory() -> None:

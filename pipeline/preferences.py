@@ -27,17 +27,23 @@ def check_sources(data: DataSettings) -> None:
             continue
         local = Path(ref).expanduser()
         if local.is_file() and local.suffix.lower() not in FILE_BUILDERS:
-            raise UserError(f"{key}={ref}: unsupported file type '{local.suffix}'. Fix: use a .json, .jsonl, .parquet "
-                            "or .csv file, or a hub data set id.")
+            raise UserError(
+                f"{key}={ref}: unsupported file type '{local.suffix}'. Fix: use a .json, .jsonl, .parquet "
+                "or .csv file, or a hub data set id."
+            )
         if not local.is_file() and not is_hub_id(str(ref)):
-            raise UserError(f"{key}={ref} is neither a file nor a hub data set id (org/name). Fix: pass an existing "
-                            f"json/jsonl/parquet/csv file (absolute, or relative to {Path.cwd()}) or a hub id.")
+            raise UserError(
+                f"{key}={ref} is neither a file nor a hub data set id (org/name). Fix: pass an existing "
+                f"json/jsonl/parquet/csv file (absolute, or relative to {Path.cwd()}) or a hub id."
+            )
     if not (data.heldout.path or data.heldout.split or data.heldout.fraction):
         raise UserError(NO_HELDOUT)
 
 
-NO_HELDOUT = ("No held-out preference pairs configured. Fix: set data.heldout.path, data.heldout.split or "
-              "data.heldout.fraction (e.g. data.heldout.fraction=0.1).")
+NO_HELDOUT = (
+    "No held-out preference pairs configured. Fix: set data.heldout.path, data.heldout.split or "
+    "data.heldout.fraction (e.g. data.heldout.fraction=0.1)."
+)
 
 
 def load_preferences(data: DataSettings, keep: tuple[str, ...] = ()):
@@ -57,8 +63,10 @@ def load_preferences(data: DataSettings, keep: tuple[str, ...] = ()):
         raise UserError(NO_HELDOUT)
     if data.train_pairs:
         if int(data.train_pairs) > len(train):
-            raise UserError(f"data.train_pairs={data.train_pairs}, but the training data has {len(train)} pairs. Fix: "
-                            f"ask for at most {len(train)}, or data.train_pairs=null for all.")
+            raise UserError(
+                f"data.train_pairs={data.train_pairs}, but the training data has {len(train)} pairs. Fix: "
+                f"ask for at most {len(train)}, or data.train_pairs=null for all."
+            )
         train = train.shuffle(seed=data.seed).select(range(int(data.train_pairs)))
     dropped = {}
     splits = {}
@@ -67,8 +75,10 @@ def load_preferences(data: DataSettings, keep: tuple[str, ...] = ()):
         ds, counts = drop_bad_rows(ds)
         dropped[name] = counts
         if len(ds) == 0:
-            raise UserError(f"No {name} preference pairs are left after filtering ({counts}). Fix: check the data "
-                            "(empty answers, chosen equal to rejected) and data.columns.")
+            raise UserError(
+                f"No {name} preference pairs are left after filtering ({counts}). Fix: check the data "
+                "(empty answers, chosen equal to rejected) and data.columns."
+            )
         splits[name] = ds
     return DatasetDict(splits), dropped
 
@@ -81,8 +91,10 @@ def _load(path, split: str, key: str):
         if local.is_file():
             builder = FILE_BUILDERS.get(local.suffix.lower())
             if builder is None:
-                raise UserError(f"{key}={path}: unsupported file type '{local.suffix}'. Fix: use a .json, .jsonl, "
-                                ".parquet or .csv file, or a hub data set id.")
+                raise UserError(
+                    f"{key}={path}: unsupported file type '{local.suffix}'. Fix: use a .json, .jsonl, "
+                    ".parquet or .csv file, or a hub data set id."
+                )
             return local_dataset(builder, local)
         if is_hub_id(str(path)):
             return load_dataset(str(path), split=split)
@@ -91,12 +103,18 @@ def _load(path, split: str, key: str):
     except Exception as err:  # unreadable file, unknown split, no network
         bad = _bad_json_line(local) if local.is_file() else None
         if bad:
-            raise UserError(f"{key}={path}: line {bad[0]} is not a JSON object ({bad[1]}). Fix: repair or remove that "
-                            "line (each line of a .jsonl file is one pair).") from None
-        raise UserError(f"Could not load preference data {path} (split {split}): {type(err).__name__}: {err}. "
-                        f"Fix: check {key} and the split name.") from None
-    raise UserError(f"{key}={path} is neither a file nor a hub data set id. Fix: pass a local json/jsonl/parquet/"
-                    "csv file or org/name.")
+            raise UserError(
+                f"{key}={path}: line {bad[0]} is not a JSON object ({bad[1]}). Fix: repair or remove that "
+                "line (each line of a .jsonl file is one pair)."
+            ) from None
+        raise UserError(
+            f"Could not load preference data {path} (split {split}): {type(err).__name__}: {err}. "
+            f"Fix: check {key} and the split name."
+        ) from None
+    raise UserError(
+        f"{key}={path} is neither a file nor a hub data set id. Fix: pass a local json/jsonl/parquet/"
+        "csv file or org/name."
+    )
 
 
 def _bad_json_line(file: Path) -> tuple[int, str] | None:
@@ -131,14 +149,17 @@ def map_columns(ds, columns: dict, split: str, keep: tuple[str, ...] = ()):
         wanted.pop(columns["prompt"])
     missing = [source for source in [*wanted, *([system] if system else [])] if source not in ds.column_names]
     if missing:
-        raise UserError(f"The {split} preference data lacks column(s) {missing} (it has {ds.column_names}). Fix: "
-                        "map your columns with data.columns.prompt=..., data.columns.chosen=..., "
-                        "data.columns.rejected=... (and data.columns.system=... if any).")
+        raise UserError(
+            f"The {split} preference data lacks column(s) {missing} (it has {ds.column_names}). Fix: "
+            "map your columns with data.columns.prompt=..., data.columns.chosen=..., "
+            "data.columns.rejected=... (and data.columns.system=... if any)."
+        )
     ds = ds.rename_columns({s: t for s, t in wanted.items() if s != t})
     ds = _text_columns(ds)
     if system:
-        ds = ds.map(_with_system, fn_kwargs={"column": system}, remove_columns=[system],
-                    desc=f"Adding system prompts ({split})")
+        ds = ds.map(
+            _with_system, fn_kwargs={"column": system}, remove_columns=[system], desc=f"Adding system prompts ({split})"
+        )
     if implicit:
         from trl.data_utils import extract_prompt
 
@@ -159,13 +180,16 @@ def _text_columns(ds):
 
 def _with_system(row: dict, column: str) -> dict:
     as_messages = lambda value, role: value if isinstance(value, list) else [{"role": role, "content": value}]
-    return {"prompt": [{"role": "system", "content": row[column]}, *as_messages(row["prompt"], "user")],
-            "chosen": as_messages(row["chosen"], "assistant"),
-            "rejected": as_messages(row["rejected"], "assistant")}
+    return {
+        "prompt": [{"role": "system", "content": row[column]}, *as_messages(row["prompt"], "user")],
+        "chosen": as_messages(row["chosen"], "assistant"),
+        "rejected": as_messages(row["rejected"], "assistant"),
+    }
 
 
 def drop_bad_rows(ds):
     """Drop empty rows and rows whose chosen equals rejected; returns the data and the counts."""
+
     def reason(row) -> str | None:
         if any(not _text(row[c]).strip() for c in COLUMNS):
             return "empty"
@@ -216,8 +240,12 @@ def read_store(path: Path):
     from datasets import DatasetDict
 
     table = local_dataset("parquet", path)
-    return DatasetDict({name: table.filter(lambda s, name=name: s == name, input_columns="split")
-                        .remove_columns("split") for name in ("train", "heldout")})
+    return DatasetDict(
+        {
+            name: table.filter(lambda s, name=name: s == name, input_columns="split").remove_columns("split")
+            for name in ("train", "heldout")
+        }
+    )
 
 
 def sources(data: DataSettings) -> dict:

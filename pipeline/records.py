@@ -68,6 +68,7 @@ class StageRecord(Record):
 
 # ---------------------------------------------------------------------------------------------------- merge
 
+
 class MergeInputs(Record):
     models: list[str]
     parents: list[str]
@@ -96,8 +97,8 @@ class MergeStep(Record):
 
     name: str | None
     merge_method: str
-    model: str          # its output folder
-    models: list[str]   # the models it read (earlier merges of the chain among them)
+    model: str  # its output folder
+    models: list[str]  # the models it read (earlier merges of the chain among them)
     cache: dict
 
 
@@ -105,7 +106,7 @@ class MergeRecord(StageRecord):
     inputs: MergeInputs  # for a chain: the models it starts from (no intermediate)
     outputs: MergeOutputs
     config: MergeConfig  # for a chain: the final merge's
-    merge_method: str    # `moe` for a mixture of experts (mergekit-moe)
+    merge_method: str  # `moe` for a mixture of experts (mergekit-moe)
     cache: dict
     mergekit_version: str | None = None
     chain: list[MergeStep] = []  # a mergekit-multi chain's merges; empty for one merge
@@ -120,6 +121,7 @@ class MergeRecord(StageRecord):
 
 
 # --------------------------------------------------------------------------------------------------- anneal
+
 
 class Trainer(Record):
     """The DPOConfig fields later stages read (the rest pass through)."""
@@ -147,8 +149,8 @@ class AnnealSettings(Record):
 class DataSettings(Record):
     source: str
     path: str | None = None
-    answer_key: str | None = None      # `module.function`: (skill, exact answer) of a prompt, or None
-    heldout_text: str | None = None    # a held-out text corpus that comes with the data
+    answer_key: str | None = None  # `module.function`: (skill, exact answer) of a prompt, or None
+    heldout_text: str | None = None  # a held-out text corpus that comes with the data
 
 
 class AnnealConfig(Record):
@@ -199,6 +201,7 @@ class AnnealRecord(StageRecord):
 
 
 # ----------------------------------------------------------------------------------------------------- eval
+
 
 class EvalOutputs(Record):
     metrics: str
@@ -283,7 +286,7 @@ class EvalReport(BaseModel):
         lm_eval.annealed.<task>.<metric>); None where nothing is."""
         model = next((m for m in self.models if path.startswith(f"{m}.")), None)
         node = self.models[model].model_dump() if model else self.model_dump()
-        for part in (path[len(model) + 1:] if model else path).split("."):
+        for part in (path[len(model) + 1 :] if model else path).split("."):
             if not isinstance(node, dict) or part not in node:
                 return None
             node = node[part]
@@ -322,12 +325,17 @@ def load(run_dir: Path, kind: type[R]) -> R:
     stage = next(name for name, cls in RECORDS.items() if cls is kind)
     entry = manifest.load(run_dir)["stages"].get(stage)
     if not entry or entry.get("status") != "done":
-        raise UserError(f"Stage '{stage}' has no completed output in {run_dir}. Fix: run it first, e.g. "
-                        f"pipeline.stages=[{stage},...], in the same run folder (hydra.run.dir={run_dir}).")
+        raise UserError(
+            f"Stage '{stage}' has no completed output in {run_dir}. Fix: run it first, e.g. "
+            f"pipeline.stages=[{stage},...], in the same run folder (hydra.run.dir={run_dir})."
+        )
     return kind.model_validate(entry)
 
 
 def completed(stages: dict) -> dict[str, StageRecord]:
     """The records of a manifest's completed stages, by stage name."""
-    return {name: RECORDS[name].model_validate(entry) for name, entry in stages.items()
-            if name in RECORDS and entry.get("status") == "done"}
+    return {
+        name: RECORDS[name].model_validate(entry)
+        for name, entry in stages.items()
+        if name in RECORDS and entry.get("status") == "done"
+    }

@@ -32,8 +32,9 @@ def load_model(folder: str | Path):
     from transformers import AutoModelForCausalLM
 
     cuda = torch.cuda.is_available()
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if cuda else torch.float32,
-                                                device_map="auto" if cuda else None).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.bfloat16 if cuda else torch.float32, device_map="auto" if cuda else None
+    ).eval()
 
 
 def truncation_mode(mode: str | None) -> str:
@@ -58,16 +59,18 @@ def tokenize_completion(tokenizer, prompt, completion, max_length, truncation_mo
     """(input_ids, completion mask) as TRL's DPOTrainer builds them: prompt + completion (+ EOS for plain
     text), the completion starting where the tokenised prompt and prompt+completion diverge, truncated."""
     if isinstance(prompt, list):
-        prompt_ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
-                                                   return_dict=True)["input_ids"]
+        prompt_ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)[
+            "input_ids"
+        ]
         full_ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"]
     else:
         eos = tokenizer.eos_token
         completion = completion if completion.endswith(eos) else completion + eos
         prompt_ids = tokenizer(text=prompt)["input_ids"]
         full_ids = tokenizer(text=prompt + completion)["input_ids"]
-    start = next((i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b), min(len(prompt_ids),
-                                                                                          len(full_ids)))
+    start = next(
+        (i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b), min(len(prompt_ids), len(full_ids))
+    )
     mask = [0] * start + [1] * (len(full_ids) - start)
     if max_length is not None:
         cut = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
@@ -86,15 +89,15 @@ def batches(sequences, batch_size: int, pad_id: int):
     import torch
 
     for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start:start + batch_size]
+        chunk = sequences[start : start + batch_size]
         width = max(len(ids) for ids, _ in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(chunk), width), dtype=torch.long)
         loss_mask = torch.zeros((len(chunk), width), dtype=torch.float32)
         for row, (seq, mask) in enumerate(chunk):
-            ids[row, :len(seq)] = torch.tensor(seq)
-            attention[row, :len(seq)] = 1
-            loss_mask[row, :len(seq)] = torch.tensor(mask, dtype=torch.float32)
+            ids[row, : len(seq)] = torch.tensor(seq)
+            attention[row, : len(seq)] = 1
+            loss_mask[row, : len(seq)] = torch.tensor(mask, dtype=torch.float32)
         yield ids, attention, loss_mask
 
 

@@ -43,12 +43,15 @@ def explain(err: ValidationError, where: str) -> str:
         key = ".".join([where, *(str(part) for part in error["loc"])])
         got = f" (got {error['input']!r})" if error["type"] != "missing" and "input" in error else ""
         problems.append(f"{key}: {error['msg']}{got}")
-    return (f"Invalid setting{'s' if len(problems) > 1 else ''}: {'; '.join(problems)}. Fix: correct "
-            f"{'them' if len(problems) > 1 else 'it'} on the command line or in conf/ (each group's YAML file "
-            "documents its keys).")
+    return (
+        f"Invalid setting{'s' if len(problems) > 1 else ''}: {'; '.join(problems)}. Fix: correct "
+        f"{'them' if len(problems) > 1 else 'it'} on the command line or in conf/ (each group's YAML file "
+        "documents its keys)."
+    )
 
 
 # -------------------------------------------------------------------------------------------------- pipeline
+
 
 class CachePolicy(Settings):
     """How results computed once are kept and reused (`pipeline.cache*`)."""
@@ -66,6 +69,7 @@ class CachePolicy(Settings):
 
 
 # ------------------------------------------------------------------------------------------------------ data
+
 
 class Heldout(Settings):
     path: str | None = None

@@ -44,23 +44,31 @@ COMPARE_MODES = ("best", "all", "none")
 
 # ------------------------------------------------------------------------------------------------ objective
 
+
 def check_settings(pipeline: DictConfig) -> None:
     """Cheap checks of `pipeline.objective` and `pipeline.compare_jobs` before any work; the objective's metric
     path itself is checked against the eval report."""
     objective = pipeline.objective
     if pipeline.compare_jobs not in COMPARE_MODES:
-        raise UserError(f"pipeline.compare_jobs={pipeline.compare_jobs} is not one of {', '.join(COMPARE_MODES)}. "
-                        "Fix: e.g. pipeline.compare_jobs=all.")
+        raise UserError(
+            f"pipeline.compare_jobs={pipeline.compare_jobs} is not one of {', '.join(COMPARE_MODES)}. "
+            "Fix: e.g. pipeline.compare_jobs=all."
+        )
     if objective.direction not in DIRECTIONS:
-        raise UserError(f"pipeline.objective.direction={objective.direction} is neither maximize nor minimize. "
-                        "Fix: pipeline.objective.direction=maximize (or minimize).")
+        raise UserError(
+            f"pipeline.objective.direction={objective.direction} is neither maximize nor minimize. "
+            "Fix: pipeline.objective.direction=maximize (or minimize)."
+        )
     head = str(objective.metric).split(".")[0]
-    if "." not in str(objective.metric) or not (head in ("merged", "annealed", "comparison", "lm_eval")
-                                                or head.startswith("parent:")):
-        raise UserError(f"pipeline.objective.metric={objective.metric} does not name a metric of eval/metrics.json. "
-                        "Fix: <model>.<metric> with model merged, annealed or parent:<name> (e.g. "
-                        "annealed.preference_accuracy, annealed.skill_accuracy.add), or a path such as "
-                        "comparison.annealed_vs_merged.preference_accuracy.delta or lm_eval.annealed.<task>.<metric>.")
+    if "." not in str(objective.metric) or not (
+        head in ("merged", "annealed", "comparison", "lm_eval") or head.startswith("parent:")
+    ):
+        raise UserError(
+            f"pipeline.objective.metric={objective.metric} does not name a metric of eval/metrics.json. "
+            "Fix: <model>.<metric> with model merged, annealed or parent:<name> (e.g. "
+            "annealed.preference_accuracy, annealed.skill_accuracy.add), or a path such as "
+            "comparison.annealed_vs_merged.preference_accuracy.delta or lm_eval.annealed.<task>.<metric>."
+        )
 
 
 def objective_value(report: records.EvalReport, metric: str) -> float:
@@ -68,9 +76,11 @@ def objective_value(report: records.EvalReport, metric: str) -> float:
     parent:<name>, or a path from the report's root (comparison.annealed_vs_merged.*.delta)."""
     node = report.lookup(metric)
     if isinstance(node, bool) or not isinstance(node, (int, float)):
-        raise UserError(f"pipeline.objective.metric={metric} does not name a number in the eval report. Fix: e.g. "
-                        "annealed.preference_accuracy, annealed.skill_accuracy.<skill>, annealed.perplexity "
-                        "(direction=minimize), comparison.annealed_vs_merged.preference_accuracy.delta.")
+        raise UserError(
+            f"pipeline.objective.metric={metric} does not name a number in the eval report. Fix: e.g. "
+            "annealed.preference_accuracy, annealed.skill_accuracy.<skill>, annealed.perplexity "
+            "(direction=minimize), comparison.annealed_vs_merged.preference_accuracy.delta."
+        )
     return float(node)
 
 
@@ -84,10 +94,10 @@ def run_objective(run_manifest: dict, metric: str) -> float | None:
 
 # -------------------------------------------------------------------------------------------------- reading
 
+
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """The job folders of a sweep: wherever Hydra saved a job's `.hydra/hydra.yaml`."""
-    return sorted({p.parent.parent for p in Path(sweep_dir).glob("**/.hydra/hydra.yaml")
-                   if ".submitit" not in p.parts})
+    return sorted({p.parent.parent for p in Path(sweep_dir).glob("**/.hydra/hydra.yaml") if ".submitit" not in p.parts})
 
 
 def read_job(job_dir: Path, metric: str, tie_break: str | None = None) -> dict:
@@ -104,21 +114,33 @@ def read_job(job_dir: Path, metric: str, tie_break: str | None = None) -> dict:
         status = "incomplete"
     done = records.completed(stages)
     merge, anneal, evaluation = (done.get(name) for name in ("merge", "anneal", "eval"))
-    run = {"job": hydra_cfg["job"]["num"], "run_dir": str(job_dir.resolve()),
-           "overrides": list(hydra_cfg["overrides"]["task"]), "status": status,
-           "error": (failed or [job.get("error")])[0] if status == "failed" else None,
-           "objective": None, "rank": None,
-           "cache": {"merge": merge.cache.get("merge") if merge else None,
-                     "reference_logps": anneal.cache.get("reference_logps") if anneal else None},
-           "seconds": {name: e["seconds"] for name, e in stages.items() if "seconds" in e}}
+    run = {
+        "job": hydra_cfg["job"]["num"],
+        "run_dir": str(job_dir.resolve()),
+        "overrides": list(hydra_cfg["overrides"]["task"]),
+        "status": status,
+        "error": (failed or [job.get("error")])[0] if status == "failed" else None,
+        "objective": None,
+        "rank": None,
+        "cache": {
+            "merge": merge.cache.get("merge") if merge else None,
+            "reference_logps": anneal.cache.get("reference_logps") if anneal else None,
+        },
+        "seconds": {name: e["seconds"] for name, e in stages.items() if "seconds" in e},
+    }
     if merge:
         run["merge_method"] = merge.merge_method
         run["sources"] = [source.model_dump(mode="json") for source in merge.inputs.sources]  # provenance
     if anneal:
-        run["anneal"] = {"reference": anneal.inputs.reference_label, "loss_type": anneal.trainer.loss_type,
-                         "method": anneal.config.anneal.method, "method_args": anneal.config.anneal.method_args,
-                         "reference_source": (anneal.inputs.reference_source.model_dump(mode="json")
-                                              if anneal.inputs.reference_source else None)}
+        run["anneal"] = {
+            "reference": anneal.inputs.reference_label,
+            "loss_type": anneal.trainer.loss_type,
+            "method": anneal.config.anneal.method,
+            "method_args": anneal.config.anneal.method_args,
+            "reference_source": (
+                anneal.inputs.reference_source.model_dump(mode="json") if anneal.inputs.reference_source else None
+            ),
+        }
     if evaluation:
         report = records.read_report(evaluation.outputs.metrics)
         run["metrics"] = {name: model.model_dump(exclude_unset=True) for name, model in report.models.items()}
@@ -138,12 +160,18 @@ def read_job(job_dir: Path, metric: str, tie_break: str | None = None) -> dict:
 
 # -------------------------------------------------------------------------------------------------- summary
 
+
 def rank(runs: list[dict], direction: str) -> list[dict]:
     """Runs with an objective first, best first (ties: the higher `tie_break` where the objective has one, then
     the lower job number), `rank` 1..n; then the others."""
-    ranked = sorted((r for r in runs if r["objective"] is not None),
-                    key=lambda r: (-r["objective"] if direction == "maximize" else r["objective"],
-                                   -r["tie_break"] if r.get("tie_break") is not None else math.inf, r["job"]))
+    ranked = sorted(
+        (r for r in runs if r["objective"] is not None),
+        key=lambda r: (
+            -r["objective"] if direction == "maximize" else r["objective"],
+            -r["tie_break"] if r.get("tie_break") is not None else math.inf,
+            r["job"],
+        ),
+    )
     for position, run in enumerate(ranked, 1):
         run["rank"] = position
     return ranked + sorted((r for r in runs if r["objective"] is None), key=lambda r: r["job"])
@@ -196,8 +224,9 @@ def compare_runs(runs: list[dict], mode: str, resamples: int, seed: int) -> list
         compared = {name: M.paired_bootstrap(x[name], y[name], resamples, seed) for name in COMPARED}
         compared["perplexity"] = M.paired_bootstrap_perplexity(x["nll"], y["nll"], x["nll_tokens"], resamples, seed)
         for skill in x["skill_accuracy"]:
-            compared[f"skill_accuracy.{skill}"] = M.paired_bootstrap(x["skill_accuracy"][skill],
-                                                                     y["skill_accuracy"][skill], resamples, seed)
+            compared[f"skill_accuracy.{skill}"] = M.paired_bootstrap(
+                x["skill_accuracy"][skill], y["skill_accuracy"][skill], resamples, seed
+            )
         for value in compared.values():
             value["differs"] = value["ci95"][0] > 0 or value["ci95"][1] < 0
         out.append({**entry, "comparable": True, "metrics": compared})
@@ -215,8 +244,9 @@ def differing(pairs: list[dict]) -> dict:
     return found
 
 
-def summarize(sweep_dir: Path, runs: list[dict], objective: dict, compare: str, bootstrap: dict,
-              complete: bool) -> dict:
+def summarize(
+    sweep_dir: Path, runs: list[dict], objective: dict, compare: str, bootstrap: dict, complete: bool
+) -> dict:
     """summary.json's content from the jobs (`read_job`)."""
     runs = rank(runs, objective["direction"])
     if runs:
@@ -230,8 +260,13 @@ def summarize(sweep_dir: Path, runs: list[dict], objective: dict, compare: str, 
         "best": next((r["job"] for r in runs if r["rank"] == 1), None),
         "jobs": {"total": len(runs), **{s: statuses.count(s) for s in ("done", "failed", "incomplete")}},
         "cache": cache_counts(runs),
-        "comparisons": {"mode": compare, "model": "annealed", "bootstrap": bootstrap, "pairs": pairs,
-                        "differ": differing(pairs)},
+        "comparisons": {
+            "mode": compare,
+            "model": "annealed",
+            "bootstrap": bootstrap,
+            "pairs": pairs,
+            "differ": differing(pairs),
+        },
         "runs": runs,
         "conclusion": conclusion(runs, objective),
     }
@@ -247,13 +282,20 @@ def conclusion(runs: list[dict], objective: dict) -> str | None:
     value, ci = model_value(best, model, metric) if model in ("merged", "annealed") else (best["objective"], None)
     accuracy = model_value(best, "annealed", "preference_accuracy")
     others = sum(r["rank"] is not None for r in runs) - 1
-    return (f"`{best.get('label', best['job'])}` came first of {others + 1} ranked jobs by {objective['metric']} "
-            f"({objective['direction']}): {interval(best['objective'] if value is None else value, ci)}"
-            + (f", with held-out preference accuracy {interval(*accuracy)} (95% intervals)"
-               if accuracy[0] is not None else "") + ".")
+    return (
+        f"`{best.get('label', best['job'])}` came first of {others + 1} ranked jobs by {objective['metric']} "
+        f"({objective['direction']}): {interval(best['objective'] if value is None else value, ci)}"
+        + (
+            f", with held-out preference accuracy {interval(*accuracy)} (95% intervals)"
+            if accuracy[0] is not None
+            else ""
+        )
+        + "."
+    )
 
 
 # ----------------------------------------------------------------------------------------------- writing
+
 
 def write_summary(sweep_dir: Path, config: DictConfig, complete: bool) -> dict:
     """Rebuild summary.json, summary.md and summary.png from the sweep's job folders (under a file lock:
@@ -262,11 +304,12 @@ def write_summary(sweep_dir: Path, config: DictConfig, complete: bool) -> dict:
 
     sweep_dir = Path(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    objective = {"metric": str(config.pipeline.objective.metric),
-                 "direction": str(config.pipeline.objective.direction),
-                 "tie_break": config.pipeline.objective.get("tie_break")}
-    bootstrap = {"resamples": int(config.eval.bootstrap_resamples), "seed": int(config.eval.seed),
-                 "confidence": 0.95}
+    objective = {
+        "metric": str(config.pipeline.objective.metric),
+        "direction": str(config.pipeline.objective.direction),
+        "tie_break": config.pipeline.objective.get("tie_break"),
+    }
+    bootstrap = {"resamples": int(config.eval.bootstrap_resamples), "seed": int(config.eval.seed), "confidence": 0.95}
     with FileLock(str(sweep_dir / ".summary.lock")):
         runs = [read_job(d, objective["metric"], objective["tie_break"]) for d in job_dirs(sweep_dir)]
         summary = summarize(sweep_dir, runs, objective, str(config.pipeline.compare_jobs), bootstrap, complete)
@@ -295,9 +338,13 @@ class SweepSummary(Callback):
         record = manifest.load(job_dir)
         failed = job_return.status != JobStatus.COMPLETED
         error = job_return._return_value if failed else None  # `return_value` would re-raise it
-        record["job"] = {"num": config.hydra.job.num, "status": "failed" if failed else "done",
-                         "error": f"{type(error).__name__}: {error}" if failed else None,
-                         "host": socket.gethostname(), "pid": os.getpid()}  # where its logs are
+        record["job"] = {
+            "num": config.hydra.job.num,
+            "status": "failed" if failed else "done",
+            "error": f"{type(error).__name__}: {error}" if failed else None,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }  # where its logs are
         manifest.save(job_dir, record)
         write_summary(Path(config.hydra.sweep.dir), config, complete=False)
 
@@ -305,8 +352,13 @@ class SweepSummary(Callback):
         summary = write_summary(Path(config.hydra.sweep.dir), config, complete=True)
         best = next((r for r in summary["runs"] if r["rank"] == 1), None)
         jobs = summary["jobs"]
-        log.info(f"merge-anneal: sweep done: {jobs['done']} of {jobs['total']} jobs finished"
-              + (f", {jobs['failed']} failed" if jobs["failed"] else "")
-              + (f"; best: job {best['job']} ({best['label']}), {summary['objective']['metric']} "
-                 f"{best['objective']:.4g}" if best else "")
-              + f"; summary: {Path(summary['sweep_dir']) / SUMMARY_MD}")
+        log.info(
+            f"merge-anneal: sweep done: {jobs['done']} of {jobs['total']} jobs finished"
+            + (f", {jobs['failed']} failed" if jobs["failed"] else "")
+            + (
+                f"; best: job {best['job']} ({best['label']}), {summary['objective']['metric']} {best['objective']:.4g}"
+                if best
+                else ""
+            )
+            + f"; summary: {Path(summary['sweep_dir']) / SUMMARY_MD}"
+        )

@@ -22,6 +22,7 @@ def _walk(node, path: str):
 
 # ------------------------------------------------------------------------------------------------- markdown
 
+
 def shown_metric(objective_metric: str) -> str:
     """The metric shown merged against annealed: the objective's own when it is a model metric."""
     head, _, rest = objective_metric.partition(".")
@@ -56,35 +57,49 @@ def summary_markdown(summary: dict) -> str:
     runs, objective = summary["runs"], summary["objective"]
     shown = shown_metric(objective["metric"])
     skills = sorted({s for r in runs for s in r.get("metrics", {}).get("annealed", {}).get("skill_accuracy", {})})
-    columns = list(dict.fromkeys([shown, "preference_accuracy", "perplexity",
-                                  *(f"skill_accuracy.{s}" for s in skills)]))
+    columns = list(
+        dict.fromkeys([shown, "preference_accuracy", "perplexity", *(f"skill_accuracy.{s}" for s in skills)])
+    )
     jobs, cache = summary["jobs"], summary["cache"]
-    reuse = lambda kind: (f"computed {cache[kind].get('miss', 0)}, reused {cache[kind].get('hit', 0)}"
-                          + (f", uncached {cache[kind]['off']}" if cache[kind].get("off") else ""))
-    lines = ["# Sweep summary", "",
-             f"{jobs['total']} jobs: {jobs['done']} done, {jobs['failed']} failed"
-             + (f", {jobs['incomplete']} incomplete" if jobs["incomplete"] else "")
-             + ("" if summary["complete"] else " (the sweep is still running or stopped early)")
-             + f". Ranked by `{objective['metric']}` ({objective['direction']}). "
-             f"Merges: {reuse('merge')}; reference log-probs: {reuse('reference_logps')}.", "",
-             "| rank | job | overrides | objective | " + " | ".join(f"{c} merged → annealed" for c in columns)
-             + f" | Δ {shown} annealed − merged [95%] | cache merge / ref. | status |",
-             "|---" * (len(columns) + 7) + "|"]
+    reuse = lambda kind: (
+        f"computed {cache[kind].get('miss', 0)}, reused {cache[kind].get('hit', 0)}"
+        + (f", uncached {cache[kind]['off']}" if cache[kind].get("off") else "")
+    )
+    lines = [
+        "# Sweep summary",
+        "",
+        f"{jobs['total']} jobs: {jobs['done']} done, {jobs['failed']} failed"
+        + (f", {jobs['incomplete']} incomplete" if jobs["incomplete"] else "")
+        + ("" if summary["complete"] else " (the sweep is still running or stopped early)")
+        + f". Ranked by `{objective['metric']}` ({objective['direction']}). "
+        f"Merges: {reuse('merge')}; reference log-probs: {reuse('reference_logps')}.",
+        "",
+        "| rank | job | overrides | objective | "
+        + " | ".join(f"{c} merged → annealed" for c in columns)
+        + f" | Δ {shown} annealed − merged [95%] | cache merge / ref. | status |",
+        "|---" * (len(columns) + 7) + "|",
+    ]
     for run in runs:
         cells = []
         for column in columns:
             merged, annealed = model_value(run, "merged", column)[0], model_value(run, "annealed", column)[0]
             cells.append(f"{_num(merged)} → {_num(annealed)}")
         comparison = _walk(run.get("annealed_vs_merged", {}), shown)
-        lines.append(f"| {run['rank'] or '–'} | {run['job']} | {_code(run['label'])} | {_num(run['objective'])} | "
-                     + " | ".join(cells) + f" | {_delta(comparison)} | "
-                     f"{run['cache']['merge'] or '–'} / {run['cache']['reference_logps'] or '–'} | {run['status']} |")
+        lines.append(
+            f"| {run['rank'] or '–'} | {run['job']} | {_code(run['label'])} | {_num(run['objective'])} | "
+            + " | ".join(cells)
+            + f" | {_delta(comparison)} | "
+            f"{run['cache']['merge'] or '–'} / {run['cache']['reference_logps'] or '–'} | {run['status']} |"
+        )
     lines += _comparison_lines(summary, shown)
     failed = [r for r in runs if r["status"] != "done" or r.get("objective_error")]
     if failed:
         lines += ["", "## Jobs without a result", ""]
-        lines += [f"- job {r['job']} ({_code(r['label'])}, {r['run_dir']}): {r['status']}; "
-                  f"{r.get('error') or r.get('objective_error') or 'see its log'}" for r in failed]
+        lines += [
+            f"- job {r['job']} ({_code(r['label'])}, {r['run_dir']}): {r['status']}; "
+            f"{r.get('error') or r.get('objective_error') or 'see its log'}"
+            for r in failed
+        ]
     if summary.get("conclusion"):
         lines += ["", f"**Conclusion.** {summary['conclusion']}"]
     lines += ["", f"![ranking]({SUMMARY_PNG})", ""]
@@ -97,33 +112,48 @@ def _comparison_lines(summary: dict, shown: str) -> list[str]:
     if not comparisons["pairs"]:
         return []
     what = "each job against the best" if comparisons["mode"] == "best" else "every pair of jobs"
-    lines = ["", "## Jobs compared", "",
-             f"Annealed models, {what}: A − B over the same held-out items, 95% paired bootstrap interval "
-             f"({comparisons['bootstrap']['resamples']} resamples); **differs** when the interval excludes 0.", ""]
+    lines = [
+        "",
+        "## Jobs compared",
+        "",
+        f"Annealed models, {what}: A − B over the same held-out items, 95% paired bootstrap interval "
+        f"({comparisons['bootstrap']['resamples']} resamples); **differs** when the interval excludes 0.",
+        "",
+    ]
     headline = shown if shown in COMPARED or shown.startswith("skill_accuracy.") else "preference_accuracy"
     if pairs:
         differ = [p for p in pairs if p["metrics"][headline]["differs"]]
         same = [p for p in pairs if not p["metrics"][headline]["differs"]]
         name = lambda p: f"{_code(p['a_label'])} vs {_code(p['b_label'])}"
         differing = "; ".join(f"{name(p)} ({_delta(p['metrics'][headline])})" for p in differ)
-        lines.append(f"On {headline}: " + (f"**differ**: {differing}. " if differ else "no pair differs measurably. ")
-                     + (f"No measurable difference: {'; '.join(name(p) for p in same)}." if same and differ else ""))
-        others = [f"{metric} {len(found)} of {len(pairs)}" for metric, found in comparisons["differ"].items()
-                  if metric != headline]
+        lines.append(
+            f"On {headline}: "
+            + (f"**differ**: {differing}. " if differ else "no pair differs measurably. ")
+            + (f"No measurable difference: {'; '.join(name(p) for p in same)}." if same and differ else "")
+        )
+        others = [
+            f"{metric} {len(found)} of {len(pairs)}"
+            for metric, found in comparisons["differ"].items()
+            if metric != headline
+        ]
         lines += ["", f"Pairs that differ on the other metrics: {'; '.join(others)}."]
     lines += ["", "| A | B | metric | A − B [95%] | |", "|---|---|---|---|---|"]
     for pair in comparisons["pairs"]:
         if not pair["comparable"]:
-            lines.append(f"| {_code(pair['a_label'])} | {_code(pair['b_label'])} | – | not compared: "
-                         f"{pair['reason']} | |")
+            lines.append(
+                f"| {_code(pair['a_label'])} | {_code(pair['b_label'])} | – | not compared: {pair['reason']} | |"
+            )
             continue
         for metric, value in pair["metrics"].items():
-            lines.append(f"| {_code(pair['a_label'])} | {_code(pair['b_label'])} | {metric} | {_delta(value)} | "
-                         f"{'**differs**' if value['differs'] else ''} |")
+            lines.append(
+                f"| {_code(pair['a_label'])} | {_code(pair['b_label'])} | {metric} | {_delta(value)} | "
+                f"{'**differs**' if value['differs'] else ''} |"
+            )
     return lines
 
 
 # ------------------------------------------------------------------------------------------------------ plot
+
 
 def plot_summary(summary: dict, path: Path) -> None:
     """Left: the shown metric, merged and annealed, per job in rank order (95% intervals); right: its paired
@@ -147,9 +177,17 @@ def plot_summary(summary: dict, path: Path) -> None:
             errors[1].append(ci[1] - value if ci else 0)
         left.barh([y + offset for y in rows], values, height=0.4, xerr=errors, capsize=3, color=color, label=model)
     deltas = [_walk(r.get("annealed_vs_merged", {}), shown) for r in runs]
-    right.barh(list(rows), [d["delta"] if d else float("nan") for d in deltas], height=0.5, color="tab:green",
-               xerr=[[d["delta"] - d["ci95"][0] if d else 0 for d in deltas],
-                     [d["ci95"][1] - d["delta"] if d else 0 for d in deltas]], capsize=3)
+    right.barh(
+        list(rows),
+        [d["delta"] if d else float("nan") for d in deltas],
+        height=0.5,
+        color="tab:green",
+        xerr=[
+            [d["delta"] - d["ci95"][0] if d else 0 for d in deltas],
+            [d["ci95"][1] - d["delta"] if d else 0 for d in deltas],
+        ],
+        capsize=3,
+    )
     right.axvline(0, color="black", linewidth=0.8)
     for ax in (left, right):
         ax.set_yticks(list(rows), labels if ax is left else [""] * len(runs), fontsize=8)
@@ -210,5 +248,3 @@ def plot_curves(table: dict, x: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
-
-

@@ -25,14 +25,21 @@ REPO = Path(__file__).resolve().parents[1]
 # The demo parents are an input, content-addressed by their recipe: the tests use the demo where the README's
 # first command (`python -m pipeline +merge=slerp`) builds it, the user's merge-anneal cache, and build it there
 # once when it is missing. MERGE_ANNEAL_TEST_CACHE points the tests elsewhere.
-TEST_CACHE = Path(os.environ.get("MERGE_ANNEAL_TEST_CACHE") or os.environ.get("MERGE_ANNEAL_CACHE")
-                  or "~/.cache/merge-anneal").expanduser().resolve()
+TEST_CACHE = (
+    Path(os.environ.get("MERGE_ANNEAL_TEST_CACHE") or os.environ.get("MERGE_ANNEAL_CACHE") or "~/.cache/merge-anneal")
+    .expanduser()
+    .resolve()
+)
 # Fast-tier subprocesses run one torch thread: tiny models gain nothing from two, and two xdist workers share
 # the 2 cores (two spinning threads per process made runs up to 20x slower).
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 # A short anneal: the tests check plumbing, not the annealing effect.
-SHORT = ["anneal.trainer.max_steps=4", "anneal.trainer.logging_steps=2", "anneal.trainer.save_steps=1000",
-         "anneal.trainer.disable_tqdm=true"]
+SHORT = [
+    "anneal.trainer.max_steps=4",
+    "anneal.trainer.logging_steps=2",
+    "anneal.trainer.save_steps=1000",
+    "anneal.trainer.disable_tqdm=true",
+]
 
 
 def pytest_configure(config):
@@ -50,8 +57,11 @@ def pytest_collection_modifyitems(config, items):
         if faults:
             config.hook.pytest_deselected(items=faults)
             items[:] = [item for item in items if not item.get_closest_marker("faults")]
-    untiered = [item.nodeid for item in items if not item.get_closest_marker("slow")
-                and {"demo_path", "readme_run"} & set(getattr(item, "fixturenames", ()))]
+    untiered = [
+        item.nodeid
+        for item in items
+        if not item.get_closest_marker("slow") and {"demo_path", "readme_run"} & set(getattr(item, "fixturenames", ()))
+    ]
     if untiered:
         raise pytest.UsageError(f"tests using the trained demo must be marked slow: {untiered}")
     gpu = [item for item in items if item.get_closest_marker("gpu")]
@@ -64,6 +74,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 # ------------------------------------------------------------------------------------------------ fast tier
+
 
 @dataclass
 class Tiny:
@@ -80,8 +91,13 @@ class Tiny:
     @property
     def overrides(self) -> list[str]:
         # the pairs are a few dozen characters: a length limit to match (the reference pass batches by tokens)
-        return [*self.models, *self.data, "anneal.trainer.per_device_train_batch_size=4",
-                "anneal.trainer.max_length=64", *SHORT]
+        return [
+            *self.models,
+            *self.data,
+            "anneal.trainer.per_device_train_batch_size=4",
+            "anneal.trainer.max_length=64",
+            *SHORT,
+        ]
 
 
 def make_tiny_llama(folder: Path, seed: int, base: Path | None = None, noise: float = 0.05, **config) -> Path:
@@ -94,10 +110,19 @@ def make_tiny_llama(folder: Path, seed: int, base: Path | None = None, noise: fl
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    settings = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                    tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    settings = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
     architecture = config.pop("architecture", None)
     model = LlamaForCausalLM(LlamaConfig(**{**settings, **config}))
     if base is not None:
@@ -155,22 +180,33 @@ def tiny(tmp_path_factory) -> Tiny:
             write_jsonl(root / "data" / "train.jsonl", tiny_pairs(48, seed=0))
             write_jsonl(root / "data" / "heldout.jsonl", tiny_pairs(16, seed=1))
     data = root / "data"
-    return Tiny(root, models=["models=local", f"models.base={root / 'base'}",
-                              f"models.parents=[{root / 'add'},{root / 'reverse'}]"],
-                data=["data=custom", f"data.path={data / 'train.jsonl'}", f"data.heldout.path={data / 'heldout.jsonl'}",
-                      "data.answer_key=pipeline.demo.tasks.answer_key",
-                      # demo-style answers of a few characters, short sequences: eval as the demo's recipe does
-                      "eval.max_new_tokens=8", "eval.batch_size=64"])
+    return Tiny(
+        root,
+        models=["models=local", f"models.base={root / 'base'}", f"models.parents=[{root / 'add'},{root / 'reverse'}]"],
+        data=[
+            "data=custom",
+            f"data.path={data / 'train.jsonl'}",
+            f"data.heldout.path={data / 'heldout.jsonl'}",
+            "data.answer_key=pipeline.demo.tasks.answer_key",
+            # demo-style answers of a few characters, short sequences: eval as the demo's recipe does
+            "eval.max_new_tokens=8",
+            "eval.batch_size=64",
+        ],
+    )
 
 
 # ------------------------------------------------------------------------------------------------ demo tier
+
 
 @pytest.fixture(scope="session")
 def demo_path() -> Path:
     """The trained demo, built as a user's first run builds it: in its own process, torch's default threads."""
     if not demo.demo_dir(TEST_CACHE).is_dir():
-        subprocess.run([sys.executable, "-m", "pipeline.demo", str(TEST_CACHE)], check=True,
-                       env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
+        subprocess.run(
+            [sys.executable, "-m", "pipeline.demo", str(TEST_CACHE)],
+            check=True,
+            env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"},
+        )
     return demo.ensure_demo(TEST_CACHE)
 
 
@@ -187,9 +223,11 @@ def base_overrides(cache_dir: Path) -> list[str]:
 @pytest.fixture
 def make_cfg(cache_dir):
     """compose() the real config with overrides, as `python -m pipeline` would."""
+
     def _compose(*overrides: str):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose("config", overrides=[*base_overrides(cache_dir), *overrides])
+
     return _compose
 
 
@@ -203,12 +241,22 @@ def shared_cache(tmp_path_factory) -> Path:
 def make_short_cfg(shared_cache, tiny):
     """The tiny parents and (unless `data=custom` is among the overrides) their data, a 4-step anneal, merge and
     anneal only."""
+
     def _compose(*overrides):
         own_data = "data=custom" in overrides
         chosen = [o for o in tiny.overrides if not (own_data and o in tiny.data)]
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose("config", overrides=[f"pipeline.cache_dir={shared_cache}", f"models.cache_dir={TEST_CACHE}",
-                                                "pipeline.stages=[merge,anneal]", *chosen, *overrides])
+            return compose(
+                "config",
+                overrides=[
+                    f"pipeline.cache_dir={shared_cache}",
+                    f"models.cache_dir={TEST_CACHE}",
+                    "pipeline.stages=[merge,anneal]",
+                    *chosen,
+                    *overrides,
+                ],
+            )
+
     return _compose
 
 
@@ -240,8 +288,14 @@ def no_network(monkeypatch):
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m pipeline ARGS` in a real subprocess."""
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=1800)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=1800,
+    )
 
 
 # Loaded at start-up by a `python -m pipeline` child whose PYTHONPATH names its folder: the child stops itself
@@ -309,12 +363,14 @@ def run_in_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def cli(tmp_path, cache_dir):
     """Run the pipeline CLI in tmp_path with the test caches; returns (CompletedProcess, run_dir). In this process
     (`run_in_process`) unless `env` is given or `process=True`: then a real subprocess (one torch thread)."""
+
     def _run(*args: str, run_dir: Path | None = None, env: dict | None = None, process: bool = False):
         run_dir = run_dir or tmp_path / "run"
         args = (*args, *base_overrides(cache_dir), f"hydra.run.dir={run_dir}")
         if env is None and not process:
             return run_in_process(*args, cwd=tmp_path), run_dir
         return run_cli(*args, cwd=tmp_path, env={**ONE_THREAD, **(env or {})}), run_dir
+
     return _run
 
 
@@ -329,10 +385,17 @@ def run_once(tmp_path_factory, name: str, *args: str, env: dict | None = None):
     with FileLock(str(root / f"{name}.lock")):
         if not record.is_file():
             work.mkdir()
-            result = run_cli(*args, f"pipeline.cache_dir={work / 'cache'}", f"models.cache_dir={TEST_CACHE}",
-                             f"hydra.run.dir={work / 'run'}", cwd=work, env=env)
-            record.write_text(json.dumps({"returncode": result.returncode, "stdout": result.stdout,
-                                          "stderr": result.stderr}))
+            result = run_cli(
+                *args,
+                f"pipeline.cache_dir={work / 'cache'}",
+                f"models.cache_dir={TEST_CACHE}",
+                f"hydra.run.dir={work / 'run'}",
+                cwd=work,
+                env=env,
+            )
+            record.write_text(
+                json.dumps({"returncode": result.returncode, "stdout": result.stdout, "stderr": result.stderr})
+            )
     saved = json.loads(record.read_text())
     result = subprocess.CompletedProcess(list(args), saved["returncode"], saved["stdout"], saved["stderr"])
     assert result.returncode == 0, result.stderr[-4000:]

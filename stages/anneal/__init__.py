@@ -63,11 +63,25 @@ def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
     pairs, dropped, routes = load_pairs(anneal, data, references)
     checked = None
     if not launch.launched():  # the gate, once, in the pipeline's own process
-        checked = gate.perplexity_gate(MergeCheck.of(cfg.pipeline.merge_check, "pipeline.merge_check"),
-                                       pairs["heldout"], merge, anneal.trainer, int(cfg.eval.batch_size))
+        check = MergeCheck.of(cfg.pipeline.merge_check, "pipeline.merge_check")
+        checked = gate.perplexity_gate(check, pairs["heldout"], merge, anneal.trainer, int(cfg.eval.batch_size))
         if launch.wanted(cfg.distributed):
             return launch.run(cfg, run_dir, len(pairs["train"])).model_copy(update={"merge_check": checked})
-    stage_dir, merged_dir, clock = Path(run_dir) / "anneal", Path(merge.outputs.model), perf.PhaseClock()
+    record = anneal_here(cfg, Path(run_dir), anneal, merge, references, (pairs, dropped, routes))
+    return record.model_copy(update={"merge_check": checked})
+
+
+def anneal_here(
+    cfg: DictConfig,
+    run_dir: Path,
+    anneal: AnnealSettings,
+    merge: records.MergeRecord,
+    references: refs.References,
+    data: tuple,
+) -> records.AnnealRecord:
+    """This process's part of the anneal (the whole of it on one process): plan, score the reference, train, save."""
+    (pairs, dropped, routes), clock = data, perf.PhaseClock()
+    stage_dir, merged_dir = run_dir / "anneal", Path(merge.outputs.model)
     with perf.fingerprint_in_background(references.first.path, anneal.perf.fingerprint_in_background) as hashing:
         from accelerate import PartialState
         from accelerate.utils import parse_flag_from_env
@@ -76,40 +90,59 @@ def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
     fingerprint, fingerprints = references.fingerprints(hashing.result())
     ranks = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # this process's rank (of one, or more)
     clock.lap("imports_and_fingerprint")
-    with (perf.malloc_keeps_freed_memory(anneal.perf.malloc_keeps_freed_memory) as malloc_kept,
-          perf.gc_skips_existing_objects(anneal.perf.gc_skips_existing_objects) as gc_skipped):
+    with (
+        perf.malloc_keeps_freed_memory(anneal.perf.malloc_keeps_freed_memory) as malloc_kept,
+        perf.gc_skips_existing_objects(anneal.perf.gc_skips_existing_objects) as gc_skipped,
+    ):
         stage_dir.mkdir(parents=True, exist_ok=True)
         tokenizer = AutoTokenizer.from_pretrained(merged_dir)
         check_vocabularies(tokenizer, merged_dir, references)
         plan = make_plan(anneal, merged_dir, stage_dir, launch.sharding(cfg.distributed))
         clock.lap("setup")
-        scoring = Scoring(tokenizer, plan.args, plan.precision, CachePolicy.of_pipeline(cfg.pipeline), anneal.perf,
-                          stage_dir, ranks)
+        scoring = Scoring(
+            tokenizer, plan.args, plan.precision, CachePolicy.of_pipeline(cfg.pipeline), anneal.perf, stage_dir, ranks
+        )
         stored = score_reference(scoring, anneal, references, fingerprint, fingerprints, pairs, routes, dropped)
         clock.lap("reference_logps")
-        trainer, applied, checkpoint = train(plan, anneal, stored.scored["train"], scoring, merged_dir, fingerprint,
-                                             bool(cfg.pipeline.resume), clock)
+        trainer, applied, checkpoint = train(
+            plan, anneal, stored.scored["train"], scoring, merged_dir, fingerprint, bool(cfg.pipeline.resume), clock
+        )
         clock.lap("train")
         saved = save(trainer, plan, anneal, tokenizer, merged_dir, stage_dir, ranks)
         del trainer
         saved = finish_adapter(saved, anneal, tokenizer, merged_dir, stage_dir, ranks)
         clock.lap("save")
     return records.AnnealRecord(
-        inputs=inputs(references, merged_dir, stored, data), outputs=saved.outputs(stage_dir, stored.path),
-        reference_fingerprint=fingerprint, merge_check=checked, precision=plan.precision.record(),
+        inputs=inputs(references, merged_dir, stored, preferences.sources(DataSettings.of(cfg.data, "data"))),
+        outputs=saved.outputs(stage_dir, stored.path),
+        reference_fingerprint=fingerprint,
+        precision=plan.precision.record(),
         config={name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("anneal", "data")},
-        memory_plan=plan.memory.record() if plan.memory else None, processes=ranks.num_processes,
+        memory_plan=plan.memory.record() if plan.memory else None,
+        processes=ranks.num_processes,
         distributed_type=saved.engine,
         process={"malloc_keeps_freed_memory": malloc_kept, "gc_skipped_objects": gc_skipped},
-        perf={"switches": anneal.perf.model_dump(), "applied": {
-            **{name: bool(applied[name]) for name in ("frozen_base_in_bf16", "float32_attention")},
-            "packing": training.packing_record(applied["packing"])}},
-        saved_for_backward=applied["saved_for_backward"], data=stored.counts(dropped), cache=stored.cache_record(),
-        reference_batch_size=plan.args.precompute_ref_batch_size, resumed_from=checkpoint, final_log=saved.final,
-        seconds_by_phase=clock.seconds)
+        perf={"switches": anneal.perf.model_dump(), "applied": applied_record(applied)},
+        saved_for_backward=applied["saved_for_backward"],
+        data=stored.counts(dropped),
+        cache=stored.cache_record(),
+        reference_batch_size=plan.args.precompute_ref_batch_size,
+        resumed_from=checkpoint,
+        final_log=saved.final,
+        seconds_by_phase=clock.seconds,
+    )
+
+
+def applied_record(applied: dict) -> dict:
+    """What the perf switches applied in training, for the record."""
+    return {
+        **{name: bool(applied[name]) for name in ("frozen_base_in_bf16", "float32_attention")},
+        "packing": training.packing_record(applied["packing"]),
+    }
 
 
 # ------------------------------------------------------------------------------------------------- phases
+
 
 def load_pairs(anneal: AnnealSettings, data: DataSettings, references: refs.References):
     """The preference pairs, the counts of rows dropped, and under `reference_combine=route` each pair's parent
@@ -123,9 +156,13 @@ def load_pairs(anneal: AnnealSettings, data: DataSettings, references: refs.Refe
 def check_vocabularies(tokenizer, merged_dir: Path, references: refs.References) -> None:
     for source in references.sources.values():
         models.check_same_vocabulary(
-            tokenizer, merged_dir, source.path, "The reference model",
+            tokenizer,
+            merged_dir,
+            source.path,
+            "The reference model",
             "use a parent with the same tokenizer (anneal.reference=auto or a parent name), or merge without "
-            "changing the vocabulary.")
+            "changing the vocabulary.",
+        )
 
 
 @dataclass(frozen=True)
@@ -164,37 +201,61 @@ class Stored:
     by_parent: dict | None
 
     def counts(self, dropped: dict) -> dict:
-        return {"train_pairs": len(self.scored["train"]), "heldout_pairs": len(self.scored["heldout"]),
-                "dropped": dropped}
+        return {
+            "train_pairs": len(self.scored["train"]),
+            "heldout_pairs": len(self.scored["heldout"]),
+            "dropped": dropped,
+        }
 
     def cache_record(self) -> dict:
         by_parent = {n: p["cache"] for n, p in self.by_parent.items()} if self.by_parent else None
         return {"reference_logps": self.cache, **({"reference_logps_by_parent": by_parent} if by_parent else {})}
 
 
-def score_reference(scoring: Scoring, anneal: AnnealSettings, references: refs.References, fingerprint: str,
-                    fingerprints: dict, pairs, routes, dropped: dict) -> Stored:
+def score_reference(
+    scoring: Scoring,
+    anneal: AnnealSettings,
+    references: refs.References,
+    fingerprint: str,
+    fingerprints: dict,
+    pairs,
+    routes,
+    dropped: dict,
+) -> Stored:
     """Every pair scored by the reference once (cached across runs; split across processes); pairs TRL drops for a
     prompt that fills max_length are counted in `dropped`, never silent."""
     if references.parents:
-        path, state, by_parent = parents_reference_logps(scoring, references.sources, fingerprints, pairs,
-                                                         anneal.reference_combine, routes)
+        path, state, by_parent = parents_reference_logps(
+            scoring, references.sources, fingerprints, pairs, anneal.reference_combine, routes
+        )
     else:
         (path, state), by_parent = reference_logps(scoring, references.first.path, fingerprint, pairs), None
     scored = preferences.read_store(path)
     for split in scored:
         dropped[split]["prompt_too_long"] = len(pairs[split]) - len(scored[split])
     if dropped["train"]["prompt_too_long"]:
-        log.warning(f"anneal: {dropped['train']['prompt_too_long']} of {len(pairs['train'])} training pairs have a "
-                    f"prompt of at least anneal.trainer.max_length={scoring.args.max_length} tokens and are left out")
-    log.info(f"anneal: {len(scored['train'])} train / {len(scored['heldout'])} held-out pairs; dropped {dropped}; "
-             f"reference {references.label} ({', '.join(s.public_name() for s in references.sources.values())}); "
-             f"reference log-probs: cache {state}")
+        log.warning(
+            f"anneal: {dropped['train']['prompt_too_long']} of {len(pairs['train'])} training pairs have a "
+            f"prompt of at least anneal.trainer.max_length={scoring.args.max_length} tokens and are left out"
+        )
+    log.info(
+        f"anneal: {len(scored['train'])} train / {len(scored['heldout'])} held-out pairs; dropped {dropped}; "
+        f"reference {references.label} ({', '.join(s.public_name() for s in references.sources.values())}); "
+        f"reference log-probs: cache {state}"
+    )
     return Stored(path, scored, state, by_parent)
 
 
-def train(plan: Plan, anneal: AnnealSettings, train_pairs, scoring: Scoring, merged_dir: Path, fingerprint: str,
-          resume: bool, clock: perf.PhaseClock):
+def train(
+    plan: Plan,
+    anneal: AnnealSettings,
+    train_pairs,
+    scoring: Scoring,
+    merged_dir: Path,
+    fingerprint: str,
+    resume: bool,
+    clock: perf.PhaseClock,
+):
     """Train the merged model against the stored reference log-probs (from the newest checkpoint when resuming).
     Returns the trainer, what the perf switches applied, and the checkpoint resumed from."""
     ranks, stage_dir = scoring.ranks, scoring.stage_dir
@@ -205,8 +266,15 @@ def train(plan: Plan, anneal: AnnealSettings, train_pairs, scoring: Scoring, mer
     ranks.wait_for_everyone()
     model = weights.load_policy(merged_dir, anneal, plan.precision.frozen_linear_weights, ranks.local_process_index)
     columns = train_pairs.select_columns([*preferences.COLUMNS, *REF_COLUMNS])  # TRL's columns only
-    trainer = training.make_trainer(model, scoring.tokenizer, plan.train_args, columns, anneal, stage_dir,
-                                    perf.known_model_hash(fingerprint, anneal.perf.skip_trl_model_hash))
+    trainer = training.make_trainer(
+        model,
+        scoring.tokenizer,
+        plan.train_args,
+        columns,
+        anneal,
+        stage_dir,
+        perf.known_model_hash(fingerprint, anneal.perf.skip_trl_model_hash),
+    )
     with perf.training(trainer, model, plan.precision, anneal.perf) as applied:
         clock.lap("setup")
         trainer.train(resume_from_checkpoint=checkpoint)
@@ -222,9 +290,12 @@ class Saved:
     adapter: bool
 
     def outputs(self, stage_dir: Path, store: Path) -> dict:
-        return {"model": str(stage_dir / "model"), "reference_logps": str(store),
-                "metrics": str(stage_dir / "metrics.jsonl"),
-                **({"adapter": str(stage_dir / "adapter")} if self.adapter else {})}
+        return {
+            "model": str(stage_dir / "model"),
+            "reference_logps": str(store),
+            "metrics": str(stage_dir / "metrics.jsonl"),
+            **({"adapter": str(stage_dir / "adapter")} if self.adapter else {}),
+        }
 
 
 def save(trainer, plan: Plan, anneal: AnnealSettings, tokenizer, merged_dir: Path, stage_dir: Path, ranks) -> Saved:
@@ -241,8 +312,7 @@ def save(trainer, plan: Plan, anneal: AnnealSettings, tokenizer, merged_dir: Pat
     return Saved(final, engine, anneal.peft is not None)
 
 
-def finish_adapter(saved: Saved, anneal: AnnealSettings, tokenizer, merged_dir: Path, stage_dir: Path,
-                   ranks) -> Saved:
+def finish_adapter(saved: Saved, anneal: AnnealSettings, tokenizer, merged_dir: Path, stage_dir: Path, ranks) -> Saved:
     """LoRA: the adapter merged into the float32 merged weights, once the trainer and its model are gone."""
     models.release_memory()
     if ranks.is_main_process and saved.adapter:
@@ -251,10 +321,15 @@ def finish_adapter(saved: Saved, anneal: AnnealSettings, tokenizer, merged_dir: 
     return saved
 
 
-def inputs(references: refs.References, merged_dir: Path, stored: Stored, data: DataSettings) -> dict:
+def inputs(references: refs.References, merged_dir: Path, stored: Stored, data_sources: dict) -> dict:
     """The record's inputs: the merged model, the reference(s) with their provenance, the data's sources."""
     first = references.first
-    return {"model": str(merged_dir), "reference": references.choice if models.is_hub_id(references.choice)
-            or stored.by_parent else first.path, "reference_path": first.path, "reference_label": references.label,
-            "reference_source": first, "data": preferences.sources(data),
-            **({"references": stored.by_parent} if stored.by_parent else {})}
+    return {
+        "model": str(merged_dir),
+        "reference": references.choice if models.is_hub_id(references.choice) or stored.by_parent else first.path,
+        "reference_path": first.path,
+        "reference_label": references.label,
+        "reference_source": first,
+        "data": data_sources,
+        **({"references": stored.by_parent} if stored.by_parent else {}),
+    }

@@ -15,8 +15,9 @@ from stages.anneal.settings import MergeCheck
 log = logging.getLogger(__name__)
 
 
-def perplexity_gate(check: MergeCheck, heldout, merge: records.MergeRecord, trainer: dict,
-                    batch_size: int) -> dict | None:
+def perplexity_gate(
+    check: MergeCheck, heldout, merge: records.MergeRecord, trainer: dict, batch_size: int
+) -> dict | None:
     """Perplexity on up to `check.texts` of the `heldout` pairs' chosen answers (tokenised as the anneal's
     `trainer` settings truncate them; `batch_size` sequences a forward, eval's), of the merged model and of each
     parent sharing its vocabulary; a merge above `check.max_perplexity_ratio` times the highest parent's is refused
@@ -27,8 +28,10 @@ def perplexity_gate(check: MergeCheck, heldout, merge: records.MergeRecord, trai
     rows = heldout.select(scoring.spread(list(range(len(heldout))), check.texts))
     tokenizer = scoring.load_tokenizer(merged_dir)
     truncation = scoring.truncation_mode(trainer.get("truncation_mode"))
-    texts = [scoring.tokenize_completion(tokenizer, r["prompt"], r["chosen"], trainer["max_length"], truncation)
-             for r in rows]
+    texts = [
+        scoring.tokenize_completion(tokenizer, r["prompt"], r["chosen"], trainer["max_length"], truncation)
+        for r in rows
+    ]
     texts = [(ids, mask) for ids, mask in texts if any(mask)]  # an answer the length limit left nothing of: none
     if not texts:  # the anneal refuses such data itself, with its counts
         log.warning("anneal: no merge check: no held-out answer fits anneal.trainer.max_length")
@@ -65,18 +68,29 @@ def verdict(check: MergeCheck, found: dict[str, float], texts: int, merged_dir: 
     highest = max(parents.values(), default=None)
     ratio = found["merged"] / highest if highest else None
     limit = check.max_perplexity_ratio
-    result = {"texts": texts, "perplexity": found, "ratio": ratio, "max_ratio": limit,
-              "flagged": bool(limit is not None and ratio is not None and ratio > limit)}
+    result = {
+        "texts": texts,
+        "perplexity": found,
+        "ratio": ratio,
+        "max_ratio": limit,
+        "flagged": bool(limit is not None and ratio is not None and ratio > limit),
+    }
     listing = ", ".join(f"{name.removeprefix('parent:')} {value:.4g}" for name, value in parents.items())
-    log.info(f"anneal: merge check on {texts} held-out chosen answers: perplexity merged {found['merged']:.4g}, "
-             f"parents {listing or 'none comparable'}"
-             + (f" ({ratio:.2f}x the highest{f'; refused above {limit}' if limit is not None else ''})"
-                if ratio is not None else ""))
+    log.info(
+        f"anneal: merge check on {texts} held-out chosen answers: perplexity merged {found['merged']:.4g}, "
+        f"parents {listing or 'none comparable'}"
+        + (
+            f" ({ratio:.2f}x the highest{f'; refused above {limit}' if limit is not None else ''})"
+            if ratio is not None
+            else ""
+        )
+    )
     if result["flagged"]:
         raise UserError(
             f"The merge looks broken: its perplexity on {texts} held-out chosen answers is {found['merged']:.4g}, "
             f"{ratio:.1f}x the highest of its parents' ({listing}), above pipeline.merge_check.max_perplexity_ratio="
             f"{limit}; annealing it would spend the run on gibberish. Fix: check the merge ({merged_dir}) and its "
             "config (weights, t, density or lambda near their usual ranges; a passthrough's layer ranges; the "
-            "models' tokenizers), or anneal it anyway with pipeline.merge_check.max_perplexity_ratio=null.")
+            "models' tokenizers), or anneal it anyway with pipeline.merge_check.max_perplexity_ratio=null."
+        )
     return result

@@ -77,13 +77,32 @@ def launch_command(dist: DictConfig, config_file: Path, run_dir: Path, head: str
     if dist.launcher == "accelerate":
         return [*accelerate, *script]
     if dist.launcher != "slurm":
-        raise UserError(f"distributed.launcher={dist.launcher} is not a launcher. Fix: accelerate or slurm "
-                        "(distributed=ddp, fsdp2, zero3 or slurm choose one).")
+        raise UserError(
+            f"distributed.launcher={dist.launcher} is not a launcher. Fix: accelerate or slurm "
+            "(distributed=ddp, fsdp2, zero3 or slurm choose one)."
+        )
     nodes = int(dist.num_machines)
-    per_node = [*accelerate, "--num_machines", str(nodes), "--machine_rank", "$SLURM_NODEID",
-                "--main_process_ip", head, "--main_process_port", str(dist.main_process_port), *script]
-    return ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", *dist.get("srun", []),
-            "bash", "-c", " ".join(a if a.startswith("$") else shlex.quote(a) for a in per_node)]
+    per_node = [
+        *accelerate,
+        "--num_machines",
+        str(nodes),
+        "--machine_rank",
+        "$SLURM_NODEID",
+        "--main_process_ip",
+        head,
+        "--main_process_port",
+        str(dist.main_process_port),
+        *script,
+    ]
+    return [
+        "srun",
+        f"--nodes={nodes}",
+        "--ntasks-per-node=1",
+        *dist.get("srun", []),
+        "bash",
+        "-c",
+        " ".join(a if a.startswith("$") else shlex.quote(a) for a in per_node),
+    ]
 
 
 def check_machine(dist: DictConfig, processes: int) -> None:
@@ -95,23 +114,31 @@ def check_machine(dist: DictConfig, processes: int) -> None:
     cuda = torch.cuda.device_count()
     kind = dist.distributed_type
     if kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
-        raise UserError("distributed=zero3 needs DeepSpeed, which is not installed. Fix: pip install deepspeed "
-                        "(on a CUDA machine), or use distributed=fsdp2 (PyTorch's own sharding) or distributed=ddp.")
+        raise UserError(
+            "distributed=zero3 needs DeepSpeed, which is not installed. Fix: pip install deepspeed "
+            "(on a CUDA machine), or use distributed=fsdp2 (PyTorch's own sharding) or distributed=ddp."
+        )
     if dist.get("use_cpu"):
         if kind != "MULTI_GPU":  # accelerate runs FSDP on CPU processes as plain data parallelism
-            raise UserError(f"distributed.use_cpu=true runs data-parallel CPU processes (gloo), not {kind} "
-                            "(accelerate would run it as plain data parallelism). Fix: distributed=ddp "
-                            "distributed.use_cpu=true, or a CUDA machine for sharding.")
+            raise UserError(
+                f"distributed.use_cpu=true runs data-parallel CPU processes (gloo), not {kind} "
+                "(accelerate would run it as plain data parallelism). Fix: distributed=ddp "
+                "distributed.use_cpu=true, or a CUDA machine for sharding."
+            )
         return
     if dist.launcher == "slurm" and not (os.environ.get("SLURM_JOB_ID") and shutil.which("srun")):
-        raise UserError("distributed=slurm starts the anneal with srun inside a Slurm allocation, and this process is "
-                        "not in one. Fix: run the pipeline as a job (e.g. sbatch --nodes=2 --gpus-per-node=8 --wrap "
-                        "\"python -m pipeline ... distributed=slurm distributed.num_machines=2\"), or distributed=ddp "
-                        "on one machine.")
+        raise UserError(
+            "distributed=slurm starts the anneal with srun inside a Slurm allocation, and this process is "
+            "not in one. Fix: run the pipeline as a job (e.g. sbatch --nodes=2 --gpus-per-node=8 --wrap "
+            '"python -m pipeline ... distributed=slurm distributed.num_machines=2"), or distributed=ddp '
+            "on one machine."
+        )
     if dist.launcher == "accelerate" and not 0 < processes <= cuda:
-        raise UserError(f"distributed.num_processes={processes} but this machine has {cuda} CUDA device(s). Fix: "
-                        f"distributed.num_processes={cuda or 1} (one per GPU), distributed=none for one process, or "
-                        "distributed.use_cpu=true to rehearse with CPU processes (ddp only).")
+        raise UserError(
+            f"distributed.num_processes={processes} but this machine has {cuda} CUDA device(s). Fix: "
+            f"distributed.num_processes={cuda or 1} (one per GPU), distributed=none for one process, or "
+            "distributed.use_cpu=true to rehearse with CPU processes (ddp only)."
+        )
 
 
 def run(cfg: DictConfig, run_dir: Path, train_pairs: int) -> records.AnnealRecord:
@@ -121,9 +148,11 @@ def run(cfg: DictConfig, run_dir: Path, train_pairs: int) -> records.AnnealRecor
     count = processes(dist)
     check_machine(dist, count)
     if train_pairs < count:
-        raise UserError(f"The anneal would run on {count} processes but has only {train_pairs} training "
-                        "pairs: every process needs at least one. Fix: fewer processes (distributed.num_processes), "
-                        "or more data.")
+        raise UserError(
+            f"The anneal would run on {count} processes but has only {train_pairs} training "
+            "pairs: every process needs at least one. Fix: fewer processes (distributed.num_processes), "
+            "or more data."
+        )
     work = run_dir / "anneal" / "launch"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -131,10 +160,14 @@ def run(cfg: DictConfig, run_dir: Path, train_pairs: int) -> records.AnnealRecor
     config_file = write_text(work / "accelerate.yaml", OmegaConf.to_yaml(accelerate_config(dist, count)))
     command = launch_command(dist, config_file, run_dir, socket.gethostname())
     env = {**os.environ, LAUNCHED: "1", **({"ACCELERATE_USE_CPU": "true"} if dist.get("use_cpu") else {})}
-    log.info(f"anneal: {count} processes ({dist.distributed_type}{', CPU' if dist.get('use_cpu') else ''}); "
-             f"their output: {work / 'processes.log'}")
-    with open(work / "processes.log", "wb") as out, subprocess.Popen(command, stdout=subprocess.PIPE,
-                                                                      stderr=subprocess.STDOUT, env=env) as proc:
+    log.info(
+        f"anneal: {count} processes ({dist.distributed_type}{', CPU' if dist.get('use_cpu') else ''}); "
+        f"their output: {work / 'processes.log'}"
+    )
+    with (
+        open(work / "processes.log", "wb") as out,
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as proc,
+    ):
         text = codecs.getincrementaldecoder("utf-8")(errors="replace")
         while chunk := os.read(proc.stdout.fileno(), 1 << 16):  # progress bars too: to the console and the log
             out.write(chunk)
@@ -155,7 +188,10 @@ def failure(work: Path, returncode: int) -> UserError:
     where = f"Every process's output: {work / 'processes.log'}."
     if reports:
         first = reports[0]
-        return UserError(f"The anneal failed on rank {first['rank']} of {first['world_size']}: {first['message']}. "
-                         f"The other processes were stopped. {where}")
-    return UserError(f"The anneal's processes failed (launcher exit code {returncode}) before reporting an error. "
-                     f"{where}")
+        return UserError(
+            f"The anneal failed on rank {first['rank']} of {first['world_size']}: {first['message']}. "
+            f"The other processes were stopped. {where}"
+        )
+    return UserError(
+        f"The anneal's processes failed (launcher exit code {returncode}) before reporting an error. {where}"
+    )

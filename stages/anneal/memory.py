@@ -48,8 +48,9 @@ class MemoryPlan:
     def record(self) -> dict:
         record = {name: value for name, value in asdict(self).items() if name != "inputs"}
         record["GiB"] = {name: None if record[name] is None else round(record[name] / GIB, 2) for name in QUANTITIES}
-        record.update(fits=self.fits(), headroom=HEADROOM,
-                      settings={k: v for k, v in self.inputs.items() if k != "model_config"})
+        record.update(
+            fits=self.fits(), headroom=HEADROOM, settings={k: v for k, v in self.inputs.items() if k != "model_config"}
+        )
         return record
 
     def replanned(self, **changes) -> "MemoryPlan":
@@ -71,8 +72,15 @@ def _layer_linears(model_config: dict) -> list[tuple[int, int]]:
     heads = model_config["num_attention_heads"]
     kv_heads = model_config.get("num_key_value_heads") or heads
     head_dim = model_config.get("head_dim") or h // heads
-    return [(h, heads * head_dim), (h, kv_heads * head_dim), (h, kv_heads * head_dim), (heads * head_dim, h),
-            (h, i), (h, i), (i, h)]
+    return [
+        (h, heads * head_dim),
+        (h, kv_heads * head_dim),
+        (h, kv_heads * head_dim),
+        (heads * head_dim, h),
+        (h, i),
+        (h, i),
+        (i, h),
+    ]
 
 
 def lora_parameters(model_config: dict, r: int) -> int:
@@ -80,9 +88,22 @@ def lora_parameters(model_config: dict, r: int) -> int:
     return model_config["num_hidden_layers"] * sum(r * (n_in + n_out) for n_in, n_out in _layer_linears(model_config))
 
 
-def plan(model_config: dict, n_params: int, *, mode: str, autocast: bool, batch_size: int, max_length: int,
-         activation_checkpointing: bool, processes: int = 1, sharding: str = "none", lora_r: int | None = None,
-         optim: str = "adamw_torch", device: str = "cpu", available: int | None = None) -> MemoryPlan:
+def plan(
+    model_config: dict,
+    n_params: int,
+    *,
+    mode: str,
+    autocast: bool,
+    batch_size: int,
+    max_length: int,
+    activation_checkpointing: bool,
+    processes: int = 1,
+    sharding: str = "none",
+    lora_r: int | None = None,
+    optim: str = "adamw_torch",
+    device: str = "cpu",
+    available: int | None = None,
+) -> MemoryPlan:
     """Bytes per device for DPO training with these settings (the formulas: this module's docstring)."""
     if mode not in ("full", "lora", "qlora") or sharding not in ("none", "fsdp2", "zero3"):
         raise ValueError(f"unknown mode {mode!r} or sharding {sharding!r}")
@@ -107,14 +128,16 @@ def plan(model_config: dict, n_params: int, *, mode: str, autocast: bool, batch_
         gradients, optimizer = gradients // processes, optimizer // processes
 
     tokens = 2 * batch_size * max_length
-    scores = 5 * model_config["num_attention_heads"] * max_length if model_config.get(
-        "_attn_implementation", model_config.get("attn_implementation")) == "eager" else 0
+    scores = (
+        5 * model_config["num_attention_heads"] * max_length
+        if model_config.get("_attn_implementation", model_config.get("attn_implementation")) == "eager"
+        else 0
+    )
     per_layer = 34 * h + scores  # 16-bit bytes per token
     per_token = 2 * h * layers + per_layer if activation_checkpointing else per_layer * layers
     activations = tokens * per_token * (compute_bytes // 2) + tokens * model_config["vocab_size"] * 4 * 2
     total = weights + gradients + optimizer + activations
-    return MemoryPlan(device, processes, sharding, weights, gradients, optimizer, activations, total, available,
-                      inputs)
+    return MemoryPlan(device, processes, sharding, weights, gradients, optimizer, activations, total, available, inputs)
 
 
 def available_memory(device: str) -> int | None:
@@ -153,14 +176,21 @@ def check(plan: MemoryPlan) -> None:
     if not inputs["activation_checkpointing"]:
         fixes.append((replan(activation_checkpointing=True).total, "`anneal.trainer.activation_checkpointing=true`"))
     if (batch := inputs["batch_size"]) > 1:
-        fixes.append((replan(batch_size=batch // 2).total, f"`anneal.trainer.per_device_train_batch_size={batch // 2}`"
-                      " with `anneal.trainer.gradient_accumulation_steps` doubled"))
+        fixes.append(
+            (
+                replan(batch_size=batch // 2).total,
+                f"`anneal.trainer.per_device_train_batch_size={batch // 2}`"
+                " with `anneal.trainer.gradient_accumulation_steps` doubled",
+            )
+        )
     if (length := inputs["max_length"]) > 1:
         fixes.append((replan(max_length=length // 2).total, f"a shorter `anneal.trainer.max_length={length // 2}`"))
     listed = "; ".join(f"{override} ({total / GIB:.1f} GiB)" for total, override in sorted(fixes))
-    raise UserError(f"The anneal stage would not fit in memory: {plan.describe()}, more than {HEADROOM:.0%} of "
-                    f"it. Fixes, largest effect first (each alone, its plan's total): {listed}. To skip this check: "
-                    "`anneal.memory_check=false`.")
+    raise UserError(
+        f"The anneal stage would not fit in memory: {plan.describe()}, more than {HEADROOM:.0%} of "
+        f"it. Fixes, largest effect first (each alone, its plan's total): {listed}. To skip this check: "
+        "`anneal.memory_check=false`."
+    )
 
 
 def for_anneal(anneal, sharding: str, merged_dir, args, precision, n_params: int) -> MemoryPlan | None:
@@ -178,11 +208,20 @@ def for_anneal(anneal, sharding: str, merged_dir, args, precision, n_params: int
     if device == "cpu" and available:  # the processes of one machine share its memory
         available //= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     try:
-        return plan(model_config, n_params, mode=anneal.mode, autocast=precision.autocast is not None,
-                    batch_size=args.per_device_train_batch_size,
-                    max_length=args.max_length or model_config.get("max_position_embeddings", 4096),
-                    activation_checkpointing=bool(args.activation_checkpointing), processes=args.world_size,
-                    sharding=sharding, lora_r=None if anneal.peft is None else anneal.peft["r"], optim=str(args.optim),
-                    device=device, available=available)
+        return plan(
+            model_config,
+            n_params,
+            mode=anneal.mode,
+            autocast=precision.autocast is not None,
+            batch_size=args.per_device_train_batch_size,
+            max_length=args.max_length or model_config.get("max_position_embeddings", 4096),
+            activation_checkpointing=bool(args.activation_checkpointing),
+            processes=args.world_size,
+            sharding=sharding,
+            lora_r=None if anneal.peft is None else anneal.peft["r"],
+            optim=str(args.optim),
+            device=device,
+            available=available,
+        )
     except KeyError:
         return None

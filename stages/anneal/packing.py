@@ -87,16 +87,28 @@ class PackedForward:
 
     def __init__(self, forward, kind: tuple, name: str):
         self.forward, self.kind, self.name = forward, kind, name
-        self.counts = {"rows": 0, "packed_rows": 0, "positions": 0, "packed_positions": 0,
-                       "off": CHECKED.get(kind) is False}
+        self.counts = {
+            "rows": 0,
+            "packed_rows": 0,
+            "positions": 0,
+            "packed_positions": 0,
+            "off": CHECKED.get(kind) is False,
+        }
 
     def __call__(self, *args, **kwargs):
         import torch
 
         ids, mask, labels = kwargs.get("input_ids"), kwargs.get("attention_mask"), kwargs.get("labels")
-        if (args or self.counts["off"] or not kwargs.get("fused_lm_head") or ids is None or mask is None
-                or labels is None or kwargs.get("position_ids") is not None
-                or kwargs.get("shift_labels") is not None):
+        if (
+            args
+            or self.counts["off"]
+            or not kwargs.get("fused_lm_head")
+            or ids is None
+            or mask is None
+            or labels is None
+            or kwargs.get("position_ids") is not None
+            or kwargs.get("shift_labels") is not None
+        ):
             return self.forward(*args, **kwargs)
         rows, width = ids.shape
         lengths = mask.sum(dim=1)
@@ -123,8 +135,15 @@ class PackedForward:
         packed_ids = ids.new_zeros(len(bins) * width).index_copy_(0, target, ids.reshape(-1)[source])
         packed_labels = labels.new_full((len(bins) * width,), -100).index_copy_(0, target, labels.reshape(-1)[source])
         packed_labels[starts] = -100  # a sequence's first token is not predicted from the one packed before it
-        out = self.forward(**{**kwargs, "input_ids": packed_ids.view(len(bins), width), "attention_mask": None,
-                              "labels": packed_labels.view(len(bins), width), "position_ids": index(positions)})
+        out = self.forward(
+            **{
+                **kwargs,
+                "input_ids": packed_ids.view(len(bins), width),
+                "attention_mask": None,
+                "labels": packed_labels.view(len(bins), width),
+                "position_ids": index(positions),
+            }
+        )
         moves = (index(out_source), index(out_target))
         for name in PER_TOKEN:
             value = getattr(out, name, None)
@@ -143,9 +162,11 @@ class PackedForward:
         CHECKED[self.kind] = torch.allclose(ours.float(), padded.float(), rtol=1e-2, atol=1e-2)
         if not CHECKED[self.kind]:
             self.counts["off"] = True
-            log.warning(f"anneal: packed rows gave other log-probs than padded ones for {self.name} (largest "
-                        f"difference {(ours - padded).abs().max().item():.3g}): its attention does not follow packed "
-                        "position ids, so batches are computed padded (anneal.perf.pack_rows)")
+            log.warning(
+                f"anneal: packed rows gave other log-probs than padded ones for {self.name} (largest "
+                f"difference {(ours - padded).abs().max().item():.3g}): its attention does not follow packed "
+                "position ids, so batches are computed padded (anneal.perf.pack_rows)"
+            )
         return CHECKED[self.kind]
 
     def tally(self, rows: int, computed_rows: int, width: int) -> None:

@@ -27,16 +27,17 @@ FLOAT32_SDPA = "merge_anneal_sdpa_float32"
 
 # ------------------------------------------------------------------------------------------------ precision
 
+
 @dataclass(frozen=True)
 class Precision:
     """How the anneal stage computes, decided once (`decide_precision`) and recorded verbatim."""
 
-    master_weights: str                 # always float32: the optimizer updates float32 weights
-    autocast: str | None                # bf16 autocast of the forward and backward, or None
-    frozen_linear_weights: str          # LoRA's frozen base Linear weights
-    attention: str                      # the dtype attention runs in
+    master_weights: str  # always float32: the optimizer updates float32 weights
+    autocast: str | None  # bf16 autocast of the forward and backward, or None
+    frozen_linear_weights: str  # LoRA's frozen base Linear weights
+    attention: str  # the dtype attention runs in
     autocast_weight_cache: bool | None  # autocast's cache of weight casts (None without autocast)
-    reference_linear_weights: str       # the reference pass's Linear weights
+    reference_linear_weights: str  # the reference pass's Linear weights
 
     def record(self) -> dict:
         return asdict(self)
@@ -54,8 +55,9 @@ def decide_precision(anneal, n_params: int, cuda: bool | None = None) -> Precisi
     return Precision(
         master_weights="float32",
         autocast="bfloat16" if bf16 else None,
-        frozen_linear_weights=("nf4" if anneal.quantization else
-                               "bfloat16" if bf16 and lora and perf.frozen_weights_bf16 else "float32"),
+        frozen_linear_weights=(
+            "nf4" if anneal.quantization else "bfloat16" if bf16 and lora and perf.frozen_weights_bf16 else "float32"
+        ),
         # CPU only (CUDA's bf16 attention is fast), full fine-tuning only (LoRA's peak is its activations)
         attention="float32" if not bf16 or (perf.float32_attention and not cuda and not lora) else "bfloat16",
         autocast_weight_cache=(not perf.lean_saved_tensors) if bf16 else None,
@@ -97,6 +99,7 @@ class PhaseClock:
 
 
 # ------------------------------------------------------------------------------------------ process settings
+
 
 def _libc():
     try:
@@ -171,15 +174,18 @@ def known_model_hash(fingerprint: str, enabled: bool):
 
 # ------------------------------------------------------------------------------------------------- training
 
+
 @contextlib.contextmanager
 def training(trainer, model, precision: Precision, perf):
     """Everything that applies while the policy trains; yields what applied (for the manifest)."""
     with contextlib.ExitStack() as stack:
         applied = {
             "frozen_base_in_bf16": stack.enter_context(
-                frozen_base_in_bf16(trainer.model, precision.frozen_linear_weights == "bfloat16")),
+                frozen_base_in_bf16(trainer.model, precision.frozen_linear_weights == "bfloat16")
+            ),
             "float32_attention": stack.enter_context(
-                float32_attention(model, precision.autocast is not None and precision.attention == "float32")),
+                float32_attention(model, precision.autocast is not None and precision.attention == "float32")
+            ),
         }
         lean = stack.enter_context(lean_saved_tensors(trainer, perf.lean_saved_tensors, precision.autocast))
         fused = getattr(trainer.model, "get_base_model", lambda: trainer.model)()  # where TRL put its fused head
@@ -216,8 +222,11 @@ def frozen_linears_to_bf16(model) -> int:
     stay float32 master weights. Returns how many layers were cast."""
     import torch
 
-    frozen = [m for m in model.modules() if isinstance(m, torch.nn.Linear)
-              and not any(p.requires_grad for p in m.parameters(recurse=False))]
+    frozen = [
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and not any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
     for module in frozen:
         module.to(torch.bfloat16)
     return len(frozen)
@@ -297,8 +306,11 @@ class LeanSavedTensors:
             self.counts["silu_recomputed"] += 1
             return "silu", node, view
         factors = [f for f, _ in node.next_functions]
-        if (node.name() == "MulBackward0" and all(f is not None for f in factors)  # both need grad: both kept
-                and any(f.name() == "SiluBackward0" for f in factors)):
+        if (
+            node.name() == "MulBackward0"
+            and all(f is not None for f in factors)  # both need grad: both kept
+            and any(f.name() == "SiluBackward0" for f in factors)
+        ):
             self.counts["gated_product_recomputed"] += 1  # silu(gate) * up, whose factors the mul keeps
             return "product", node, view
         if node.name() != "ToCopyBackward0":
@@ -310,9 +322,15 @@ class LeanSavedTensors:
         source = node.next_functions[0]  # (autograd node, output): the tensor this was cast from
         for ref in self._recent_casts:
             other = ref()  # alive: so are its grad_fn and the node it was cast from, and identity is safe
-            if (other is not None and other is not base and other.dtype == base.dtype and other.shape == base.shape
-                    and other.stride() == base.stride() and other.storage_offset() == 0
-                    and other.grad_fn.next_functions[0] == source):
+            if (
+                other is not None
+                and other is not base
+                and other.dtype == base.dtype
+                and other.shape == base.shape
+                and other.stride() == base.stride()
+                and other.storage_offset() == 0
+                and other.grad_fn.next_functions[0] == source
+            ):
                 self.counts["equal_cast_shared"] += 1
                 return "same", other, view
         self._recent_casts.append(weakref.ref(base))

@@ -42,8 +42,9 @@ class Scoring:
     ranks: Any
 
 
-def reference_logps(scoring: Scoring, reference_dir: str, fingerprint: str, pairs,
-                    local: Path | None = None) -> tuple[Path, str]:
+def reference_logps(
+    scoring: Scoring, reference_dir: str, fingerprint: str, pairs, local: Path | None = None
+) -> tuple[Path, str]:
     """The store of every pair's reference log-probs at `<local>/data.parquet` (default
     `<stage_dir>/reference_logps`), from the cache when the same reference, tokenizer, data and lengths were scored
     before. Returns (path, "hit" | "miss")."""
@@ -60,28 +61,43 @@ def reference_logps(scoring: Scoring, reference_dir: str, fingerprint: str, pair
         build(local)
         ranks.wait_for_everyone()
         return local / "data.parquet", "miss"
-    key = hashlib.sha256(json.dumps({
-        "reference": fingerprint, "tokenizer": models.tokenizer_fingerprint(scoring.tokenizer),
-        "data_rows": {split: preferences.rows_fingerprint(pairs[split]) for split in pairs},
-        "max_length": args.max_length, "truncation_mode": args.truncation_mode, "ld_alpha": args.ld_alpha,
-        "autocast": bool(args.bf16), "trl": version("trl"), "store": 2,  # 2: with pair_index
-        **({"packed": True} if scoring.perf.pack_rows else {}),  # the same values up to float rounding
-    }, sort_keys=True).encode()).hexdigest()[:32]
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "reference": fingerprint,
+                "tokenizer": models.tokenizer_fingerprint(scoring.tokenizer),
+                "data_rows": {split: preferences.rows_fingerprint(pairs[split]) for split in pairs},
+                "max_length": args.max_length,
+                "truncation_mode": args.truncation_mode,
+                "ld_alpha": args.ld_alpha,
+                "autocast": bool(args.bf16),
+                "trl": version("trl"),
+                "store": 2,  # 2: with pair_index
+                **({"packed": True} if scoring.perf.pack_rows else {}),  # the same values up to float rounding
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:32]
     entry = scoring.cache.cache_dir / "reference_logps" / key
-    return local / "data.parquet", through_cache(entry, build, local, ranks, files=scoring.cache.cache_files,
-                                                digests=scoring.cache.cache_verify)
+    return local / "data.parquet", through_cache(
+        entry, build, local, ranks, files=scoring.cache.cache_files, digests=scoring.cache.cache_verify
+    )
 
 
-def parents_reference_logps(scoring: Scoring, references: dict, fingerprints: dict, pairs, combination: str,
-                            routes):
+def parents_reference_logps(scoring: Scoring, references: dict, fingerprints: dict, pairs, combination: str, routes):
     """`anneal.reference=parents`: each parent's pass (cached on its own) at `reference_logps_by_parent/<name>`,
     combined into `reference_logps/data.parquet` by `combination` (`anneal.reference_combine`; `routes`:
     `references.route_of`'s, under route). Returns (store, "hit" when every parent's pass was, else "miss", per
     parent: path, fingerprint, store, cache)."""
     by_parent, ranks = {}, scoring.ranks
     for name, source in references.items():
-        path, state = reference_logps(scoring, source.path, fingerprints[name], pairs,
-                                      local=scoring.stage_dir / "reference_logps_by_parent" / name)
+        path, state = reference_logps(
+            scoring,
+            source.path,
+            fingerprints[name],
+            pairs,
+            local=scoring.stage_dir / "reference_logps_by_parent" / name,
+        )
         by_parent[name] = {"path": source.path, "fingerprint": fingerprints[name], "store": str(path), "cache": state}
     store = scoring.stage_dir / "reference_logps" / "data.parquet"
     if ranks.is_main_process:
@@ -103,8 +119,7 @@ def combine_logps(chosen, rejected, how: str, route=None):
     chosen, rejected = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
     k, n = chosen.shape
     if how == "mean":
-        return (logsumexp(chosen, axis=0) - np.log(k), logsumexp(rejected, axis=0) - np.log(k),
-                np.full(n, -1))
+        return (logsumexp(chosen, axis=0) - np.log(k), logsumexp(rejected, axis=0) - np.log(k), np.full(n, -1))
     speaker = np.argmax(chosen, axis=0) if how == "max" else np.asarray(route, dtype=np.int64)
     columns = np.arange(n)
     return chosen[speaker, columns], rejected[speaker, columns], speaker
@@ -153,8 +168,9 @@ def score_with_reference(scoring: Scoring, reference_dir: str, fingerprint: str,
     work, ranks = scoring.stage_dir / ".reference-pass", scoring.ranks
     if ranks.is_main_process:
         shutil.rmtree(work, ignore_errors=True)
-        DatasetDict({split: ds.add_column("row", list(range(len(ds)))) for split, ds in pairs.items()}
-                    ).save_to_disk(str(work))
+        DatasetDict({split: ds.add_column("row", list(range(len(ds)))) for split, ds in pairs.items()}).save_to_disk(
+            str(work)
+        )
     ranks.wait_for_everyone()
     # bf16 Linear weights under autocast, which would cast each at every forward: loaded as such
     reference = weights.load_causal_lm(reference_dir, scoring.precision.reference_linear_weights).requires_grad_(False)
@@ -163,11 +179,21 @@ def score_with_reference(scoring: Scoring, reference_dir: str, fingerprint: str,
     try:
         indexed = datasets.load_from_disk(str(work))
         with perf.known_model_hash(fingerprint, scoring.perf.skip_trl_model_hash):
-            trainer = ScoringTrainer(model=reference, args=scoring.args, train_dataset=indexed["train"],
-                                     eval_dataset=indexed["heldout"], processing_class=scoring.tokenizer,
-                                     pack=scoring.perf.pack_rows, pairs_given={s: len(ds) for s, ds in pairs.items()})
-        scored = DatasetDict({"train": _attach(pairs["train"], trainer.train_dataset),
-                              "heldout": _attach(pairs["heldout"], trainer.eval_dataset)})
+            trainer = ScoringTrainer(
+                model=reference,
+                args=scoring.args,
+                train_dataset=indexed["train"],
+                eval_dataset=indexed["heldout"],
+                processing_class=scoring.tokenizer,
+                pack=scoring.perf.pack_rows,
+                pairs_given={s: len(ds) for s, ds in pairs.items()},
+            )
+        scored = DatasetDict(
+            {
+                "train": _attach(pairs["train"], trainer.train_dataset),
+                "heldout": _attach(pairs["heldout"], trainer.eval_dataset),
+            }
+        )
     finally:
         if not caching:
             datasets.disable_caching()

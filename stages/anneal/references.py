@@ -35,8 +35,10 @@ class References:
     def fingerprints(self, first: str) -> tuple[str, dict[str, str]]:
         """What the stored log-probs depend on (`first`: the first source's fingerprint, computed already), and each
         source's fingerprint by name; with `parents`, a digest of every parent's and the combination."""
-        each = {name: first if source is self.first else models.fingerprint(source.path)
-                for name, source in self.sources.items()}
+        each = {
+            name: first if source is self.first else models.fingerprint(source.path)
+            for name, source in self.sources.items()
+        }
         if not self.parents:
             return first, each
         return hashlib.sha256(json.dumps([each, self.label], sort_keys=True).encode()).hexdigest(), each
@@ -46,10 +48,14 @@ def choose(anneal: AnnealSettings, merge: records.MergeRecord) -> References:
     """The references of this anneal, from its settings and the merge's record."""
     if str(anneal.reference) == "parents":  # every parent scores every pair; combined per pair
         by_name = check_parents_reference(merge.inputs.parents)
-        return References("parents", f"parents:{anneal.reference_combine}",
-                          {name: merge.source(path) for name, path in by_name.items()})
-    choice, label = choose_reference(anneal.reference, merge.inputs.parents, merge.inputs.base_model,
-                                     Path(merge.outputs.model))
+        return References(
+            "parents",
+            f"parents:{anneal.reference_combine}",
+            {name: merge.source(path) for name, path in by_name.items()},
+        )
+    choice, label = choose_reference(
+        anneal.reference, merge.inputs.parents, merge.inputs.base_model, Path(merge.outputs.model)
+    )
     source = merge.source(choice) if choice in merge.inputs.models else models.resolve(choice)
     return References(choice, label, {label: source})
 
@@ -65,9 +71,11 @@ def choose_reference(choice, parents: list[str], base: str | None, merged_dir: P
     if choice.isdigit():
         index = int(choice)
         if index >= len(parents):
-            raise UserError(f"anneal.reference={index} but the merge has {len(parents)} parents. Fix: use an index "
-                            f"below {len(parents)}, a parent name ({', '.join(Path(p).name for p in parents)}), "
-                            "auto, merged, or a model folder.")
+            raise UserError(
+                f"anneal.reference={index} but the merge has {len(parents)} parents. Fix: use an index "
+                f"below {len(parents)}, a parent name ({', '.join(Path(p).name for p in parents)}), "
+                "auto, merged, or a model folder."
+            )
         return parents[index], f"parent:{index}"
     by_name = {Path(p).name: p for p in [*parents, *([base] if base else [])]}
     if choice in by_name:
@@ -79,9 +87,11 @@ def check_parents_reference(parents: list[str]) -> dict[str, str]:
     """`anneal.reference=parents`: the parents by folder name; a merge of fewer than two is refused."""
     by_name = {Path(p).name: p for p in parents}
     if len(by_name) < 2:
-        raise UserError(f"anneal.reference=parents needs a merge of at least two parents; this merge has "
-                        f"{list(by_name) or 'none'}. Fix: name that parent (anneal.reference={next(iter(by_name), 0)}) "
-                        "or use anneal.reference=auto.")
+        raise UserError(
+            f"anneal.reference=parents needs a merge of at least two parents; this merge has "
+            f"{list(by_name) or 'none'}. Fix: name that parent (anneal.reference={next(iter(by_name), 0)}) "
+            "or use anneal.reference=auto."
+        )
     return by_name
 
 
@@ -91,16 +101,20 @@ def route_of(pairs, column: str, names: list[str]) -> dict:
     routes = {}
     for split, ds in pairs.items():
         if column not in ds.column_names:
-            raise UserError(f"anneal.reference_combine=route reads each pair's parent from the data column "
-                            f"{column!r} (anneal.reference_route), which the {split} pairs do not have (columns: "
-                            f"{ds.column_names}). Fix: set anneal.reference_route to a column naming a parent of "
-                            f"{names}, or use reference_combine=mean or max.")
+            raise UserError(
+                f"anneal.reference_combine=route reads each pair's parent from the data column "
+                f"{column!r} (anneal.reference_route), which the {split} pairs do not have (columns: "
+                f"{ds.column_names}). Fix: set anneal.reference_route to a column naming a parent of "
+                f"{names}, or use reference_combine=mean or max."
+            )
         values = [str(v) for v in ds[column]]
         lookup = {**{n: i for i, n in enumerate(names)}, **{str(i): i for i in range(len(names))}}
         unknown = sorted(set(values) - set(lookup))
         if unknown:
-            raise UserError(f"The data column {column!r} (anneal.reference_route) names {unknown[:5]}, which are not "
-                            f"parents of this merge ({names}, or their indices 0-{len(names) - 1}). Fix: map that "
-                            "column's values to parent names, or use reference_combine=mean or max.")
+            raise UserError(
+                f"The data column {column!r} (anneal.reference_route) names {unknown[:5]}, which are not "
+                f"parents of this merge ({names}, or their indices 0-{len(names) - 1}). Fix: map that "
+                "column's values to parent names, or use reference_combine=mean or max."
+            )
         routes[split] = [lookup[v] for v in values]
     return routes

@@ -29,9 +29,11 @@ LENGTH_SAMPLERS = ("group_by_length", "batch_rebalance")
 
 
 def diverged(what: str, step: int, args) -> str:
-    return (f"Training diverged: {what} at step {step}, so no weights were saved. Fix: a lower "
-            f"anneal.trainer.learning_rate (now {args.learning_rate:g}), gradient clipping "
-            f"(anneal.trainer.max_grad_norm, now {args.max_grad_norm}), or a smaller beta (now {args.beta:g}).")
+    return (
+        f"Training diverged: {what} at step {step}, so no weights were saved. Fix: a lower "
+        f"anneal.trainer.learning_rate (now {args.learning_rate:g}), gradient clipping "
+        f"(anneal.trainer.max_grad_norm, now {args.max_grad_norm}), or a smaller beta (now {args.beta:g})."
+    )
 
 
 class StopsWhenNotFinite:
@@ -42,8 +44,9 @@ class StopsWhenNotFinite:
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)
         if not torch.isfinite(loss):
-            raise UserError(diverged(f"the {self.method.upper()} loss became {loss.item()}",
-                                     self.state.global_step + 1, self.args))
+            raise UserError(
+                diverged(f"the {self.method.upper()} loss became {loss.item()}", self.state.global_step + 1, self.args)
+            )
         return loss
 
 
@@ -95,7 +98,8 @@ class ScoringTrainer(DPOTrainer):
                 f"system prompt and generation prompt, where the data is conversational) of at least "
                 f"anneal.trainer.max_length={self.args.max_length} tokens, so TRL drops them all and nothing is left "
                 f"to {'train on' if split == 'train' else 'evaluate'}. Fix: raise anneal.trainer.max_length "
-                "(e.g. 1024 or 2048 for chat models), or shorten the prompts.")
+                "(e.g. 1024 or 2048 for chat models), or shorten the prompts."
+            )
         with packing.packed(self.model, self.pack):
             return super()._precompute_ref_logps(dataset, name, batch_size)
 

@@ -18,8 +18,23 @@ from stages.anneal.settings import AnnealSettings
 log = logging.getLogger(__name__)
 
 # TRL 1.16's DPO loss types (dpo_trainer.py, `_compute_loss`).
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
 # DPOConfig fields the stage owns: where things are written, and the precomputed reference.
 OWNED_FIELDS = {"output_dir", "precompute_ref_log_probs"}
 # anneal.method: TRL's reference-free trainers besides DPO (module, config), experimental in TRL 1.16.
@@ -38,13 +53,16 @@ def dpo_config(anneal: AnnealSettings, output_dir: Path, precision: perf.Precisi
     try:
         args = DPOConfig(output_dir=str(output_dir), precompute_ref_log_probs=True, **fields)
     except (TypeError, ValueError) as err:
-        raise UserError(f"TRL's DPOConfig rejected anneal.trainer: {err}. Fix: use DPOConfig field names and "
-                        "values (conf/anneal/dpo.yaml lists the common ones).") from None
+        raise UserError(
+            f"TRL's DPOConfig rejected anneal.trainer: {err}. Fix: use DPOConfig field names and "
+            "values (conf/anneal/dpo.yaml lists the common ones)."
+        ) from None
     check_values(args)
     tokens = anneal.perf.reference_pass_tokens
     if args.precompute_ref_batch_size is None and tokens:
-        args.precompute_ref_batch_size = perf.reference_batch_size(args.per_device_train_batch_size, args.max_length,
-                                                                   tokens)
+        args.precompute_ref_batch_size = perf.reference_batch_size(
+            args.per_device_train_batch_size, args.max_length, tokens
+        )
     return args
 
 
@@ -52,14 +70,20 @@ def check_values(args) -> None:
     """What DPOConfig takes but training would refuse, or quietly get wrong."""
     unknown = [name for name in args.loss_type if name not in LOSS_TYPES]
     if unknown:
-        raise UserError(f"Unknown DPO loss type(s) {unknown}. Fix: use TRL's loss types: {', '.join(LOSS_TYPES)}, "
-                        "e.g. anneal.trainer.loss_type=[sigmoid].")
+        raise UserError(
+            f"Unknown DPO loss type(s) {unknown}. Fix: use TRL's loss types: {', '.join(LOSS_TYPES)}, "
+            "e.g. anneal.trainer.loss_type=[sigmoid]."
+        )
     if args.beta <= 0:
-        raise UserError(f"anneal.trainer.beta must be positive (got {args.beta}): it scales the implicit "
-                        "reward. Fix: e.g. anneal.trainer.beta=0.1.")
+        raise UserError(
+            f"anneal.trainer.beta must be positive (got {args.beta}): it scales the implicit "
+            "reward. Fix: e.g. anneal.trainer.beta=0.1."
+        )
     if args.learning_rate <= 0:  # torch's optimizers refuse it, but only once training starts
-        raise UserError(f"anneal.trainer.learning_rate must be positive (got {args.learning_rate:g}). Fix: e.g. "
-                        "anneal.trainer.learning_rate=1e-6 (TRL's default for full fine-tuning).")
+        raise UserError(
+            f"anneal.trainer.learning_rate must be positive (got {args.learning_rate:g}). Fix: e.g. "
+            "anneal.trainer.learning_rate=1e-6 (TRL's default for full fine-tuning)."
+        )
 
 
 def trainer_fields(trainer: dict, precision: perf.Precision) -> dict:
@@ -87,16 +111,20 @@ def method_config(anneal: AnnealSettings, dpo_args, precision: perf.Precision):
     method, method_args = anneal.method, dict(anneal.method_args)
     if method == "dpo":
         if method_args:
-            raise UserError(f"anneal.method_args {sorted(method_args)} are set but anneal.method=dpo takes its fields "
-                            "from anneal.trainer. Fix: move them to anneal.trainer, or choose anneal.method=cpo/orpo.")
+            raise UserError(
+                f"anneal.method_args {sorted(method_args)} are set but anneal.method=dpo takes its fields "
+                "from anneal.trainer. Fix: move them to anneal.trainer, or choose anneal.method=cpo/orpo."
+            )
         return dpo_args
     module, config_name = METHODS[method]
     config_class = getattr(importlib.import_module(module), config_name)
     shared = {f.name for f in dataclasses.fields(TrainingArguments)} | {"max_length"}  # what means the same there
     fields = {k: v for k, v in trainer_fields(anneal.trainer, precision).items() if k in shared}
     if fields.get("train_sampling_strategy") in LENGTH_SAMPLERS:  # needs a length column those trainers drop
-        log.info(f"anneal: {method} trains on random batches (train_sampling_strategy="
-                 f"{fields['train_sampling_strategy']} is for DPO)")
+        log.info(
+            f"anneal: {method} trains on random batches (train_sampling_strategy="
+            f"{fields['train_sampling_strategy']} is for DPO)"
+        )
         fields["train_sampling_strategy"] = "random"
     owned = sorted(set(method_args) & OWNED_FIELDS)
     if owned:
@@ -108,8 +136,10 @@ def method_config(anneal: AnnealSettings, dpo_args, precision: perf.Precision):
             if choices and field.name in method_args and getattr(args, field.name) not in choices:
                 raise ValueError(f"{field.name}={getattr(args, field.name)!r} is not one of {choices}")
     except (TypeError, ValueError) as err:
-        raise UserError(f"TRL's {config_name} rejected anneal.method_args: {err}. Fix: use {config_name} field "
-                        f"names and values (see conf/anneal/dpo.yaml and conf/anneal_variant/).") from None
+        raise UserError(
+            f"TRL's {config_name} rejected anneal.method_args: {err}. Fix: use {config_name} field "
+            f"names and values (see conf/anneal/dpo.yaml and conf/anneal_variant/)."
+        ) from None
     return args
 
 
@@ -122,8 +152,10 @@ def lora_config(anneal: AnnealSettings):
     try:
         return LoraConfig(**anneal.peft)
     except (TypeError, ValueError) as err:
-        raise UserError(f"PEFT's LoraConfig rejected anneal.peft: {err}. Fix: use LoraConfig field names and values "
-                        "(conf/anneal/lora.yaml).") from None
+        raise UserError(
+            f"PEFT's LoraConfig rejected anneal.peft: {err}. Fix: use LoraConfig field names and values "
+            "(conf/anneal/lora.yaml)."
+        ) from None
 
 
 def make_trainer(model, tokenizer, args, train_dataset, anneal: AnnealSettings, stage_dir: Path, trl_model_hash):
@@ -135,12 +167,23 @@ def make_trainer(model, tokenizer, args, train_dataset, anneal: AnnealSettings, 
     callbacks = [trainers.JsonlLogger(stage_dir / "metrics.jsonl")]
     if anneal.method in trainers.REFERENCE_FREE:
         return trainers.REFERENCE_FREE[anneal.method](
-            model=model, args=args, train_dataset=train_dataset.select_columns(preferences.COLUMNS),
-            processing_class=tokenizer, peft_config=lora_config(anneal), callbacks=callbacks)
+            model=model,
+            args=args,
+            train_dataset=train_dataset.select_columns(preferences.COLUMNS),
+            processing_class=tokenizer,
+            peft_config=lora_config(anneal),
+            callbacks=callbacks,
+        )
     with trl_model_hash:  # TRL names its (unused) precompute cache by a hash of the model
         return trainers.PrecomputedReferenceDPOTrainer(
-            model=model, ref_model=None, args=args, train_dataset=train_dataset, processing_class=tokenizer,
-            peft_config=lora_config(anneal), callbacks=callbacks)
+            model=model,
+            ref_model=None,
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config(anneal),
+            callbacks=callbacks,
+        )
 
 
 def packing_record(counts: dict | None) -> dict | None:
@@ -148,9 +191,14 @@ def packing_record(counts: dict | None) -> dict | None:
     if counts is None:
         return None
     share = 1 - counts["packed_positions"] / counts["positions"] if counts["positions"] else 0.0
-    return {"rows": counts["rows"], "packed_rows": counts["packed_rows"], "positions": counts["positions"],
-            "packed_positions": counts["packed_positions"], "positions_saved": round(share, 4),
-            "switched_off": counts["off"]}
+    return {
+        "rows": counts["rows"],
+        "packed_rows": counts["packed_rows"],
+        "positions": counts["positions"],
+        "packed_positions": counts["packed_positions"],
+        "positions_saved": round(share, 4),
+        "switched_off": counts["off"],
+    }
 
 
 def check_finite(model, step: int, args) -> None:

@@ -46,11 +46,15 @@ def check_quantization(anneal) -> None:
     if not anneal.quantization:
         return
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("anneal=qlora quantizes the merged model to 4 bits with bitsandbytes, which is not installed. "
-                        "Fix: pip install 'merge-anneal[qlora]' on a CUDA machine, or anneal=lora.")
+        raise UserError(
+            "anneal=qlora quantizes the merged model to 4 bits with bitsandbytes, which is not installed. "
+            "Fix: pip install 'merge-anneal[qlora]' on a CUDA machine, or anneal=lora."
+        )
     if not torch.cuda.is_available():
-        raise UserError("anneal=qlora needs a CUDA GPU (bitsandbytes' 4-bit kernels) and this machine has none. Fix: "
-                        "anneal=lora here (its frozen base in bf16 where autocast pays), or run on a GPU.")
+        raise UserError(
+            "anneal=qlora needs a CUDA GPU (bitsandbytes' 4-bit kernels) and this machine has none. Fix: "
+            "anneal=lora here (its frozen base in bf16 where autocast pays), or run on a GPU."
+        )
 
 
 def load_policy(merged_dir: Path, anneal, frozen_linear_weights: str, device_index: int = 0):
@@ -64,8 +68,12 @@ def load_policy(merged_dir: Path, anneal, frozen_linear_weights: str, device_ind
 
     fields = dict(anneal.quantization)
     fields["bnb_4bit_compute_dtype"] = getattr(torch, fields.get("bnb_4bit_compute_dtype", "bfloat16"))
-    return AutoModelForCausalLM.from_pretrained(merged_dir, quantization_config=BitsAndBytesConfig(**fields),
-                                                dtype=torch.bfloat16, device_map={"": device_index})
+    return AutoModelForCausalLM.from_pretrained(
+        merged_dir,
+        quantization_config=BitsAndBytesConfig(**fields),
+        dtype=torch.bfloat16,
+        device_map={"": device_index},
+    )
 
 
 def merge_adapter(merged_dir: Path, adapter_dir: Path):

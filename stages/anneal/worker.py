@@ -34,9 +34,18 @@ def main(run_dir: Path) -> None:
     except BaseException as err:
         kind = "user" if isinstance(err, UserError) else "crash"
         message = str(err) if kind == "user" else f"{type(err).__name__}: {err}"
-        write_text(work / f"error-rank{rank}.json", json.dumps({"rank": rank, "world_size": world, "kind": kind,
-                                                                "message": message,
-                                                                "traceback": traceback.format_exc()}))
+        write_text(
+            work / f"error-rank{rank}.json",
+            json.dumps(
+                {
+                    "rank": rank,
+                    "world_size": world,
+                    "kind": kind,
+                    "message": message,
+                    "traceback": traceback.format_exc(),
+                }
+            ),
+        )
         raise SystemExit(2 if kind == "user" else 1) from None
 
 

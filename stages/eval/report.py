@@ -6,14 +6,22 @@ from pathlib import Path
 
 from pipeline.records import EvalReport
 
-SCALAR_METRICS = ("preference_accuracy", "preference_accuracy_normalized", "reward_accuracy", "reward_margin",
-                  "kl_to_reference", "perplexity", "perplexity_heldout_chosen")
+SCALAR_METRICS = (
+    "preference_accuracy",
+    "preference_accuracy_normalized",
+    "reward_accuracy",
+    "reward_margin",
+    "kl_to_reference",
+    "perplexity",
+    "perplexity_heldout_chosen",
+)
 
 PLOTS = ("metrics.png", "training.png")
 
 
-def write_outputs(stage_dir: Path, evaluation: EvalReport, training_log: Path, shown: list[str], samples: dict,
-                  items: dict) -> None:
+def write_outputs(
+    stage_dir: Path, evaluation: EvalReport, training_log: Path, shown: list[str], samples: dict, items: dict
+) -> None:
     stage_dir.mkdir(parents=True)
     evaluation.write(stage_dir / "metrics.json")
     (stage_dir / "items.json").write_text(json.dumps(items) + "\n")
@@ -30,9 +38,12 @@ def _metric_panels(models: dict) -> list[tuple[str, dict]]:
         panel = {name: (m[metric], m["ci95"][metric]) for name, m in models.items() if metric in m}
         panels.append((metric, panel))
     for skill in next(iter(models.values()))["skill_accuracy"]:
-        panels.append((f"skill_accuracy/{skill}",
-                       {name: (m["skill_accuracy"][skill], m["ci95"]["skill_accuracy"][skill])
-                        for name, m in models.items()}))
+        panels.append(
+            (
+                f"skill_accuracy/{skill}",
+                {name: (m["skill_accuracy"][skill], m["ci95"]["skill_accuracy"][skill]) for name, m in models.items()},
+            )
+        )
     return panels
 
 
@@ -49,14 +60,16 @@ def plot_metrics(models: dict, path: Path) -> None:
     for ax, (title, panel) in zip(axes.flat, panels):
         names = list(panel)
         values = [panel[n][0] for n in names]
-        errors = [[v - panel[n][1][0] for n, v in zip(names, values)],
-                  [panel[n][1][1] - v for n, v in zip(names, values)]]
+        errors = [
+            [v - panel[n][1][0] for n, v in zip(names, values)],
+            [panel[n][1][1] - v for n, v in zip(names, values)],
+        ]
         ax.bar(range(len(names)), values, yerr=errors, capsize=4, color="tab:blue")
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
         if title.startswith("perplexity"):
             ax.set_yscale("log")
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle("held-out metrics (bars: 95% bootstrap interval of each model's mean)")
     fig.tight_layout()
@@ -93,46 +106,101 @@ def _cell(text: str) -> str:
 
 
 def report_markdown(report: dict, shown: list[str], samples: dict) -> str:
-    models = report["models"]
-    lines = ["# Evaluation", "",
-             f"{report['heldout_pairs']} held-out preference pairs; perplexity on {report['perplexity_on']}; "
-             f"DPO beta {report['beta']}; 95% percentile bootstrap intervals, {report['bootstrap']['resamples']} "
-             f"resamples, seed {report['bootstrap']['seed']}. DPO reference: {report['reference']['anneal']}"
-             f"{' of ' + ', '.join(report['reference']['parents']) if 'parents' in report['reference'] else ''}; "
-             f"kl_to_reference is measured against {report['reference']['kl_to']}.", "",
-             "## Metrics", "", "| model | " + " | ".join(SCALAR_METRICS) + " | skill accuracy |",
-             "|---" * (len(SCALAR_METRICS) + 2) + "|"]
+    """report.md: how it was measured, then each section."""
+    reference = report["reference"]
+    parents = f" of {', '.join(reference['parents'])}" if "parents" in reference else ""
+    lines = [
+        "# Evaluation",
+        "",
+        f"{report['heldout_pairs']} held-out preference pairs; perplexity on {report['perplexity_on']}; "
+        f"DPO beta {report['beta']}; 95% percentile bootstrap intervals, {report['bootstrap']['resamples']} "
+        f"resamples, seed {report['bootstrap']['seed']}. DPO reference: {reference['anneal']}{parents}; "
+        f"kl_to_reference is measured against {reference['kl_to']}.",
+        *metrics_section(report["models"]),
+        *retention_section(report["models"]),
+        *health_section(report["generation"]),
+        *comparison_section(report["comparison"]["annealed_vs_merged"]),
+        *lm_eval_section(report.get("lm_eval")),
+        *["", "## Plots", "", f"![metrics]({PLOTS[0]})", "", f"![anneal training]({PLOTS[1]})"],
+        *samples_section(shown, samples),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def interval(value: float, ci, fmt: str = ".3f") -> str:
+    return f"{value:{fmt}} [{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
+
+
+def metrics_section(models: dict) -> list[str]:
+    lines = [
+        "",
+        "## Metrics",
+        "",
+        "| model | " + " | ".join(SCALAR_METRICS) + " | skill accuracy |",
+        "|---" * (len(SCALAR_METRICS) + 2) + "|",
+    ]
     for name, m in models.items():
-        cells = [f"{_fmt(m[k])} [{_fmt(m['ci95'][k][0])}, {_fmt(m['ci95'][k][1])}]" if k in m else "" for k in
-                 SCALAR_METRICS]
+        cells = [
+            f"{_fmt(m[k])} [{_fmt(m['ci95'][k][0])}, {_fmt(m['ci95'][k][1])}]" if k in m else "" for k in SCALAR_METRICS
+        ]
         skills = ", ".join(f"{s} {v:.3f}" for s, v in m["skill_accuracy"].items())
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {skills} |")
+    return lines
+
+
+def retention_section(models: dict) -> list[str]:
     retained = {name: m for name, m in models.items() if m.get("retention")}
-    if retained:
-        parents = [p for p in next(iter(retained.values()))["retention"] if p != "worst"]
-        lines += ["", "## Retention of each parent's own skill (model / parent on that skill's items)", "",
-                  "| model | " + " | ".join(parents) + " | worst |", "|---" * (len(parents) + 2) + "|"]
-        cell = lambda m, p: ("n/a (the parent scores 0)" if m["retention"].get(p) is None else
-                             f"{m['retention'][p]:.3f} [{m['ci95']['retention'][p][0]:.3f}, "
-                             f"{m['ci95']['retention'][p][1]:.3f}]")
-        for name, m in retained.items():
-            lines.append(f"| {name} | " + " | ".join(cell(m, p) for p in [*parents, "worst"]) + " |")
-    health = report["generation"]
-    measures = [k for k in health["annealed_vs_merged"]]
-    lines += ["", f"## Generation health ({health['prompts']} held-out prompts, sampled with seed "
-              f"{health['sampling']['seed']}, temperature {health['sampling']['temperature']}, up to "
-              f"{health['max_new_tokens']} new tokens)", "", "| model | " + " | ".join(measures) + " |",
-              "|---" * (len(measures) + 1) + "|"]
+    if not retained:
+        return []
+    parents = [p for p in next(iter(retained.values()))["retention"] if p != "worst"]
+    lines = [
+        "",
+        "## Retention of each parent's own skill (model / parent on that skill's items)",
+        "",
+        "| model | " + " | ".join(parents) + " | worst |",
+        "|---" * (len(parents) + 2) + "|",
+    ]
+    cell = lambda m, p: (
+        "n/a (the parent scores 0)"
+        if m["retention"].get(p) is None
+        else interval(m["retention"][p], m["ci95"]["retention"][p])
+    )
+    for name, m in retained.items():
+        lines.append(f"| {name} | " + " | ".join(cell(m, p) for p in [*parents, "worst"]) + " |")
+    return lines
+
+
+def health_section(health: dict) -> list[str]:
+    measures = list(health["annealed_vs_merged"])
+    sampling = health["sampling"]
+    lines = [
+        "",
+        f"## Generation health ({health['prompts']} held-out prompts, sampled with seed {sampling['seed']}, "
+        f"temperature {sampling['temperature']}, up to {health['max_new_tokens']} new tokens)",
+        "",
+        "| model | " + " | ".join(measures) + " |",
+        "|---" * (len(measures) + 1) + "|",
+    ]
     for name, m in health["models"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{m[k]:.3f} [{m['ci95'][k][0]:.3f}, {m['ci95'][k][1]:.3f}]"
-                                                   for k in measures) + " |")
+        lines.append(f"| {name} | " + " | ".join(interval(m[k], m["ci95"][k]) for k in measures) + " |")
     for key, v in health["annealed_vs_merged"].items():
         flag = " **regression**" if v["regression"] else ""
-        lines.append(f"| annealed - merged: {key} | {v['delta']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]"
-                     f"{flag} |" + " |" * (len(measures) - 1))
-    lines += ["", "## Annealed minus merged (paired bootstrap)", "", "| metric | delta | 95% interval |",
-              "|---|---|---|"]
-    for metric, value in report["comparison"]["annealed_vs_merged"].items():
+        lines.append(
+            f"| annealed - merged: {key} | {interval(v['delta'], v['ci95'], '+.3f')}{flag} |"
+            + " |" * (len(measures) - 1)
+        )
+    return lines
+
+
+def comparison_section(comparison: dict) -> list[str]:
+    lines = [
+        "",
+        "## Annealed minus merged (paired bootstrap)",
+        "",
+        "| metric | delta | 95% interval |",
+        "|---|---|---|",
+    ]
+    for metric, value in comparison.items():
         entries = value.items() if metric == "skill_accuracy" else [(None, value)]
         for skill, v in entries:
             label = f"{metric}/{skill}" if skill else metric
@@ -140,16 +208,38 @@ def report_markdown(report: dict, shown: list[str], samples: dict) -> str:
             if "ratio" in v:
                 lo, hi = v["ratio_ci95"]
                 lines.append(f"| {label} ratio | {v['ratio']:.4f} | [{lo:.4f}, {hi:.4f}] |")
-    if "lm_eval" in report:
-        lines += ["", "## lm-evaluation-harness", "", "| model | task | metric | value |", "|---|---|---|---|"]
-        lines += [f"| {name} | {task} | {metric} | {_fmt(value)} |" for name, tasks in report["lm_eval"].items()
-                  for task, metrics in tasks.items() for metric, value in metrics.items()]
-    lines += ["", "## Plots", "", f"![metrics]({PLOTS[0]})", "", f"![anneal training]({PLOTS[1]})", "",
-              "## Sample generations (greedy)", "", "| prompt | " + " | ".join(samples) + " |",
-              "|---" * (len(samples) + 1) + "|"]
+    return lines
+
+
+def lm_eval_section(scores: dict | None) -> list[str]:
+    if not scores:
+        return []
+    return [
+        "",
+        "## lm-evaluation-harness",
+        "",
+        "| model | task | metric | value |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {task} | {metric} | {_fmt(value)} |"
+            for name, tasks in scores.items()
+            for task, metrics in tasks.items()
+            for metric, value in metrics.items()
+        ),
+    ]
+
+
+def samples_section(shown: list[str], samples: dict) -> list[str]:
+    lines = [
+        "",
+        "## Sample generations (greedy)",
+        "",
+        "| prompt | " + " | ".join(samples) + " |",
+        "|---" * (len(samples) + 1) + "|",
+    ]
     for i, prompt in enumerate(shown):
         lines.append(f"| {_cell(prompt)} | " + " | ".join(_cell(samples[n][i]) for n in samples) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def comparison_table(evaluation: EvalReport) -> str:
@@ -164,18 +254,28 @@ def comparison_table(evaluation: EvalReport) -> str:
     models = report["models"]
     skills = list(next(iter(models.values()))["skill_accuracy"])
     header = ["model", "pref", "norm", "reward", "KL", "ppl", "ppl ans", *skills]
-    columns = ("preference_accuracy", "preference_accuracy_normalized", "reward_accuracy", "kl_to_reference",
-               "perplexity", "perplexity_heldout_chosen")
+    columns = (
+        "preference_accuracy",
+        "preference_accuracy_normalized",
+        "reward_accuracy",
+        "kl_to_reference",
+        "perplexity",
+        "perplexity_heldout_chosen",
+    )
     cell = lambda m, k: "-" if k not in m else f"{m[k]:.1f}" if k.startswith("perplexity") else f"{m[k]:.3g}"
     delta = report["comparison"]["annealed_vs_merged"]["preference_accuracy"]
     ppl = report["comparison"]["annealed_vs_merged"]["perplexity"]
-    caption = (f"annealed - merged preference accuracy: {delta['delta']:+.3f} "
-               f"[{delta['ci95'][0]:+.3f}, {delta['ci95'][1]:+.3f}]; annealed / merged perplexity: "
-               f"{ppl['ratio']:.3f} [{ppl['ratio_ci95'][0]:.3f}, {ppl['ratio_ci95'][1]:.3f}] (95% paired bootstrap)")
-    table = Table(title=f"eval: {report['heldout_pairs']} held-out pairs (pref: preference accuracy, norm: "
-                        "per-token normalised; reward: DPO implicit reward accuracy; ppl ans: perplexity of the "
-                        "chosen answers; skills: greedy exact match)",
-                  caption=caption)
+    caption = (
+        f"annealed - merged preference accuracy: {delta['delta']:+.3f} "
+        f"[{delta['ci95'][0]:+.3f}, {delta['ci95'][1]:+.3f}]; annealed / merged perplexity: "
+        f"{ppl['ratio']:.3f} [{ppl['ratio_ci95'][0]:.3f}, {ppl['ratio_ci95'][1]:.3f}] (95% paired bootstrap)"
+    )
+    table = Table(
+        title=f"eval: {report['heldout_pairs']} held-out pairs (pref: preference accuracy, norm: "
+        "per-token normalised; reward: DPO implicit reward accuracy; ppl ans: perplexity of the "
+        "chosen answers; skills: greedy exact match)",
+        caption=caption,
+    )
     for column in header:
         table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
     for name, m in models.items():

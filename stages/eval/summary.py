@@ -19,23 +19,35 @@ def summarize(items: dict, with_rewards: bool, ref_chosen, ref_rejected, beta: f
     """A model's metrics and their bootstrap intervals; keeps the per-item values for comparisons."""
     per_item = {
         "preference_accuracy": M.preference_correct(items["chosen_logps"], items["rejected_logps"]),
-        "preference_accuracy_normalized": M.preference_correct(items["chosen_mean_logps"],
-                                                               items["rejected_mean_logps"]),
+        "preference_accuracy_normalized": M.preference_correct(
+            items["chosen_mean_logps"], items["rejected_mean_logps"]
+        ),
         "kl_to_reference": items["kl"],
     }
     summary = {name: float(values.mean()) for name, values in per_item.items()}
-    ci = {name: M.bootstrap_ci(values.numpy(), settings.bootstrap_resamples, settings.seed)
-          for name, values in per_item.items()}
+    ci = {
+        name: M.bootstrap_ci(values.numpy(), settings.bootstrap_resamples, settings.seed)
+        for name, values in per_item.items()
+    }
     tokens = items["nll_tokens"].clamp(min=1)
     summary["perplexity"] = M.perplexity(float(items["nll"].sum()), int(items["nll_tokens"].sum()))
-    lo, hi = M.bootstrap_ci((items["nll"] / tokens).numpy(), settings.bootstrap_resamples, settings.seed,
-                            weights=items["nll_tokens"].numpy())
+    lo, hi = M.bootstrap_ci(
+        (items["nll"] / tokens).numpy(),
+        settings.bootstrap_resamples,
+        settings.seed,
+        weights=items["nll_tokens"].numpy(),
+    )
     ci["perplexity"] = [math.exp(lo), math.exp(hi)]
     # Always also on the held-out chosen completions (the answer part), whatever the corpus.
-    summary["perplexity_heldout_chosen"] = M.perplexity(-float(items["chosen_logps"].sum()),
-                                                        int(items["chosen_tokens"].sum()))
-    lo, hi = M.bootstrap_ci((-items["chosen_logps"] / items["chosen_tokens"].clamp(min=1)).numpy(),
-                            settings.bootstrap_resamples, settings.seed, weights=items["chosen_tokens"].numpy())
+    summary["perplexity_heldout_chosen"] = M.perplexity(
+        -float(items["chosen_logps"].sum()), int(items["chosen_tokens"].sum())
+    )
+    lo, hi = M.bootstrap_ci(
+        (-items["chosen_logps"] / items["chosen_tokens"].clamp(min=1)).numpy(),
+        settings.bootstrap_resamples,
+        settings.seed,
+        weights=items["chosen_tokens"].numpy(),
+    )
     ci["perplexity_heldout_chosen"] = [math.exp(lo), math.exp(hi)]
     if with_rewards:
         margins = M.reward_margins(items["chosen_logps"], items["rejected_logps"], ref_chosen, ref_rejected, beta)
@@ -43,15 +55,24 @@ def summarize(items: dict, with_rewards: bool, ref_chosen, ref_rejected, beta: f
         per_item["reward_margin"] = margins
         summary["reward_accuracy"] = per_item["reward_accuracy"].mean().item()
         summary["reward_margin"] = margins.mean().item()
-        ci["reward_accuracy"] = M.bootstrap_ci(per_item["reward_accuracy"].numpy(), settings.bootstrap_resamples,
-                                               settings.seed)
+        ci["reward_accuracy"] = M.bootstrap_ci(
+            per_item["reward_accuracy"].numpy(), settings.bootstrap_resamples, settings.seed
+        )
         ci["reward_margin"] = M.bootstrap_ci(margins.numpy(), settings.bootstrap_resamples, settings.seed)
     summary["skill_accuracy"] = {s: sum(v) / len(v) for s, v in items["skill_correct"].items()}
-    ci["skill_accuracy"] = {s: M.bootstrap_ci(v, settings.bootstrap_resamples, settings.seed)
-                            for s, v in items["skill_correct"].items()}
+    ci["skill_accuracy"] = {
+        s: M.bootstrap_ci(v, settings.bootstrap_resamples, settings.seed) for s, v in items["skill_correct"].items()
+    }
     summary["ci95"] = ci
-    return {"summary": summary, "items": {**per_item, "skill_accuracy": items["skill_correct"], "nll": items["nll"],
-                                          "nll_tokens": items["nll_tokens"]}}
+    return {
+        "summary": summary,
+        "items": {
+            **per_item,
+            "skill_accuracy": items["skill_correct"],
+            "nll": items["nll"],
+            "nll_tokens": items["nll_tokens"],
+        },
+    }
 
 
 def generation_report(items: dict, settings: EvalSettings, n_prompts: int) -> dict:
@@ -59,24 +80,32 @@ def generation_report(items: dict, settings: EvalSettings, n_prompts: int) -> di
     annealed minus merged (paired); fewer generations ending with EOS, or more repetition (lower distinct-2), with
     the interval below 0 is flagged a regression."""
     boot = lambda v: M.bootstrap_ci(v, settings.bootstrap_resamples, settings.seed)
-    models = {name: {**{k: float(sum(v) / len(v)) for k, v in h.items()}, "ci95": {k: boot(v) for k, v in h.items()}}
-              for name, h in items.items()}
+    models = {
+        name: {**{k: float(sum(v) / len(v)) for k, v in h.items()}, "ci95": {k: boot(v) for k, v in h.items()}}
+        for name, h in items.items()
+    }
     versus = {}
     for key in items["annealed"]:
-        delta = M.paired_bootstrap(items["annealed"][key], items["merged"][key], settings.bootstrap_resamples,
-                                   settings.seed)
+        delta = M.paired_bootstrap(
+            items["annealed"][key], items["merged"][key], settings.bootstrap_resamples, settings.seed
+        )
         versus[key] = {**delta, "regression": key != "length" and delta["ci95"][1] < 0}
-    return {"prompts": n_prompts, "max_new_tokens": settings.max_new_tokens,
-            "sampling": settings.generation.model_dump(), "models": models,
-            "annealed_vs_merged": versus}
+    return {
+        "prompts": n_prompts,
+        "max_new_tokens": settings.max_new_tokens,
+        "sampling": settings.generation.model_dump(),
+        "models": models,
+        "annealed_vs_merged": versus,
+    }
 
 
 def compare(a: dict, b: dict, settings: EvalSettings) -> dict:
     """a minus b over the same held-out items: paired bootstrap per per-item metric (skills per skill)."""
     boot = lambda x, y: M.paired_bootstrap(x, y, settings.bootstrap_resamples, settings.seed)
     out = {name: boot(a[name].numpy(), b[name].numpy()) for name in (*PAIR_METRICS, *REWARD_METRICS)}
-    out["perplexity"] = M.paired_bootstrap_perplexity(a["nll"].numpy(), b["nll"].numpy(), a["nll_tokens"].numpy(),
-                                                      settings.bootstrap_resamples, settings.seed)
+    out["perplexity"] = M.paired_bootstrap_perplexity(
+        a["nll"].numpy(), b["nll"].numpy(), a["nll_tokens"].numpy(), settings.bootstrap_resamples, settings.seed
+    )
     out["skill_accuracy"] = {s: boot(a["skill_accuracy"][s], b["skill_accuracy"][s]) for s in a["skill_accuracy"]}
     return out
 
@@ -84,11 +113,15 @@ def compare(a: dict, b: dict, settings: EvalSettings) -> dict:
 def item_values(results: dict, heldout, texts) -> dict:
     """Every model's per-item values (one per held-out pair, per skill prompt, per corpus text), so runs that
     share `key` (the same held-out pairs and texts) can be compared pair by pair (pipeline/sweep.py)."""
-    key = hashlib.sha256(json.dumps([preferences.rows_fingerprint(heldout.select_columns(["prompt", "chosen",
-                                                                                          "rejected"])),
-                                     texts]).encode()).hexdigest()[:32]
+    key = hashlib.sha256(
+        json.dumps(
+            [preferences.rows_fingerprint(heldout.select_columns(["prompt", "chosen", "rejected"])), texts]
+        ).encode()
+    ).hexdigest()[:32]
     as_list = lambda v: {s: list(x) for s, x in v.items()} if isinstance(v, dict) else v.tolist()
-    return {"key": key, "models": {name: {metric: as_list(values) for metric, values in r["items"].items()}
-                                   for name, r in results.items()}}
-
-
+    return {
+        "key": key,
+        "models": {
+            name: {metric: as_list(values) for metric, values in r["items"].items()} for name, r in results.items()
+        },
+    }

@@ -88,36 +88,55 @@ def merge_steps(steps: list[merge_config.Step], checked: list, options, cache: C
         if cache.cache:
             key = caching.cache_key(config, options, version("mergekit"), cache.cache_dir / "fingerprints", produced)
             entry = cache.cache_dir / "merges" / key
-            state = through_cache(entry, partial(merge_into, config, options, text=text), step.out_dir,
-                                  files=cache.cache_files, digests=cache.cache_verify)
+            state = through_cache(
+                entry,
+                partial(merge_into, config, options, text=text),
+                step.out_dir,
+                files=cache.cache_files,
+                digests=cache.cache_verify,
+            )
             log_cache(state, entry, step.name)
         else:
             merge_into(config, options, step.out_dir, text)
         if step.name:
             produced[str(step.out_dir)] = f"merge:{step.name}:{key}"
-        done.append({"name": step.name, "merge_method": method_name(config), "model": str(step.out_dir),
-                     "models": [str(r.model.path) for r in ordered_references(config)],
-                     "cache": {"merge": state, **({"key": key} if key else {})}})
+        done.append(
+            {
+                "name": step.name,
+                "merge_method": method_name(config),
+                "model": str(step.out_dir),
+                "models": [str(r.model.path) for r in ordered_references(config)],
+                "cache": {"merge": state, **({"key": key} if key else {})},
+            }
+        )
     return {"configs": configs, "sources": sources, "produced": produced, "steps": done}
 
 
-def make_record(merged: dict, steps: list[merge_config.Step], options, cfg: DictConfig,
-                out_dir: Path) -> records.MergeRecord:
+def make_record(
+    merged: dict, steps: list[merge_config.Step], options, cfg: DictConfig, out_dir: Path
+) -> records.MergeRecord:
     configs, produced, single = merged["configs"], merged["produced"], len(steps) == 1
     final = configs[-1]
     own_file = "config_file" in cfg.merge
     return records.MergeRecord(
-        inputs={"models": sorted({str(r.model.path) for c in configs for r in ordered_references(c)} - set(produced)),
-                "parents": list(dict.fromkeys(p for c in configs for p in parents_in_order(c) if p not in produced)),
-                "base_model": merge_config.lineage_base(configs, steps, base_path),
-                "config_file": str(Path(cfg.merge.config_file).resolve()) if own_file else None,
-                "sources": list(merged["sources"].values())},
-        outputs={"model": str(out_dir), "config": str(out_dir / CONFIG_NAME),
-                 **({} if single else {"intermediates": {s.name: str(s.out_dir) for s in steps[:-1]}})},
-        config={"merge": final.model_dump(mode="json", exclude_defaults=True),
-                "merge_options": options.model_dump(mode="json"),
-                # the `models` group feeds the method presets only: a user's own mergekit YAML names its models
-                "models": None if own_file else OmegaConf.to_container(cfg.models, resolve=True)},
+        inputs={
+            "models": sorted({str(r.model.path) for c in configs for r in ordered_references(c)} - set(produced)),
+            "parents": list(dict.fromkeys(p for c in configs for p in parents_in_order(c) if p not in produced)),
+            "base_model": merge_config.lineage_base(configs, steps, base_path),
+            "config_file": str(Path(cfg.merge.config_file).resolve()) if own_file else None,
+            "sources": list(merged["sources"].values()),
+        },
+        outputs={
+            "model": str(out_dir),
+            "config": str(out_dir / CONFIG_NAME),
+            **({} if single else {"intermediates": {s.name: str(s.out_dir) for s in steps[:-1]}}),
+        },
+        config={
+            "merge": final.model_dump(mode="json", exclude_defaults=True),
+            "merge_options": options.model_dump(mode="json"),
+            # the `models` group feeds the method presets only: a user's own mergekit YAML names its models
+            "models": None if own_file else OmegaConf.to_container(cfg.models, resolve=True),
+        },
         merge_method=method_name(final),
         cache=merged["steps"][-1]["cache"],
         mergekit_version=version("mergekit"),
@@ -157,8 +176,10 @@ def merge_into(config, options, out_dir: Path, text: str) -> None:
         except (RuntimeError, ValueError, KeyError, AssertionError) as err:
             if disk_full(err):
                 raise
-            raise UserError(f"mergekit could not merge these models ({type(err).__name__}: {err}). Fix: check "
-                            "that the merge config fits the models (layer ranges, parameters, base model).") from None
+            raise UserError(
+                f"mergekit could not merge these models ({type(err).__name__}: {err}). Fix: check "
+                "that the merge config fits the models (layer ranges, parameters, base model)."
+            ) from None
         (tmp / CONFIG_NAME).write_text(text + "\n")
         check_merged(tmp)
 
@@ -179,5 +200,3 @@ def build_moe(config, options, out_dir: Path) -> None:
     for message in said:
         log.warning(f"merge: mergekit-moe: {message}")
     AutoTokenizer.from_pretrained(config.base_model.model.path).save_pretrained(out_dir)
-
-

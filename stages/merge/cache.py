@@ -14,9 +14,19 @@ from pipeline.settings import CachePolicy
 from stages.merge.config import ordered_references
 
 # Options that change how a merge runs but not what it writes: left out of the cache key.
-RUNTIME_ONLY_OPTIONS = {"quiet", "verbosity", "num_threads", "lazy_unpickle", "transformers_cache",
-                        "lora_merge_cache", "low_cpu_memory", "read_to_gpu", "multi_gpu", "async_write",
-                        "write_threads"}
+RUNTIME_ONLY_OPTIONS = {
+    "quiet",
+    "verbosity",
+    "num_threads",
+    "lazy_unpickle",
+    "transformers_cache",
+    "lora_merge_cache",
+    "low_cpu_memory",
+    "read_to_gpu",
+    "multi_gpu",
+    "async_write",
+    "write_threads",
+}
 BY_INPUTS = ".by-inputs"  # merges/.by-inputs/<inputs_key>.json: the record of that merge, with its cache key
 CONFIG_NAME = "mergekit_config.yml"
 
@@ -31,9 +41,13 @@ def inputs_key(groups: dict, raw: dict, memo: Path) -> str | None:
     folders, tokenizers = merge_config.model_references(raw)
     if not folders or not all(Path(folder).is_dir() for folder in folders):
         return None
-    content = {"config": raw, "groups": groups,
-               "mergekit": version("mergekit"), "merge-anneal": 1,
-               "folders": {f: models.fingerprint(f, memo) for f in sorted({*folders, *tokenizers})}}
+    content = {
+        "config": raw,
+        "groups": groups,
+        "mergekit": version("mergekit"),
+        "merge-anneal": 1,
+        "folders": {f: models.fingerprint(f, memo) for f in sorted({*folders, *tokenizers})},
+    }
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -43,12 +57,14 @@ def remembered(inputs: str, cache: CachePolicy, out_dir: Path, rebuild) -> recor
     merges = cache.cache_dir / "merges"
     try:
         known = json.loads((merges / BY_INPUTS / f"{inputs}.json").read_text())
-        record = records.MergeRecord.model_validate({**known, "outputs": {"model": str(out_dir),
-                                                                          "config": str(out_dir / CONFIG_NAME)}})
+        record = records.MergeRecord.model_validate(
+            {**known, "outputs": {"model": str(out_dir), "config": str(out_dir / CONFIG_NAME)}}
+        )
     except (OSError, ValueError):
         return None
-    state = through_cache(merges / record.cache["key"], rebuild, out_dir, files=cache.cache_files,
-                          digests=cache.cache_verify)
+    state = through_cache(
+        merges / record.cache["key"], rebuild, out_dir, files=cache.cache_files, digests=cache.cache_verify
+    )
     return record.model_copy(update={"cache": {**record.cache, "merge": state}})
 
 
@@ -69,8 +85,9 @@ def cache_key(config, options, version: str, memo: Path | None = None, produced:
     for ref in ordered_references(config):
         for path in (ref.model, ref.lora):
             if path is not None:
-                fingerprints[str(path.path)] = ((produced or {}).get(str(path.path))
-                                                or "sha256:" + models.fingerprint(path.path, memo))
+                fingerprints[str(path.path)] = (produced or {}).get(str(path.path)) or "sha256:" + models.fingerprint(
+                    path.path, memo
+                )
     content = {
         "config": merge_config.replace_strings(config.model_dump(mode="json"), fingerprints),
         "options": {k: v for k, v in options.model_dump(mode="json").items() if k not in RUNTIME_ONLY_OPTIONS},

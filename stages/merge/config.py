@@ -37,8 +37,9 @@ def yaml_text(config, rename: dict | None = None) -> str:
     name)."""
     from mergekit.config import ConfigYamlDumper
 
-    content = config.model_dump(mode="json", **({"exclude_none": True} if is_moe(config) else
-                                                {"exclude_defaults": True}))
+    content = config.model_dump(
+        mode="json", **({"exclude_none": True} if is_moe(config) else {"exclude_defaults": True})
+    )
     return yaml.dump(merge_config.replace_strings(content, rename or {}), Dumper=ConfigYamlDumper).rstrip()
 
 
@@ -53,8 +54,10 @@ def localize(raw: dict, produced: dict | None = None, valid=None) -> tuple[dict,
             if path is None or str(path) in (produced or {}):
                 continue
             if path.revision and not models.is_hub_id(str(path)):
-                raise UserError(f"{path} has a revision but is not a hub id. Fix: use org/name@revision or a "
-                                "local folder without '@'.")
+                raise UserError(
+                    f"{path} has a revision but is not a hub id. Fix: use org/name@revision or a "
+                    "local folder without '@'."
+                )
             resolved[str(path)] = models.resolve(str(path))
     mapping = {ref: source.path for ref, source in resolved.items()}
     return merge_config.replace_strings(raw, mapping), list({s.path: s for s in resolved.values()}.values())
@@ -72,12 +75,16 @@ def validate(raw: dict):
     try:
         merge_config = MergeConfiguration.model_validate(raw)
     except (ValidationError, RuntimeError, ValueError) as err:
-        raise UserError(f"mergekit rejected the merge config: {_short(err)}. Fix: correct the merge group "
-                        "(see conf/merge/ and mergekit's docs) or your merge.config_file.") from None
+        raise UserError(
+            f"mergekit rejected the merge config: {_short(err)}. Fix: correct the merge group "
+            "(see conf/merge/ and mergekit's docs) or your merge.config_file."
+        ) from None
     known = sorted(m.spec.name for m in registry.registered_methods())
     if merge_config.merge_method not in known:
-        raise UserError(f"Unknown merge method '{merge_config.merge_method}'. Fix: use one of mergekit's methods: "
-                        f"{', '.join(known)} (e.g. +merge=slerp).")
+        raise UserError(
+            f"Unknown merge method '{merge_config.merge_method}'. Fix: use one of mergekit's methods: "
+            f"{', '.join(known)} (e.g. +merge=slerp)."
+        )
     spec = registry.get(merge_config.merge_method).spec
     _check_parameters(merge_config, spec)
     _check_inputs(merge_config, spec)
@@ -95,14 +102,18 @@ def _check_parameters(merge_config, spec) -> None:
             given |= set(source.parameters or {})
     unknown = sorted(given - known)
     if unknown:
-        raise UserError(f"Merge method '{spec.name}' has no parameter(s) {unknown}. Fix: use its parameters: "
-                        f"{sorted(known) or 'none'}.")
+        raise UserError(
+            f"Merge method '{spec.name}' has no parameter(s) {unknown}. Fix: use its parameters: "
+            f"{sorted(known) or 'none'}."
+        )
     if merge_config.models:
         for p in spec.parameters:
             top = p.name in (merge_config.parameters or {})
             if p.required and not top and p.scope.value == "shared":
-                raise UserError(f"Merge method '{spec.name}' needs parameter '{p.name}'. Fix: set "
-                                f"merge.parameters.{p.name}=<value>.")
+                raise UserError(
+                    f"Merge method '{spec.name}' needs parameter '{p.name}'. Fix: set "
+                    f"merge.parameters.{p.name}=<value>."
+                )
 
 
 def _check_inputs(merge_config, spec) -> None:
@@ -111,15 +122,19 @@ def _check_inputs(merge_config, spec) -> None:
     ids = [str(m.model) for m in merge_config.models]
     base = str(merge_config.base_model) if merge_config.base_model else None
     if spec.contract.base.value == "required" and base is None:
-        raise UserError(f"Merge method '{spec.name}' needs a base model and none is set. Fix: set "
-                        "models.base=<folder or hub id> (with models=local) or base_model in your mergekit YAML.")
+        raise UserError(
+            f"Merge method '{spec.name}' needs a base model and none is set. Fix: set "
+            "models.base=<folder or hub id> (with models=local) or base_model in your mergekit YAML."
+        )
     if base is not None and base not in ids and spec.contract.base.value != "ignored":
         ids.append(base)  # mergekit adds the base model to the inputs the same way
     try:
         spec.contract.validate_ids(ids, base)
     except ValueError as err:
-        raise UserError(f"Merge method '{spec.name}' cannot merge these models: {err}. Fix: adjust models.parents "
-                        f"/ models.base or the models list ({len(ids)} inputs given).") from None
+        raise UserError(
+            f"Merge method '{spec.name}' cannot merge these models: {err}. Fix: adjust models.parents "
+            f"/ models.base or the models list ({len(ids)} inputs given)."
+        ) from None
 
 
 def validate_moe(raw: dict):
@@ -127,8 +142,10 @@ def validate_moe(raw: dict):
     from mergekit.moe.config import MoEMergeConfig, is_bad_config
     from pydantic import ValidationError
 
-    fix = ("Fix: correct your mergekit-moe YAML: base_model, and experts, each with source_model and (unless "
-           "gate_mode is random or uniform_random) positive_prompts (see conf/merge/moe.yaml).")
+    fix = (
+        "Fix: correct your mergekit-moe YAML: base_model, and experts, each with source_model and (unless "
+        "gate_mode is random or uniform_random) positive_prompts (see conf/merge/moe.yaml)."
+    )
     try:
         config = MoEMergeConfig.model_validate(raw)
     except ValidationError as err:
@@ -172,16 +189,20 @@ def check_compatible(config, options) -> None:
                     shapes.setdefault(name, {})[folder] = tuple(handle.get_slice(name).get_shape())
     if len(set(archs.values())) > 1 and not options.allow_crimes:
         listing = "; ".join(f"{f.name}: {'/'.join(a) or '?'}" for f, a in archs.items())
-        raise UserError(f"The models have different architectures ({listing}). Fix: merge checkpoints of one "
-                        "architecture (fine-tunes of the same base), or set merge_options.allow_crimes=true "
-                        "if you really mean to mix them.")
+        raise UserError(
+            f"The models have different architectures ({listing}). Fix: merge checkpoints of one "
+            "architecture (fine-tunes of the same base), or set merge_options.allow_crimes=true "
+            "if you really mean to mix them."
+        )
     for name, by_model in shapes.items():
         if len(set(by_model.values())) > 1:
             if vocab_rebuilt and ("embed" in name or "lm_head" in name):
                 continue  # mergekit re-maps vocabularies when a tokenizer source is set
             listing = "; ".join(f"{f.name}: {list(s)}" for f, s in by_model.items())
-            raise UserError(f"Tensor shapes differ between the models for '{name}' ({listing}). Fix: merge "
-                            "fine-tunes of the same base model (same hidden size, heads and vocabulary).")
+            raise UserError(
+                f"Tensor shapes differ between the models for '{name}' ({listing}). Fix: merge "
+                "fine-tunes of the same base model (same hidden size, heads and vocabulary)."
+            )
     if is_moe(config):
         moe_architecture(config, options)
 
@@ -194,10 +215,12 @@ def moe_architecture(config, options) -> str:
         try:
             return select_output_arch(config, options, verbose=True).name()
         except SystemExit:  # mergekit-moe's way of saying none fits
-            raise UserError(f"mergekit-moe has no output architecture for these experts: {' '.join(said)} Fix: "
-                            "experts and base model of one architecture that mergekit-moe builds a mixture from "
-                            "(Llama or Mistral: Mixtral; Qwen2: Qwen MoE; Qwen3; DeepSeek), or set its "
-                            "`architecture:` field.") from None
+            raise UserError(
+                f"mergekit-moe has no output architecture for these experts: {' '.join(said)} Fix: "
+                "experts and base model of one architecture that mergekit-moe builds a mixture from "
+                "(Llama or Mistral: Mixtral; Qwen2: Qwen MoE; Qwen3; DeepSeek), or set its "
+                "`architecture:` field."
+            ) from None
 
 
 def build_options(section: DictConfig):
@@ -216,8 +239,10 @@ def build_options(section: DictConfig):
     try:
         return MergeOptions(**given, **FIXED_OPTIONS)
     except ValidationError as err:
-        raise UserError(f"Invalid merge_options: {_short(err)}. Fix: use mergekit's MergeOptions fields "
-                        "(see conf/merge_options/default.yaml; cuda takes auto, true or false).") from None
+        raise UserError(
+            f"Invalid merge_options: {_short(err)}. Fix: use mergekit's MergeOptions fields "
+            "(see conf/merge_options/default.yaml; cuda takes auto, true or false)."
+        ) from None
 
 
 def is_moe(config) -> bool:

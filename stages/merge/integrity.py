@@ -29,13 +29,16 @@ def check_architecture(model_dir: Path) -> None:
     for required in ("config.json", "tokenizer_config.json"):
         if not (model_dir / required).is_file():
             raise RuntimeError(f"mergekit wrote no {required} into {model_dir}")
-    fix = ("Fix: check the merge config against the models (slices' layer ranges, a passthrough's layers, "
-           "tokenizer_source, the embed_slerp and base model settings) and mergekit's architecture support.")
+    fix = (
+        "Fix: check the merge config against the models (slices' layer ranges, a passthrough's layers, "
+        "tokenizer_source, the embed_slerp and base model settings) and mergekit's architecture support."
+    )
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # nothing is loaded: no "Loading weights" bar
     try:
-        model, report = AutoModelForCausalLM.from_pretrained(model_dir, device_map="meta", output_loading_info=True,
-                                                             ignore_mismatched_sizes=True)
+        model, report = AutoModelForCausalLM.from_pretrained(
+            model_dir, device_map="meta", output_loading_info=True, ignore_mismatched_sizes=True
+        )
     except (ValueError, OSError, KeyError) as err:  # an architecture transformers has no class for
         log.warning(f"merge: the merged architecture cannot be checked by transformers ({err})")
         model, report = None, {}
@@ -44,19 +47,25 @@ def check_architecture(model_dir: Path) -> None:
             hf_logging.enable_progress_bar()
     missing = sorted(report.get("missing_keys", []))
     if missing:
-        raise UserError(f"The merge lacks {len(missing)} tensor(s) its architecture has ({', '.join(missing[:5])}"
-                        f"{', ...' if len(missing) > 5 else ''}): mergekit left them out. {fix}")
+        raise UserError(
+            f"The merge lacks {len(missing)} tensor(s) its architecture has ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}): mergekit left them out. {fix}"
+        )
     mismatched = report.get("mismatched_keys", [])
     if mismatched:
         name, stored, expected = sorted(mismatched)[0]
-        raise UserError(f"The merge's tensor '{name}' has shape {list(stored)} where its config asks for "
-                        f"{list(expected)} ({len(mismatched)} such). {fix}")
+        raise UserError(
+            f"The merge's tensor '{name}' has shape {list(stored)} where its config asks for "
+            f"{list(expected)} ({len(mismatched)} such). {fix}"
+        )
     if model is not None:
         rows = min(model.get_input_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0])
         tokens = len(AutoTokenizer.from_pretrained(model_dir))
         if tokens > rows:
-            raise UserError(f"The merge's tokenizer has {tokens} tokens but its embeddings only {rows} rows: tokens "
-                            f"beyond row {rows} would index past them. {fix}")
+            raise UserError(
+                f"The merge's tokenizer has {tokens} tokens but its embeddings only {rows} rows: tokens "
+                f"beyond row {rows} would index past them. {fix}"
+            )
 
 
 def check_finite(model_dir: Path) -> None:
@@ -68,5 +77,7 @@ def check_finite(model_dir: Path) -> None:
         with safe_open(file, framework="pt") as handle:
             for name in handle.keys():
                 if not torch.isfinite(handle.get_tensor(name)).all():
-                    raise UserError(f"The merge produced non-finite values in '{name}'. Fix: check the merge "
-                                    "parameters (weights, t, density, lambda) for extreme values.")
+                    raise UserError(
+                        f"The merge produced non-finite values in '{name}'. Fix: check the merge "
+                        "parameters (weights, t, density, lambda) for extreme values."
+                    )

@@ -31,15 +31,35 @@ log = logging.getLogger(__name__)
 
 # What a release takes from the chosen model folder: weights (safetensors only), config, generation config,
 # tokenizer files and chat template(s). Nothing else (no optimizer state, no pickles, no stray files).
-MODEL_FILES = ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
-               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-               "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken", "chat_template.jinja",
-               "chat_template.json")
+MODEL_FILES = (
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "*.tiktoken",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 TEMPLATE_DIR = "additional_chat_templates"
 CARD_NAME = "README.md"
 # The metrics `release.pick=best` can compare: the eval report's scalar metrics, and skill_accuracy/<skill>.
-OBJECTIVES = ("preference_accuracy", "preference_accuracy_normalized", "reward_accuracy", "reward_margin",
-              "kl_to_reference", "perplexity", "perplexity_heldout_chosen")
+OBJECTIVES = (
+    "preference_accuracy",
+    "preference_accuracy_normalized",
+    "reward_accuracy",
+    "reward_margin",
+    "kl_to_reference",
+    "perplexity",
+    "perplexity_heldout_chosen",
+)
 
 
 def check(cfg: DictConfig) -> ReleaseSettings:
@@ -48,8 +68,10 @@ def check(cfg: DictConfig) -> ReleaseSettings:
     release = ReleaseSettings.of(cfg.release, "release")
     group, _, skill = release.objective.partition("/")
     if release.pick == "best" and not (group in OBJECTIVES or (group == "skill_accuracy" and skill)):
-        raise UserError(f"release.objective={release.objective} is not an eval metric. Fix: use one of "
-                        f"{', '.join(OBJECTIVES)}, or skill_accuracy/<skill>.")
+        raise UserError(
+            f"release.objective={release.objective} is not an eval metric. Fix: use one of "
+            f"{', '.join(OBJECTIVES)}, or skill_accuracy/<skill>."
+        )
     return release
 
 
@@ -66,43 +88,67 @@ def run(cfg: DictConfig, run_dir: Path) -> records.ReleaseRecord:
     check_weights(model_dir)
     name = release.name or f"{merge.merge_method}-{pick['picked']}"
     log.info(f"release: {pick['picked']} model ({pick['reason']})")
-    names = cards.PublicNames([*merge.inputs.sources, *([anneal.inputs.reference_source]
-                                                        if anneal.inputs.reference_source else [])])
+    names = cards.PublicNames(
+        [*merge.inputs.sources, *([anneal.inputs.reference_source] if anneal.inputs.reference_source else [])]
+    )
     lineage = cards.describe_lineage(merge, anneal, names)
     commands = cards.reproduce_commands(manifest.load(run_dir).get("commands", []), names)
     # one document per merge (a mergekit-multi chain: each intermediate, then the final merge)
     merge_docs = [names.public(doc) for doc in yaml.safe_load_all(Path(merge.outputs.config).read_text())]
-    dpo_settings = names.public({"anneal": anneal.config.anneal.model_dump(mode="json"),
-                                 "reference": lineage["reference"],
-                                 "data": {**anneal.data, "sources": anneal.inputs.data}})
+    dpo_settings = names.public(
+        {
+            "anneal": anneal.config.anneal.model_dump(mode="json"),
+            "reference": lineage["reference"],
+            "data": {**anneal.data, "sources": anneal.inputs.data},
+        }
+    )
     card = cards.model_card(name, pick, lineage, report, merge_docs, dpo_settings, commands, release)
-    private = secrets() + [str(run_dir), str(Path.home()), str(Path(cfg.pipeline.cache_dir).expanduser().resolve()),
-                           str(Path(cfg.models.cache_dir).expanduser().resolve())]
+    private = secrets() + [
+        str(run_dir),
+        str(Path.home()),
+        str(Path(cfg.pipeline.cache_dir).expanduser().resolve()),
+        str(Path(cfg.models.cache_dir).expanduser().resolve()),
+    ]
     out_dir, files = write(run_dir / "release" / name, model_dir, merge_docs, dpo_settings, card, private)
     pushed = None
     if release.publish:
-        message = release.commit_message or (f"Release {name}: the {pick['picked']} model of a "
-                                             f"{lineage['method']} merge of {', '.join(lineage['parents'])} "
-                                             "(merge-anneal)")
+        message = release.commit_message or (
+            f"Release {name}: the {pick['picked']} model of a "
+            f"{lineage['method']} merge of {', '.join(lineage['parents'])} "
+            "(merge-anneal)"
+        )
         pushed = hub.push(out_dir, files, release, message, token)
     return records.ReleaseRecord(
-        inputs={"model": str(model_dir), "merged": merge.outputs.model, "annealed": anneal.outputs.model,
-                "metrics": evaluation.outputs.metrics, "mergekit_config": merge.outputs.config},
+        inputs={
+            "model": str(model_dir),
+            "merged": merge.outputs.model,
+            "annealed": anneal.outputs.model,
+            "metrics": evaluation.outputs.metrics,
+            "mergekit_config": merge.outputs.config,
+        },
         outputs={"model": str(out_dir), "card": str(out_dir / CARD_NAME), "files": files},
-        config={"release": release.model_dump(mode="json")}, pick=pick, commands=commands,
-        **({"hub": pushed} if pushed is not None else {}))
+        config={"release": release.model_dump(mode="json")},
+        pick=pick,
+        commands=commands,
+        **({"hub": pushed} if pushed is not None else {}),
+    )
 
 
-def write(out_dir: Path, model_dir: Path, merge_docs: list[dict], dpo_settings: dict, card,
-          private: list[str]) -> tuple[Path, list[str]]:
+def write(
+    out_dir: Path, model_dir: Path, merge_docs: list[dict], dpo_settings: dict, card, private: list[str]
+) -> tuple[Path, list[str]]:
     """The release folder, published whole once it loads and holds no token or local path; its files."""
+
     def fill(tmp: Path) -> None:
         copy_model(model_dir, tmp)
         (tmp / MERGE_CONFIG_NAME).write_text(
             "# The resolved mergekit configuration of this merge; local model folders are shown by name.\n"
-            + yaml.safe_dump_all(merge_docs, sort_keys=False))
-        (tmp / DPO_NAME).write_text("# The anneal stage's DPO settings (TRL DPOConfig field names under trainer).\n"
-                                    + yaml.safe_dump(dpo_settings, sort_keys=False))
+            + yaml.safe_dump_all(merge_docs, sort_keys=False)
+        )
+        (tmp / DPO_NAME).write_text(
+            "# The anneal stage's DPO settings (TRL DPOConfig field names under trainer).\n"
+            + yaml.safe_dump(dpo_settings, sort_keys=False)
+        )
         card.save(tmp / CARD_NAME)
         check_loads(tmp)
         check_public(tmp, private)
@@ -115,14 +161,17 @@ def write(out_dir: Path, model_dir: Path, merge_docs: list[dict], dpo_settings: 
 
 # ------------------------------------------------------------------------------------------------- checks
 
+
 def check_weights(model_dir: Path) -> None:
     """The chosen folder must hold safetensors weights and no pickled ones."""
     pickled = sorted(p.name for p in model_dir.glob("*.bin"))
     if pickled or not any(model_dir.glob("*.safetensors")):
         found = f"pickled weights ({', '.join(pickled)})" if pickled else "no *.safetensors weights"
-        raise UserError(f"The model to release, {model_dir}, holds {found}; merge-anneal releases safetensors only. "
-                        "Fix: re-run the stage that wrote it (it saves safetensors), or convert the weights "
-                        "(load with transformers and save_pretrained) and remove the .bin files.")
+        raise UserError(
+            f"The model to release, {model_dir}, holds {found}; merge-anneal releases safetensors only. "
+            "Fix: re-run the stage that wrote it (it saves safetensors), or convert the weights "
+            "(load with transformers and save_pretrained) and remove the .bin files."
+        )
 
 
 def check_loads(folder: Path) -> None:
@@ -146,6 +195,7 @@ def check_public(folder: Path, private: list[str]) -> None:
 
 # -------------------------------------------------------------------------------------------------- pick
 
+
 def choose(release: ReleaseSettings, report: records.EvalReport) -> dict:
     """Which model to release, and why."""
     if release.pick != "best":
@@ -153,23 +203,36 @@ def choose(release: ReleaseSettings, report: records.EvalReport) -> dict:
     objective = release.objective
     merged, annealed = (report.models[m].value(objective) for m in ("merged", "annealed"))
     if not all(isinstance(v, (int, float)) for v in (merged, annealed)):
-        raise UserError(f"release.objective={objective} is not an eval metric of both the merged and the annealed "
-                        f"model. Fix: use one of {', '.join(report.models['annealed'].scalars())}.")
+        raise UserError(
+            f"release.objective={objective} is not an eval metric of both the merged and the annealed "
+            f"model. Fix: use one of {', '.join(report.models['annealed'].scalars())}."
+        )
     lower = objective.split("/")[0] in LOWER_IS_BETTER
     better_merged = merged < annealed if lower else merged > annealed
     picked = "merged" if better_merged else "annealed"
     comparison = report.delta(objective)
-    reason = (f"best by {objective}, {'lower' if lower else 'higher'} is better: annealed {annealed:.4g}, merged "
-              f"{merged:.4g}" + ("; equal, so the annealed model (the default)" if merged == annealed else ""))
+    reason = (
+        f"best by {objective}, {'lower' if lower else 'higher'} is better: annealed {annealed:.4g}, merged "
+        f"{merged:.4g}" + ("; equal, so the annealed model (the default)" if merged == annealed else "")
+    )
     if comparison:
         lo, hi = comparison["ci95"]
-        reason += (f"; annealed - merged {comparison['delta']:+.4g}, 95% paired-bootstrap interval "
-                   f"[{lo:+.4g}, {hi:+.4g}]" + (", which contains 0" if lo <= 0 <= hi else ""))
-    return {"choice": "best", "picked": picked, "objective": objective, "higher_is_better": not lower,
-            "values": {"merged": merged, "annealed": annealed}, "reason": reason}
+        reason += (
+            f"; annealed - merged {comparison['delta']:+.4g}, 95% paired-bootstrap interval "
+            f"[{lo:+.4g}, {hi:+.4g}]" + (", which contains 0" if lo <= 0 <= hi else "")
+        )
+    return {
+        "choice": "best",
+        "picked": picked,
+        "objective": objective,
+        "higher_is_better": not lower,
+        "values": {"merged": merged, "annealed": annealed},
+        "reason": reason,
+    }
 
 
 # ------------------------------------------------------------------------------------------------- files
+
 
 def copy_model(model_dir: Path, out_dir: Path) -> None:
     """Weights, config, generation config (written from the model config if missing), tokenizer, chat template.
@@ -194,5 +257,3 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-

@@ -62,22 +62,30 @@ def describe_lineage(merge: records.MergeRecord, anneal: records.AnnealRecord, n
         "base": names.name(base) if base else None,
         "base_model": [names.name(p) for p in inputs],
         "hub": {names.name(p): names.is_hub(p) for p in inputs},
-        "revisions": {names.name(p): names.sources[p].revision for p in inputs
-                      if p in names.sources and names.sources[p].revision},
-        "reference": {"model": "the merged model itself" if anneal.inputs.reference_label == "merged"
-                      else " + ".join(names.name(p["path"]) for p in anneal.inputs.references.values())
-                      + f" (log-probs combined by {anneal.config.anneal.reference_combine})"
-                      if anneal.inputs.references
-                      else names.name(reference.path) if reference.path in names.sources
-                      else names.name(anneal.inputs.reference),
-                      "chosen_as": anneal.inputs.reference_label,
-                      "setting": anneal.config.anneal.reference},
+        "revisions": {
+            names.name(p): names.sources[p].revision for p in inputs if p in names.sources and names.sources[p].revision
+        },
+        "reference": {
+            "model": "the merged model itself"
+            if anneal.inputs.reference_label == "merged"
+            else " + ".join(names.name(p["path"]) for p in anneal.inputs.references.values())
+            + f" (log-probs combined by {anneal.config.anneal.reference_combine})"
+            if anneal.inputs.references
+            else names.name(reference.path)
+            if reference.path in names.sources
+            else names.name(anneal.inputs.reference),
+            "chosen_as": anneal.inputs.reference_label,
+            "setting": anneal.config.anneal.reference,
+        },
         "mergekit_version": merge.mergekit_version,
         # each merge, in the order they ran (a mergekit-multi chain's intermediates first, by name)
-        "steps": [{"name": s.name, "method": s.merge_method, "models": [names.name(m) for m in s.models]}
-                  for s in merge.chain] or [{"name": None, "method": merge.merge_method, "models": None}],
-        "architecture": (json.loads((Path(merge.outputs.model) / "config.json").read_text()).get("architectures")
-                         or ["?"])[0].removesuffix("ForCausalLM"),
+        "steps": [
+            {"name": s.name, "method": s.merge_method, "models": [names.name(m) for m in s.models]} for s in merge.chain
+        ]
+        or [{"name": None, "method": merge.merge_method, "models": None}],
+        "architecture": (
+            json.loads((Path(merge.outputs.model) / "config.json").read_text()).get("architectures") or ["?"]
+        )[0].removesuffix("ForCausalLM"),
         "data": anneal.inputs.data,
         "data_source": anneal.config.data.source,
         "pairs": anneal.data,
@@ -110,28 +118,51 @@ def reproduce_commands(invocations: list[dict], names: PublicNames) -> list[str]
 
 def public_override(override: str, names: PublicNames) -> str:
     """An override with each absolute path replaced by `<local>/<its name>` (hub downloads by their hub id)."""
+
     def replace(match):
         ref = match.group(0)
         return names.name(ref, revision=True) if names.is_hub(ref) else f"{LOCAL}/{names.name(ref)}"
+
     return re.sub(r"(?<![\w.-])[~/][^\s,\[\]{}()'\"]*", replace, override)
 
 
-def model_card(name: str, pick: dict, lineage: dict, evaluation: records.EvalReport, merge_docs: list[dict],
-               dpo_settings: dict,
-               commands: list[str], release: ReleaseSettings):
+def model_card(
+    name: str,
+    pick: dict,
+    lineage: dict,
+    evaluation: records.EvalReport,
+    merge_docs: list[dict],
+    dpo_settings: dict,
+    commands: list[str],
+    release: ReleaseSettings,
+):
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     picked = evaluation.models[pick["picked"]]
     dataset = datasets(lineage)[-1]
-    results = [EvalResult(task_type="text-generation", task_name="held-out preference pairs", dataset_type=dataset,
-                          dataset_name=f"held-out preference pairs ({evaluation.heldout_pairs})",
-                          dataset_split="heldout", metric_type=metric, metric_value=value)
-               for metric, value in picked.scalars().items()]
+    results = [
+        EvalResult(
+            task_type="text-generation",
+            task_name="held-out preference pairs",
+            dataset_type=dataset,
+            dataset_name=f"held-out preference pairs ({evaluation.heldout_pairs})",
+            dataset_split="heldout",
+            metric_type=metric,
+            metric_value=value,
+        )
+        for metric, value in picked.scalars().items()
+    ]
     data = ModelCardData(
-        model_name=name, base_model=lineage["base_model"], datasets=datasets(lineage), license=release.license,
+        model_name=name,
+        base_model=lineage["base_model"],
+        datasets=datasets(lineage),
+        license=release.license,
         language=release.language,
-        library_name="transformers", pipeline_tag="text-generation",
-        tags=["merge", "mergekit", lineage["method"], "dpo", "trl", "merge-anneal"], eval_results=results)
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["merge", "mergekit", lineage["method"], "dpo", "trl", "merge-anneal"],
+        eval_results=results,
+    )
     body = card_body(name, pick, lineage, evaluation, merge_docs, dpo_settings, commands, release)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
@@ -160,31 +191,58 @@ def metrics_table(evaluation: records.EvalReport) -> list[str]:
     return lines
 
 
-def card_body(name: str, pick: dict, lineage: dict, evaluation: records.EvalReport, merge_docs: list[dict],
-              dpo_settings: dict, commands: list[str], release: ReleaseSettings) -> str:
+def card_body(
+    name: str,
+    pick: dict,
+    lineage: dict,
+    evaluation: records.EvalReport,
+    merge_docs: list[dict],
+    dpo_settings: dict,
+    commands: list[str],
+    release: ReleaseSettings,
+) -> str:
     method, reference = dpo_settings["anneal"]["method"], lineage["reference"]
-    what = (f"the annealed model: the merge after {method.upper()}" if pick["picked"] == "annealed"
-            else f"the merged model, before {method.upper()}")
+    what = (
+        f"the annealed model: the merge after {method.upper()}"
+        if pick["picked"] == "annealed"
+        else f"the merged model, before {method.upper()}"
+    )
     bootstrap, link = evaluation.bootstrap, lambda model: model_link(lineage, model)
     lines = [
-        f"# {name}", "",
+        f"# {name}",
+        "",
         f"A [mergekit](https://github.com/arcee-ai/mergekit) {merge_phrase(lineage)} of "
         f"{', '.join(link(p) for p in lineage['parents'])}, annealed with a short "
-        + (f"DPO run ([TRL](https://github.com/huggingface/trl)) against the unmerged `{reference['model']}`"
-           if method == "dpo" else f"reference-free {method.upper()} run ([TRL](https://github.com/huggingface/trl))")
-        + ", and evaluated against the merge on held-out preference pairs, by merge-anneal.", "",
-        f"This release is {what} ({pick['reason']}).", "",
+        + (
+            f"DPO run ([TRL](https://github.com/huggingface/trl)) against the unmerged `{reference['model']}`"
+            if method == "dpo"
+            else f"reference-free {method.upper()} run ([TRL](https://github.com/huggingface/trl))"
+        )
+        + ", and evaluated against the merge on held-out preference pairs, by merge-anneal.",
+        "",
+        f"This release is {what} ({pick['reason']}).",
+        "",
         *lineage_section(lineage, merge_docs, dpo_settings),
-        "## Evaluation", "",
+        "## Evaluation",
+        "",
         f"{evaluation.heldout_pairs} held-out preference pairs, never trained on. Each value has a 95% "
         f"percentile bootstrap interval ({bootstrap['resamples']} resamples, seed {bootstrap['seed']}); "
         "annealed - merged is a paired bootstrap over the same items. Perplexity on "
-        f"{PublicNames([]).name(evaluation.perplexity_on)}.", "",
-        *metrics_table(evaluation), "",
+        f"{PublicNames([]).name(evaluation.perplexity_on)}.",
+        "",
+        *metrics_table(evaluation),
+        "",
         *reproduce_section(commands, lineage),
-        "", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-        f"model = AutoModelForCausalLM.from_pretrained(\"{release.repo_id or name}\")",
-        f"tokenizer = AutoTokenizer.from_pretrained(\"{release.repo_id or name}\")", "```", "",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{release.repo_id or name}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{release.repo_id or name}")',
+        "```",
+        "",
     ]
     return "\n".join(lines)
 
@@ -201,14 +259,19 @@ def lineage_section(lineage: dict, merge_docs: list[dict], dpo_settings: dict) -
     anneal, reference, pairs = dpo_settings["anneal"], lineage["reference"], lineage["pairs"]
     trainer, method, method_args = anneal["trainer"], anneal["method"], anneal["method_args"]
     return [
-        "## Lineage", "",
-        "| step | what |", "|---|---|",
+        "## Lineage",
+        "",
+        "| step | what |",
+        "|---|---|",
         *[f"| parent | {model_link(lineage, p)} |" for p in lineage["parents"]],
         *([f"| base model | {model_link(lineage, lineage['base'])} |"] if lineage["base"] else []),
         *merge_rows(lineage, merge_docs),
         f"| anneal | TRL {lineage['versions'].get('trl', '')} "
-        + (f"DPO, loss {', '.join(trainer['loss_type'])}, beta {trainer['beta']}" if method == "dpo" else
-           f"{method.upper()} (reference-free{''.join(f', {k} {v}' for k, v in sorted(method_args.items()))})")
+        + (
+            f"DPO, loss {', '.join(trainer['loss_type'])}, beta {trainer['beta']}"
+            if method == "dpo"
+            else f"{method.upper()} (reference-free{''.join(f', {k} {v}' for k, v in sorted(method_args.items()))})"
+        )
         + f", learning rate {trainer['learning_rate']} ({trainer['lr_scheduler_type']}), "
         f"{trainer['max_steps']} steps of {trainer['per_device_train_batch_size']} pairs, max length "
         f"{trainer['max_length']}, {'LoRA' if anneal['peft'] else 'all weights'} |",
@@ -216,21 +279,37 @@ def lineage_section(lineage: dict, merge_docs: list[dict], dpo_settings: dict) -
         f"(anneal.reference={reference['setting']}: {reference['chosen_as']}); its log-probs were computed once, "
         f"before training{'' if method == 'dpo' else ', and the loss did not read them'} |",
         f"| preference data | {', '.join(f'`{d}`' for d in datasets(lineage))}: {pairs['train_pairs']} training "
-        f"pairs, {pairs['heldout_pairs']} held out |", "",
-        f"The merge configuration is in `{MERGE_CONFIG_NAME}` and the DPO settings in `{DPO_NAME}`:", "",
-        "```yaml", yaml.safe_dump_all(merge_docs, sort_keys=False).rstrip(), "```", "",
+        f"pairs, {pairs['heldout_pairs']} held out |",
+        "",
+        f"The merge configuration is in `{MERGE_CONFIG_NAME}` and the DPO settings in `{DPO_NAME}`:",
+        "",
+        "```yaml",
+        yaml.safe_dump_all(merge_docs, sort_keys=False).rstrip(),
+        "```",
+        "",
     ]
 
 
 def reproduce_section(commands: list[str], lineage: dict) -> list[str]:
     lines = ["## Reproduce", ""]
     if not commands:
-        return lines + ["Not recorded: part of this run was not started by `python -m pipeline` (it was driven from "
-                        "Python, or by an older merge-anneal)."]
-    return lines + [("These commands, run in order in one run folder, made this release" if len(commands) > 1
-                     else "This command made this release")
-                    + f" (merge-anneal {lineage['versions'].get('merge-anneal', '')}"
-                    f"; `{LOCAL}` stands for a folder on the machine that made it):", "", "```bash", *commands, "```"]
+        return lines + [
+            "Not recorded: part of this run was not started by `python -m pipeline` (it was driven from "
+            "Python, or by an older merge-anneal)."
+        ]
+    return lines + [
+        (
+            "These commands, run in order in one run folder, made this release"
+            if len(commands) > 1
+            else "This command made this release"
+        )
+        + f" (merge-anneal {lineage['versions'].get('merge-anneal', '')}"
+        f"; `{LOCAL}` stands for a folder on the machine that made it):",
+        "",
+        "```bash",
+        *commands,
+        "```",
+    ]
 
 
 def merge_phrase(lineage: dict) -> str:
@@ -250,8 +329,10 @@ def merge_rows(lineage: dict, merge_docs: list[dict]) -> list[str]:
         label = f"merge `{step['name']}`" if step["name"] else "merge"
         if step["method"] == "moe":
             experts = doc.get("experts") or []
-            what = (f"{version} (mergekit-moe): a {lineage['architecture']} mixture of {len(experts)} experts, "
-                    f"{doc.get('experts_per_token')} per token, gate_mode {doc.get('gate_mode')}")
+            what = (
+                f"{version} (mergekit-moe): a {lineage['architecture']} mixture of {len(experts)} experts, "
+                f"{doc.get('experts_per_token')} per token, gate_mode {doc.get('gate_mode')}"
+            )
         else:
             inputs = f" of {', '.join(f'`{m}`' for m in step['models'])}" if step["models"] else ""
             parameters = ", ".join(f"{k}={v}" for k, v in (doc.get("parameters") or {}).items())

@@ -29,8 +29,10 @@ class ReleaseSettings(Settings):
     @classmethod
     def _usable_folder_name(cls, name: str | None) -> str | None:
         if name is not None and (not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name) or ".." in name):
-            raise UserError(f"release.name={name} is not a usable folder name. Fix: letters, digits, '-', '_' and "
-                            "'.', e.g. release.name=my-merge.")
+            raise UserError(
+                f"release.name={name} is not a usable folder name. Fix: letters, digits, '-', '_' and "
+                "'.', e.g. release.name=my-merge."
+            )
         return name
 
     @model_validator(mode="after")
@@ -38,9 +40,11 @@ class ReleaseSettings(Settings):
         """Publishing needs the repository and (unless a dry run) a token with write access, from the
         environment."""
         if self.publish and not self.repo_id:
-            raise UserError("release=hub needs the hub repository to push to, and release.repo_id is not set. Fix: "
-                            "add release.repo_id=<your-name>/<model-name> (or drop release=hub to release locally "
-                            "only).")
+            raise UserError(
+                "release=hub needs the hub repository to push to, and release.repo_id is not set. Fix: "
+                "add release.repo_id=<your-name>/<model-name> (or drop release=hub to release locally "
+                "only)."
+            )
         if self.publish and not self.dry_run:
             hub_token()
         return self
@@ -51,9 +55,11 @@ def hub_token() -> str:
     for variable in TOKEN_VARIABLES:
         if os.environ.get(variable, "").strip():
             return os.environ[variable].strip()
-    raise UserError("release=hub needs a Hugging Face token with write access, and HF_TOKEN is not set; nothing "
-                    "was written or uploaded. Fix: export HF_TOKEN=<token> (https://huggingface.co/settings/tokens) "
-                    "and run again, or add release.dry_run=true to see what would be pushed.")
+    raise UserError(
+        "release=hub needs a Hugging Face token with write access, and HF_TOKEN is not set; nothing "
+        "was written or uploaded. Fix: export HF_TOKEN=<token> (https://huggingface.co/settings/tokens) "
+        "and run again, or add release.dry_run=true to see what would be pushed."
+    )
 
 
 def secrets() -> list[str]:

@@ -47,8 +47,9 @@ def data(cfg) -> DataSettings:
 def reference_pass(cfg, tokenizer, args, precision, folder: Path, reference_dir, pairs, pack=False):
     """The stage's reference pass alone, in `folder`."""
     switches = settings(cfg).perf.model_copy(update={"pack_rows": pack})
-    scoring = Scoring(tokenizer, args, precision, CachePolicy.of_pipeline(cfg.pipeline), switches, folder,
-                      PartialState())
+    scoring = Scoring(
+        tokenizer, args, precision, CachePolicy.of_pipeline(cfg.pipeline), switches, folder, PartialState()
+    )
     return score_with_reference(scoring, str(reference_dir), "fingerprint", pairs)
 
 
@@ -101,8 +102,10 @@ def test_default_run_output_loads_and_records_everything(default_run, demo_path)
 def test_training_log_and_it_works(default_run):
     """On the demo with the default budget, training rewards/accuracies ends above 0.9 (the mean of the last five
     logs, 800 pairs: one log's 160 pairs moved between 0.89 and 0.97 on one machine)."""
-    rows = [json.loads(line) for line in Path(manifest.load(default_run)["stages"]["anneal"]["outputs"]["metrics"])
-            .read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in Path(manifest.load(default_run)["stages"]["anneal"]["outputs"]["metrics"]).read_text().splitlines()
+    ]
     steps = [r for r in rows if "rewards/accuracies" in r]
     for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
         assert key in steps[-1]
@@ -146,9 +149,13 @@ def test_reference_pass_under_autocast_equals_trls_with_a_float32_reference(make
     datasets.disable_caching()
     try:
         with perf.known_model_hash("fingerprint-fp32", True):
-            trl_own = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny["add"], dtype=torch.float32),
-                                 args=args, train_dataset=pairs["train"], eval_dataset=pairs["heldout"],
-                                 processing_class=tokenizer)
+            trl_own = DPOTrainer(
+                model=AutoModelForCausalLM.from_pretrained(tiny["add"], dtype=torch.float32),
+                args=args,
+                train_dataset=pairs["train"],
+                eval_dataset=pairs["heldout"],
+                processing_class=tokenizer,
+            )
     finally:
         datasets.enable_caching()
     for split, theirs in (("train", trl_own.train_dataset), ("heldout", trl_own.eval_dataset)):
@@ -163,8 +170,9 @@ def test_reference_pass_under_autocast_equals_trls_with_a_float32_reference(make
 
 def dpo_config(anneal_cfg, output_dir):
     anneal_settings = AnnealSettings.of(anneal_cfg, "anneal")
-    return training.dpo_config(anneal_settings, output_dir,
-                               perf.decide_precision(anneal_settings, n_params=10**6, cuda=False))
+    return training.dpo_config(
+        anneal_settings, output_dir, perf.decide_precision(anneal_settings, n_params=10**6, cuda=False)
+    )
 
 
 def test_reference_batch_size_fills_a_token_budget(make_short_cfg, tmp_path):
@@ -173,8 +181,12 @@ def test_reference_batch_size_fills_a_token_budget(make_short_cfg, tmp_path):
     assert perf.reference_batch_size(8, 2048) == 8  # long sequences: the training batch
     assert perf.reference_batch_size(2, None) == 2  # TRL's max_length=None: read as 1024
     assert perf.reference_batch_size(4, 64, tokens=1024) == 8
-    args = dpo_config(make_short_cfg("+merge=slerp", "anneal.trainer.per_device_train_batch_size=16",
-                                     "anneal.trainer.max_length=64").anneal, tmp_path)
+    args = dpo_config(
+        make_short_cfg(
+            "+merge=slerp", "anneal.trainer.per_device_train_batch_size=16", "anneal.trainer.max_length=64"
+        ).anneal,
+        tmp_path,
+    )
     assert args.precompute_ref_batch_size == 32
     off = make_short_cfg("+merge=slerp", "anneal.perf.reference_pass_tokens=null").anneal
     assert dpo_config(off, tmp_path).precompute_ref_batch_size is None  # TRL's own choice
@@ -200,8 +212,9 @@ def test_reference_is_released_before_the_policy_trains(make_short_cfg, tmp_path
             resident.append(sum(isinstance(o, PreTrainedModel) and hasattr(o, "lm_head") for o in gc.get_objects()))
 
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
-    trainer = training.make_trainer(model, tokenizer, args, scored["train"], settings(cfg), tmp_path,
-                                    perf.known_model_hash("fingerprint", True))
+    trainer = training.make_trainer(
+        model, tokenizer, args, scored["train"], settings(cfg), tmp_path, perf.known_model_hash("fingerprint", True)
+    )
     trainer.add_callback(CountModels())
     trainer.train()
     assert trainer.ref_model is None
@@ -217,17 +230,30 @@ def test_length_grouped_batches_pad_less_and_cover_every_pair(make_short_cfg, tm
     from datasets import Dataset
 
     rng = random.Random(0)
-    rows = [{"prompt": "12+34=" * rng.choice([1, 1, 1, 8]), "chosen": "9" * rng.randint(1, 24),
-             "rejected": "8" * rng.randint(1, 24), "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0}
-            for _ in range(96)]
+    rows = [
+        {
+            "prompt": "12+34=" * rng.choice([1, 1, 1, 8]),
+            "chosen": "9" * rng.randint(1, 24),
+            "rejected": "8" * rng.randint(1, 24),
+            "ref_chosen_logps": -1.0,
+            "ref_rejected_logps": -2.0,
+        }
+        for _ in range(96)
+    ]
     tokenizer = AutoTokenizer.from_pretrained(tiny["add"])
     padding, row_lengths = {}, {}
     for strategy in ("random", "group_by_length"):
         cfg = make_short_cfg("+merge=slerp", f"anneal.trainer.train_sampling_strategy={strategy}")
         model = AutoModelForCausalLM.from_pretrained(tiny["add"])
-        trainer = training.make_trainer(model, tokenizer, dpo_config(cfg.anneal, tmp_path / strategy),
-                                        Dataset.from_list(rows), settings(cfg), tmp_path,
-                                        perf.known_model_hash("x", True))
+        trainer = training.make_trainer(
+            model,
+            tokenizer,
+            dpo_config(cfg.anneal, tmp_path / strategy),
+            Dataset.from_list(rows),
+            settings(cfg),
+            tmp_path,
+            perf.known_model_hash("x", True),
+        )
         batches = list(trainer.get_train_dataloader())
         masks = [b["attention_mask"] for b in batches]
         padding[strategy] = 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
@@ -289,12 +315,20 @@ def test_lora_adapter_is_merged_into_the_saved_model(make_short_cfg, tmp_path, t
 
 
 def test_lora_under_bf16_autocast_keeps_frozen_weights_in_bf16_and_saves_fp32(make_short_cfg, tmp_path):
-    entry = run_pipeline(make_short_cfg("+merge=slerp", "anneal=lora", "anneal.trainer.bf16=true",
-                                        "anneal.trainer.activation_checkpointing=false"),  # what is saved, unrecomputed
-                         tmp_path)["stages"]["anneal"]
-    assert entry["precision"] == {"master_weights": "float32", "autocast": "bfloat16",
-                                  "frozen_linear_weights": "bfloat16", "autocast_weight_cache": False,
-                                  "reference_linear_weights": "bfloat16", "attention": "bfloat16"}
+    entry = run_pipeline(
+        make_short_cfg(
+            "+merge=slerp", "anneal=lora", "anneal.trainer.bf16=true", "anneal.trainer.activation_checkpointing=false"
+        ),  # what is saved, unrecomputed
+        tmp_path,
+    )["stages"]["anneal"]
+    assert entry["precision"] == {
+        "master_weights": "float32",
+        "autocast": "bfloat16",
+        "frozen_linear_weights": "bfloat16",
+        "autocast_weight_cache": False,
+        "reference_linear_weights": "bfloat16",
+        "attention": "bfloat16",
+    }
     assert entry["saved_for_backward"]["silu_recomputed"] > 0
     after = load_file(Path(entry["outputs"]["model"]) / "model.safetensors")
     before = load_file(tmp_path / "merge" / "model" / "model.safetensors")
@@ -313,17 +347,24 @@ def test_lora_under_bf16_autocast_keeps_frozen_weights_in_bf16_and_saves_fp32(ma
 
 @pytest.mark.parametrize("bf16", ["auto", "true"])
 def test_bf16_merge_trains_with_fp32_master_weights(bf16, make_short_cfg, tmp_path):
-    entry = run_pipeline(make_short_cfg("+merge=linear", "merge.dtype=bfloat16", f"anneal.trainer.bf16={bf16}"),
-                         tmp_path)["stages"]
-    assert load_file(Path(entry["merge"]["outputs"]["model"]) / "model.safetensors")[
-        "lm_head.weight"].dtype == torch.bfloat16
+    entry = run_pipeline(
+        make_short_cfg("+merge=linear", "merge.dtype=bfloat16", f"anneal.trainer.bf16={bf16}"), tmp_path
+    )["stages"]
+    assert (
+        load_file(Path(entry["merge"]["outputs"]["model"]) / "model.safetensors")["lm_head.weight"].dtype
+        == torch.bfloat16
+    )
     model_dir = Path(entry["anneal"]["outputs"]["model"])
     assert load_file(model_dir / "model.safetensors")["lm_head.weight"].dtype == torch.float32
     autocast = bf16 == "true"  # auto: a tiny model is too small for autocast to pay
     assert entry["anneal"]["precision"] == {
-        "master_weights": "float32", "autocast": "bfloat16" if autocast else None, "frozen_linear_weights": "float32",
-        "autocast_weight_cache": False if autocast else None, "attention": "float32",  # CPU: float32 under autocast
-        "reference_linear_weights": "bfloat16" if autocast else "float32"}
+        "master_weights": "float32",
+        "autocast": "bfloat16" if autocast else None,
+        "frozen_linear_weights": "float32",
+        "autocast_weight_cache": False if autocast else None,
+        "attention": "float32",  # CPU: float32 under autocast
+        "reference_linear_weights": "bfloat16" if autocast else "float32",
+    }
     assert perf.FLOAT32_SDPA not in (model_dir / "config.json").read_text()
 
 
@@ -345,28 +386,42 @@ def test_reference_choices(make_short_cfg, tmp_path, tiny):
 
 # ------------------------------------------------------------------------------------------------ data
 
+
 def data_cfg(make_short_cfg, path: Path, *overrides) -> DataSettings:
     return data(make_short_cfg("+merge=slerp", "data=custom", f"data.path={path}", *overrides))
 
 
-PAIRS = [{"question": f"{a}+{a}=", "good": str(2 * a), "bad": str(2 * a + 1), "sys": "be exact"}
-         for a in range(10, 60)]
+PAIRS = [{"question": f"{a}+{a}=", "good": str(2 * a), "bad": str(2 * a + 1), "sys": "be exact"} for a in range(10, 60)]
 
 
 def test_column_mapping_system_and_drops_are_counted(make_short_cfg, tmp_path):
-    rows = PAIRS + [{"question": "1+1=", "good": "", "bad": "3", "sys": "x"},
-                    {"question": "2+2=", "good": "4", "bad": "4", "sys": "x"}]
+    rows = PAIRS + [
+        {"question": "1+1=", "good": "", "bad": "3", "sys": "x"},
+        {"question": "2+2=", "good": "4", "bad": "4", "sys": "x"},
+    ]
     path = write_jsonl(tmp_path / "prefs.jsonl", rows)
-    cfg = data_cfg(make_short_cfg, path, "data.columns.prompt=question", "data.columns.chosen=good",
-                   "data.columns.rejected=bad", "data.heldout.fraction=0.2")
+    cfg = data_cfg(
+        make_short_cfg,
+        path,
+        "data.columns.prompt=question",
+        "data.columns.chosen=good",
+        "data.columns.rejected=bad",
+        "data.heldout.fraction=0.2",
+    )
     pairs, dropped = preferences.load_preferences(cfg)
     total = sum(len(pairs[s]) for s in pairs)
     assert total == 50
     assert sum(d["empty"] for d in dropped.values()) == 1
     assert sum(d["chosen_equals_rejected"] for d in dropped.values()) == 1
     assert set(pairs["train"].column_names) == {"prompt", "chosen", "rejected"}
-    cfg = data_cfg(make_short_cfg, path, "data.columns.prompt=question", "data.columns.chosen=good",
-                   "data.columns.rejected=bad", "data.columns.system=sys")
+    cfg = data_cfg(
+        make_short_cfg,
+        path,
+        "data.columns.prompt=question",
+        "data.columns.chosen=good",
+        "data.columns.rejected=bad",
+        "data.columns.system=sys",
+    )
     pairs, _ = preferences.load_preferences(cfg)
     row = pairs["train"][0]
     assert row["prompt"][0] == {"role": "system", "content": "be exact"} and row["chosen"][0]["role"] == "assistant"
@@ -376,9 +431,14 @@ def test_column_mapping_system_and_drops_are_counted(make_short_cfg, tmp_path):
 def test_trl_formats_and_file_types_train(fmt, make_short_cfg, tmp_path):
     standard = [{"prompt": r["question"], "chosen": r["good"], "rejected": r["bad"]} for r in PAIRS]
     if fmt == "conversational":
-        rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
-                 "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                 "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in standard]
+        rows = [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                "rejected": [{"role": "assistant", "content": r["rejected"]}],
+            }
+            for r in standard
+        ]
         path = write_jsonl(tmp_path / "conv.jsonl", rows)
     elif fmt == "implicit":
         rows = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in standard]
@@ -400,21 +460,27 @@ def length_limited(fmt: str, n_long: int) -> list[dict]:
     for i, r in enumerate(PAIRS):
         long = i < n_long
         if fmt == "standard":
-            rows.append({"prompt": ("9" * 80 if long else "") + r["question"], "chosen": r["good"],
-                         "rejected": r["bad"]})
+            rows.append(
+                {"prompt": ("9" * 80 if long else "") + r["question"], "chosen": r["good"], "rejected": r["bad"]}
+            )
         else:
             system = [{"role": "system", "content": "be exact " * 10}] if long else []
-            rows.append({"prompt": [*system, {"role": "user", "content": r["question"]}],
-                         "chosen": [{"role": "assistant", "content": r["good"]}],
-                         "rejected": [{"role": "assistant", "content": r["bad"]}]})
+            rows.append(
+                {
+                    "prompt": [*system, {"role": "user", "content": r["question"]}],
+                    "chosen": [{"role": "assistant", "content": r["good"]}],
+                    "rejected": [{"role": "assistant", "content": r["bad"]}],
+                }
+            )
     return rows
 
 
 @pytest.mark.parametrize("fmt", ["standard", "conversational"])
 def test_pairs_whose_prompt_fills_the_limit_are_dropped_counted_and_the_rest_train(fmt, make_short_cfg, tmp_path):
     path = write_jsonl(tmp_path / "long.jsonl", length_limited(fmt, n_long=20))
-    cfg = make_short_cfg("+merge=slerp", "data=custom", f"data.path={path}", "data.heldout.fraction=0.2",
-                         "anneal.trainer.max_length=32")
+    cfg = make_short_cfg(
+        "+merge=slerp", "data=custom", f"data.path={path}", "data.heldout.fraction=0.2", "anneal.trainer.max_length=32"
+    )
     entry = run_pipeline(cfg, tmp_path / "run")["stages"]["anneal"]
     dropped = entry["data"]["dropped"]
     assert entry["status"] == "done"
@@ -425,8 +491,15 @@ def test_pairs_whose_prompt_fills_the_limit_are_dropped_counted_and_the_rest_tra
 @pytest.mark.parametrize("fmt", ["standard", "conversational"])
 def test_a_split_emptied_by_the_limit_is_refused_with_its_count_and_the_fix(fmt, cli, tiny, tmp_path):
     path = write_jsonl(tmp_path / "long.jsonl", length_limited(fmt, n_long=len(PAIRS)))
-    result, run_dir = cli("+merge=slerp", *tiny.models, "data=custom", f"data.path={path}",
-                          "data.heldout.fraction=0.2", *SHORT, "anneal.trainer.max_length=32")
+    result, run_dir = cli(
+        "+merge=slerp",
+        *tiny.models,
+        "data=custom",
+        f"data.path={path}",
+        "data.heldout.fraction=0.2",
+        *SHORT,
+        "anneal.trainer.max_length=32",
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     message = result.stderr.split("merge-anneal: error:")[-1]
     assert "Every one of the 40 train pairs" in " ".join(message.split()) and "Traceback" not in message
@@ -437,25 +510,29 @@ def test_a_split_emptied_by_the_limit_is_refused_with_its_count_and_the_fix(fmt,
 
 # ------------------------------------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("overrides, phrase", [
-    (["anneal.trainer.beta=0"], "beta must be positive"),
-    (["anneal.trainer.learning_rate=-1e-5"], "learning_rate must be positive"),
-    (["anneal.trainer.loss_type=[sigmoidd]"], "Unknown DPO loss type"),
-    (["+anneal.trainer.max_prompt_length=10"], "DPOConfig rejected"),
-    (["+anneal.trainer.output_dir=/tmp/x"], "set by merge-anneal"),
-    (["anneal.method=kto"], "anneal.method: Input should be 'dpo', 'cpo' or 'orpo' (got 'kto')"),
-    (["anneal.reference_combine=median"], "anneal.reference_combine: Input should be 'mean', 'max' or 'route'"),
-    (["+anneal.method_args.beta=2.0"], "anneal.method=dpo takes its fields"),
-    (["anneal.method=cpo", "+anneal.method_args.loss_type=nope"], "CPOConfig rejected"),
-    (["anneal.method=orpo", "+anneal.method_args.cpo_alpha=1"], "ORPOConfig rejected"),
-    (["anneal=lora", "+anneal.peft.no_such_field=1"], "LoraConfig rejected"),
-    (["anneal.perf.pack_rows=maybe"], "anneal.perf.pack_rows: Input should be a valid boolean"),
-    (["pipeline.merge_check.texts=-1"], "pipeline.merge_check.texts: Input should be greater than or equal to 0"),
-    (["data=custom", "data.path=nope.jsonl"], "data.path=nope.jsonl is neither a file nor a hub data set id"),
-    (["data=custom", "data.path=prefs.txt"], "unsupported file type '.txt'"),
-], ids=lambda value: value[-1] if isinstance(value, list) else None)
-def test_check_refuses_bad_anneal_settings_before_any_work(overrides, phrase, make_short_cfg, tmp_path,
-                                                           monkeypatch):
+
+@pytest.mark.parametrize(
+    "overrides, phrase",
+    [
+        (["anneal.trainer.beta=0"], "beta must be positive"),
+        (["anneal.trainer.learning_rate=-1e-5"], "learning_rate must be positive"),
+        (["anneal.trainer.loss_type=[sigmoidd]"], "Unknown DPO loss type"),
+        (["+anneal.trainer.max_prompt_length=10"], "DPOConfig rejected"),
+        (["+anneal.trainer.output_dir=/tmp/x"], "set by merge-anneal"),
+        (["anneal.method=kto"], "anneal.method: Input should be 'dpo', 'cpo' or 'orpo' (got 'kto')"),
+        (["anneal.reference_combine=median"], "anneal.reference_combine: Input should be 'mean', 'max' or 'route'"),
+        (["+anneal.method_args.beta=2.0"], "anneal.method=dpo takes its fields"),
+        (["anneal.method=cpo", "+anneal.method_args.loss_type=nope"], "CPOConfig rejected"),
+        (["anneal.method=orpo", "+anneal.method_args.cpo_alpha=1"], "ORPOConfig rejected"),
+        (["anneal=lora", "+anneal.peft.no_such_field=1"], "LoraConfig rejected"),
+        (["anneal.perf.pack_rows=maybe"], "anneal.perf.pack_rows: Input should be a valid boolean"),
+        (["pipeline.merge_check.texts=-1"], "pipeline.merge_check.texts: Input should be greater than or equal to 0"),
+        (["data=custom", "data.path=nope.jsonl"], "data.path=nope.jsonl is neither a file nor a hub data set id"),
+        (["data=custom", "data.path=prefs.txt"], "unsupported file type '.txt'"),
+    ],
+    ids=lambda value: value[-1] if isinstance(value, list) else None,
+)
+def test_check_refuses_bad_anneal_settings_before_any_work(overrides, phrase, make_short_cfg, tmp_path, monkeypatch):
     """`anneal.check` (what the app runs before the first stage) refuses each, naming the setting and the fix."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "prefs.txt").write_text("prompt,chosen,rejected\n")
@@ -485,8 +562,14 @@ def test_missing_columns_and_nothing_left(cli, tmp_path, tiny):
     assert "lacks column(s)" in result.stderr and "data.columns.prompt" in result.stderr
     assert manifest.load(run_dir)["stages"]["anneal"]["status"] == "failed"
     path = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "1+1=", "chosen": "2", "rejected": "2"}] * 5)
-    result, run_dir = cli("+merge=slerp", *tiny.models, "data=custom", f"data.path={path}",
-                          "data.heldout.fraction=0.4", run_dir=tmp_path / "run2")
+    result, run_dir = cli(
+        "+merge=slerp",
+        *tiny.models,
+        "data=custom",
+        f"data.path={path}",
+        "data.heldout.fraction=0.4",
+        run_dir=tmp_path / "run2",
+    )
     assert result.returncode == 2 and "No train preference pairs are left" in " ".join(result.stderr.split())
     assert not (run_dir / "anneal" / "model").exists()
 
@@ -499,8 +582,9 @@ def test_reference_with_another_vocabulary_is_refused(cli, tmp_path, tiny):
     model.resize_token_embeddings(len(tokenizer))
     model.save_pretrained(other)
     tokenizer.save_pretrained(other)
-    result, run_dir = cli("+merge=slerp", *tiny.overrides, "pipeline.stages=[merge,anneal]",
-                          f"anneal.reference={other}")
+    result, run_dir = cli(
+        "+merge=slerp", *tiny.overrides, "pipeline.stages=[merge,anneal]", f"anneal.reference={other}"
+    )
     message = " ".join(result.stderr.split())
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "does not share the merged model's vocabulary" in message and "anneal.reference=auto" in message
@@ -509,11 +593,23 @@ def test_reference_with_another_vocabulary_is_refused(cli, tmp_path, tiny):
 
 # ----------------------------------------------------------------------------------------------- resume
 
+
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, shared_cache, tiny):
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "pipeline", "+merge=slerp", "pipeline.stages=[merge,anneal]", *tiny.overrides,
-            f"pipeline.cache_dir={shared_cache}", f"models.cache_dir={TEST_CACHE}", f"hydra.run.dir={run_dir}",
-            "anneal.trainer.max_steps=20", "anneal.trainer.save_steps=10", "anneal.trainer.logging_steps=10"]
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "+merge=slerp",
+        "pipeline.stages=[merge,anneal]",
+        *tiny.overrides,
+        f"pipeline.cache_dir={shared_cache}",
+        f"models.cache_dir={TEST_CACHE}",
+        f"hydra.run.dir={run_dir}",
+        "anneal.trainer.max_steps=20",
+        "anneal.trainer.save_steps=10",
+        "anneal.trainer.logging_steps=10",
+    ]
     env = {**os.environ, **ONE_THREAD, **stop_at_first_checkpoint(tmp_path / "hook")}
     process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
@@ -524,7 +620,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, shared_cache, tin
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert second.returncode == 2 and f"in use by another merge-anneal process (pid {process.pid}" in " ".join(
-        second.stderr.split())
+        second.stderr.split()
+    )
     checkpoints = run_dir / "anneal" / "checkpoints"
     assert [c.name for c in checkpoints.glob("checkpoint-*")] == ["checkpoint-10"]
     before = manifest.load(run_dir)["stages"]

@@ -18,8 +18,9 @@ TWO_CPU_PROCESSES = ["distributed=ddp", "distributed.use_cpu=true", "distributed
 
 @pytest.fixture
 def compose_cfg(make_cfg, tiny):
-    return lambda *overrides: make_cfg("+merge=slerp", "pipeline.stages=[merge,anneal]", "pipeline.cache=false",
-                                       *tiny.overrides, *overrides)
+    return lambda *overrides: make_cfg(
+        "+merge=slerp", "pipeline.stages=[merge,anneal]", "pipeline.cache=false", *tiny.overrides, *overrides
+    )
 
 
 def test_two_cpu_processes_anneal_as_one_with_the_same_global_batch(compose_cfg, tmp_path, monkeypatch):
@@ -41,8 +42,12 @@ def test_two_cpu_processes_anneal_as_one_with_the_same_global_batch(compose_cfg,
     store = preferences.read_store(Path(a["outputs"]["reference_logps"]))
     for preset, engine in (("ddp", "MULTI_CPU"),):
         run_dir = tmp_path / preset
-        b = run_pipeline(compose_cfg("anneal.trainer.per_device_train_batch_size=4", f"distributed={preset}",
-                                     *TWO_CPU_PROCESSES[1:]), run_dir)["stages"]["anneal"]
+        b = run_pipeline(
+            compose_cfg(
+                "anneal.trainer.per_device_train_batch_size=4", f"distributed={preset}", *TWO_CPU_PROCESSES[1:]
+            ),
+            run_dir,
+        )["stages"]["anneal"]
         assert b["status"] == "done" and b["processes"] == 2 and b["distributed_type"] == engine
         # the reference pass, split over two processes, makes the one-process store
         two_store = preferences.read_store(Path(b["outputs"]["reference_logps"]))
@@ -84,13 +89,16 @@ def test_more_processes_than_pairs_is_refused(cli, tiny, tmp_path):
     assert manifest.load(run_dir)["stages"]["anneal"]["status"] == "failed"
 
 
-@pytest.mark.parametrize("preset, message", [
-    ("distributed=ddp", "this machine has 0 CUDA device(s)"),
-    ("distributed=ddp distributed.num_processes=all", "this machine has 0 CUDA device(s)"),
-    ("distributed=zero3", "needs DeepSpeed, which is not installed"),
-    ("distributed=fsdp2 distributed.use_cpu=true", "not FSDP"),
-    ("distributed=slurm", "not in one"),
-])
+@pytest.mark.parametrize(
+    "preset, message",
+    [
+        ("distributed=ddp", "this machine has 0 CUDA device(s)"),
+        ("distributed=ddp distributed.num_processes=all", "this machine has 0 CUDA device(s)"),
+        ("distributed=zero3", "needs DeepSpeed, which is not installed"),
+        ("distributed=fsdp2 distributed.use_cpu=true", "not FSDP"),
+        ("distributed=slurm", "not in one"),
+    ],
+)
 def test_a_preset_this_machine_cannot_run_is_refused_before_any_stage(preset, message, make_cfg, tiny):
     """`anneal.check`, which the app runs before the first stage."""
     from stages import anneal
@@ -112,8 +120,11 @@ def test_presets_are_accelerate_config_files(preset, make_cfg, tmp_path):
     fields = launch.accelerate_config(dist, 8)
     (tmp_path / "accelerate.yaml").write_text(json.dumps(fields))
     config = ClusterConfig.from_yaml_file(tmp_path / "accelerate.yaml")
-    assert config.num_processes == 8 and config.distributed_type.value == {
-        "ddp": "MULTI_GPU", "fsdp2": "FSDP", "zero3": "DEEPSPEED", "slurm": "MULTI_GPU"}[preset]
+    assert (
+        config.num_processes == 8
+        and config.distributed_type.value
+        == {"ddp": "MULTI_GPU", "fsdp2": "FSDP", "zero3": "DEEPSPEED", "slurm": "MULTI_GPU"}[preset]
+    )
     if preset == "fsdp2":
         assert config.fsdp_config["fsdp_version"] == 2
     if preset == "zero3":
@@ -121,8 +132,13 @@ def test_presets_are_accelerate_config_files(preset, make_cfg, tmp_path):
 
 
 def test_slurm_runs_accelerate_once_per_node(make_cfg, tmp_path):
-    dist = make_cfg("+merge=slerp", "distributed=slurm", "distributed.num_machines=2", "distributed.gpus_per_node=4",
-                    "distributed.srun=['--cpus-per-task=16']").distributed
+    dist = make_cfg(
+        "+merge=slerp",
+        "distributed=slurm",
+        "distributed.num_machines=2",
+        "distributed.gpus_per_node=4",
+        "distributed.srun=['--cpus-per-task=16']",
+    ).distributed
     assert launch.total_processes(dist, cuda_devices=0) == 8
     command = launch.launch_command(dist, tmp_path / "accelerate.yaml", tmp_path / "run", head="node-a")
     assert command[:4] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=16"]

@@ -9,15 +9,27 @@ from pipeline import UserError
 from stages.anneal import memory
 
 GIB = 2**30
-LLAMA_7B = {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008, "vocab_size": 32000,
-            "num_attention_heads": 32}
+LLAMA_7B = {
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "intermediate_size": 11008,
+    "vocab_size": 32000,
+    "num_attention_heads": 32,
+}
 N_7B = 6_740_000_000
 ONE_24GIB_GPU = {"device": "cuda", "available": 24 * GIB}
 
 
 def plan_7b(mode="full", **changes):
-    settings = {"autocast": True, "batch_size": 4, "max_length": 512, "activation_checkpointing": False,
-                "lora_r": None if mode == "full" else 16, **ONE_24GIB_GPU, **changes}
+    settings = {
+        "autocast": True,
+        "batch_size": 4,
+        "max_length": 512,
+        "activation_checkpointing": False,
+        "lora_r": None if mode == "full" else 16,
+        **ONE_24GIB_GPU,
+        **changes,
+    }
     return memory.plan(LLAMA_7B, N_7B, mode=mode, **settings)
 
 
@@ -26,10 +38,17 @@ def test_lora_parameters_match_peft_all_linear(r):
     import peft
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=16, num_hidden_layers=2, intermediate_size=32, vocab_size=99,
-                         num_attention_heads=4, num_key_value_heads=2)
-    model = peft.get_peft_model(LlamaForCausalLM(config),
-                                peft.LoraConfig(r=r, target_modules="all-linear", task_type="CAUSAL_LM"))
+    config = LlamaConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        intermediate_size=32,
+        vocab_size=99,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = peft.get_peft_model(
+        LlamaForCausalLM(config), peft.LoraConfig(r=r, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
     trainable, _ = model.get_nb_trainable_parameters()
     assert memory.lora_parameters(config.to_dict(), r) == trainable
 
@@ -68,9 +87,17 @@ def test_activation_checkpointing_and_smaller_batches_lower_activations():
     assert plan_7b("lora", autocast=False).activations > base.activations
 
 
-@pytest.mark.parametrize("override", ["`anneal=lora`", "`anneal=qlora`", "distributed=fsdp2 distributed.num_processes=",
-                                      "`anneal.trainer.activation_checkpointing=true`", "per_device_train_batch_size=2",
-                                      "`anneal.memory_check=false`"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "`anneal=lora`",
+        "`anneal=qlora`",
+        "distributed=fsdp2 distributed.num_processes=",
+        "`anneal.trainer.activation_checkpointing=true`",
+        "per_device_train_batch_size=2",
+        "`anneal.memory_check=false`",
+    ],
+)
 def test_check_names_the_fixes_and_the_way_out(override):
     with pytest.raises(UserError) as raised:
         memory.check(plan_7b())
@@ -80,8 +107,9 @@ def test_check_names_the_fixes_and_the_way_out(override):
 def test_a_fitting_plan_passes_the_check():
     fitting = plan_7b("qlora", batch_size=1, activation_checkpointing=True)
     assert fitting.fits() and memory.check(fitting) is None
-    assert memory.plan(LLAMA_7B, N_7B, mode="full", autocast=True, batch_size=1, max_length=8,
-                       activation_checkpointing=False).fits()  # available unknown
+    assert memory.plan(
+        LLAMA_7B, N_7B, mode="full", autocast=True, batch_size=1, max_length=8, activation_checkpointing=False
+    ).fits()  # available unknown
 
 
 def test_record_is_json_ready_and_describe_is_one_line():
@@ -89,8 +117,17 @@ def test_record_is_json_ready_and_describe_is_one_line():
     record = json.loads(json.dumps(plan.record()))
     assert record["fits"] is plan.fits() and record["total"] == plan.total
     assert record["GiB"]["weights"] == round(plan.weights / GIB, 2)
-    assert {"device", "processes", "sharding", "weights", "gradients", "optimizer", "activations", "total",
-            "available"} <= set(record)
+    assert {
+        "device",
+        "processes",
+        "sharding",
+        "weights",
+        "gradients",
+        "optimizer",
+        "activations",
+        "total",
+        "available",
+    } <= set(record)
     line = plan.describe()
     assert line.startswith("memory plan per cuda device (1 process)") and "of 24.0 GiB available" in line
     assert "\n" not in line

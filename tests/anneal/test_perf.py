@@ -20,9 +20,18 @@ from pipeline.settings import DataSettings
 from stages.anneal import perf, training
 from stages.anneal.settings import AnnealSettings
 
-SWITCHES = ("lean_saved_tensors", "float32_attention", "frozen_weights_bf16", "reference_weights_bf16",
-            "reference_pass_tokens", "malloc_keeps_freed_memory", "gc_skips_existing_objects",
-            "fingerprint_in_background", "skip_trl_model_hash", "pack_rows")
+SWITCHES = (
+    "lean_saved_tensors",
+    "float32_attention",
+    "frozen_weights_bf16",
+    "reference_weights_bf16",
+    "reference_pass_tokens",
+    "malloc_keeps_freed_memory",
+    "gc_skips_existing_objects",
+    "fingerprint_in_background",
+    "skip_trl_model_hash",
+    "pack_rows",
+)
 ALL_OFF = [f"anneal.perf.{name}={'null' if name == 'reference_pass_tokens' else 'false'}" for name in SWITCHES]
 
 
@@ -39,12 +48,21 @@ def make_short_cfg(shared_cache, tiny):
 
     def _compose(*overrides):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose("config", overrides=[f"pipeline.cache_dir={shared_cache}", f"models.cache_dir={TEST_CACHE}",
-                                                "pipeline.stages=[merge,anneal]", "pipeline.cache=false",
-                                                # the switches were measured without recomputation (it would
-                                                # recompute what LeanSavedTensors stores leaner)
-                                                "anneal.trainer.activation_checkpointing=false",
-                                                *tiny.overrides, *overrides])
+            return compose(
+                "config",
+                overrides=[
+                    f"pipeline.cache_dir={shared_cache}",
+                    f"models.cache_dir={TEST_CACHE}",
+                    "pipeline.stages=[merge,anneal]",
+                    "pipeline.cache=false",
+                    # the switches were measured without recomputation (it would
+                    # recompute what LeanSavedTensors stores leaner)
+                    "anneal.trainer.activation_checkpointing=false",
+                    *tiny.overrides,
+                    *overrides,
+                ],
+            )
+
     return _compose
 
 
@@ -54,26 +72,45 @@ def test_every_switch_is_documented_in_the_config(make_short_cfg):
 
 def test_precision_is_decided_once_from_the_switches(make_short_cfg):
     def decide(bf16, lora, cuda, switches_off=False):
-        cfg = make_short_cfg("+merge=slerp", f"anneal.trainer.bf16={bf16}", *(["anneal=lora"] if lora else []),
-                             *(ALL_OFF if switches_off else []))
+        cfg = make_short_cfg(
+            "+merge=slerp",
+            f"anneal.trainer.bf16={bf16}",
+            *(["anneal=lora"] if lora else []),
+            *(ALL_OFF if switches_off else []),
+        )
         return perf.decide_precision(AnnealSettings.of(cfg.anneal, "anneal"), n_params=10**6, cuda=cuda)
 
     fp32 = decide("false", lora=False, cuda=False)
-    assert fp32.record() == {"master_weights": "float32", "autocast": None, "frozen_linear_weights": "float32",
-                             "attention": "float32", "autocast_weight_cache": None,
-                             "reference_linear_weights": "float32"}
+    assert fp32.record() == {
+        "master_weights": "float32",
+        "autocast": None,
+        "frozen_linear_weights": "float32",
+        "attention": "float32",
+        "autocast_weight_cache": None,
+        "reference_linear_weights": "float32",
+    }
     assert decide("false", lora=True, cuda=False) == fp32
     assert decide("auto", lora=False, cuda=False) == fp32  # a tiny model on a CPU: autocast does not pay
     full = decide("true", lora=False, cuda=False)
-    assert (full.autocast, full.attention, full.autocast_weight_cache, full.reference_linear_weights,
-            full.frozen_linear_weights) == ("bfloat16", "float32", False, "bfloat16", "float32")
+    assert (
+        full.autocast,
+        full.attention,
+        full.autocast_weight_cache,
+        full.reference_linear_weights,
+        full.frozen_linear_weights,
+    ) == ("bfloat16", "float32", False, "bfloat16", "float32")
     assert decide("true", lora=False, cuda=True).attention == "bfloat16"  # CUDA: fast bf16
     lora = decide("true", lora=True, cuda=False)
     assert (lora.attention, lora.frozen_linear_weights) == ("bfloat16", "bfloat16")
     plain = decide("true", lora=True, cuda=False, switches_off=True)
-    assert plain.record() == {"master_weights": "float32", "autocast": "bfloat16", "frozen_linear_weights": "float32",
-                              "attention": "bfloat16", "autocast_weight_cache": True,
-                              "reference_linear_weights": "float32"}
+    assert plain.record() == {
+        "master_weights": "float32",
+        "autocast": "bfloat16",
+        "frozen_linear_weights": "float32",
+        "attention": "bfloat16",
+        "autocast_weight_cache": True,
+        "reference_linear_weights": "float32",
+    }
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -100,7 +137,9 @@ def test_each_switch_on_and_off_in_the_stage(lora, make_short_cfg, tmp_path):
     assert off["precision"]["frozen_linear_weights"] == "float32"
     # reference_weights_bf16
     assert (on["precision"]["reference_linear_weights"], off["precision"]["reference_linear_weights"]) == (
-        "bfloat16", "float32")
+        "bfloat16",
+        "float32",
+    )
     # reference_pass_tokens: ~4096 tokens per forward, or TRL's own batch
     assert on["reference_batch_size"] == perf.reference_batch_size(4, 64)
     assert off["reference_batch_size"] is None
@@ -125,8 +164,12 @@ def test_with_every_switch_off_the_stage_trains_as_plain_trl(bf16, make_short_cf
     # and TRL's random batches, named although they are the stage's default too (the stage can also group pairs by
     # length, which plain TRL 1.16 cannot: it drops the length column its sampler would need; test_anneal checks
     # the grouped batches)
-    cfg = make_short_cfg("+merge=slerp", f"anneal.trainer.bf16={str(bf16).lower()}", *ALL_OFF,
-                         "anneal.trainer.train_sampling_strategy=random")
+    cfg = make_short_cfg(
+        "+merge=slerp",
+        f"anneal.trainer.bf16={str(bf16).lower()}",
+        *ALL_OFF,
+        "anneal.trainer.train_sampling_strategy=random",
+    )
     stages = run_pipeline(cfg, tmp_path / "stage")["stages"]
     merged_dir = Path(stages["merge"]["outputs"]["model"])
     precision = perf.decide_precision(AnnealSettings.of(cfg.anneal, "anneal"), models.count_parameters(merged_dir))
@@ -134,10 +177,13 @@ def test_with_every_switch_off_the_stage_trains_as_plain_trl(bf16, make_short_cf
     args = training.dpo_config(AnnealSettings.of(cfg.anneal, "anneal"), tmp_path / "trl", precision)
     assert args.precompute_ref_log_probs and args.precompute_ref_batch_size is None
     pairs, _ = preferences.load_preferences(DataSettings.of(cfg.data, "data"))
-    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32),
-                         ref_model=AutoModelForCausalLM.from_pretrained(tiny["add"], dtype=torch.float32),
-                         args=args, train_dataset=pairs["train"],
-                         processing_class=AutoTokenizer.from_pretrained(merged_dir))
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32),
+        ref_model=AutoModelForCausalLM.from_pretrained(tiny["add"], dtype=torch.float32),
+        args=args,
+        train_dataset=pairs["train"],
+        processing_class=AutoTokenizer.from_pretrained(merged_dir),
+    )
     trainer.train()
     theirs = {name: p.detach() for name, p in trainer.model.state_dict().items()}
     ours = load_file(Path(stages["anneal"]["outputs"]["model"]) / "model.safetensors")
@@ -235,8 +281,10 @@ def test_frozen_bf16_linears_compute_what_autocast_computes(tiny):
     from peft import LoraConfig, get_peft_model
     from peft.helpers import disable_input_dtype_casting
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny["add"], dtype=torch.float32),
-                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny["add"], dtype=torch.float32),
+        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    )
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         reference = model(input_ids=ids).logits
@@ -332,17 +380,16 @@ def test_lean_saved_tensors_keep_a_product_whose_factor_needs_no_gradient(tiny):
     would find the other factor missing); the gradients stay bit-identical."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny["add"], dtype=torch.float32),
-                           LoraConfig(r=4, target_modules=["gate_proj", "down_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny["add"], dtype=torch.float32),
+        LoraConfig(r=4, target_modules=["gate_proj", "down_proj"], init_lora_weights=False),
+    )
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]] * 2)
     grads = []
     for hooks in (None, perf.LeanSavedTensors()):
         model.zero_grad(set_to_none=True)
-        with (torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack) if hooks
-              else contextlib.nullcontext()):
+        with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack) if hooks else contextlib.nullcontext():
             model(input_ids=ids, labels=ids).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert hooks.counts["gated_product_recomputed"] == 1  # layer 1 only
     assert grads[0].keys() == grads[1].keys() and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
-
-

@@ -35,8 +35,9 @@ def routed_data(tiny, tmp_path_factory):
     folder = tmp_path_factory.mktemp("routed")
     for split in ("train", "heldout"):
         rows = [json.loads(line) for line in (tiny.root / "data" / f"{split}.jsonl").read_text().splitlines()]
-        write_jsonl(folder / f"{split}.jsonl",
-                    [{**r, "skill": "add" if "+" in r["prompt"] else "reverse"} for r in rows])
+        write_jsonl(
+            folder / f"{split}.jsonl", [{**r, "skill": "add" if "+" in r["prompt"] else "reverse"} for r in rows]
+        )
     return ["data=custom", f"data.path={folder / 'train.jsonl'}", f"data.heldout.path={folder / 'heldout.jsonl'}"]
 
 
@@ -46,8 +47,9 @@ def test_each_combination_row_by_row_and_each_parent_cached_once(make_short_cfg,
     for n, how in enumerate(("mean", "max", "route")):
         run_dir = tmp_path / how
         every_stage = ["pipeline.stages=[merge,anneal,eval,release]", *tiny.data[3:]] if how == "mean" else []
-        cfg = make_short_cfg("+merge=slerp", "anneal.reference=parents", f"anneal.reference_combine={how}",
-                             *routed_data, *every_stage)
+        cfg = make_short_cfg(
+            "+merge=slerp", "anneal.reference=parents", f"anneal.reference_combine={how}", *routed_data, *every_stage
+        )
         run_pipeline(cfg, run_dir)
         entry = manifest.load(run_dir)["stages"]["anneal"]
         if every_stage:  # eval and the model card say which parents and which combination
@@ -62,15 +64,19 @@ def test_each_combination_row_by_row_and_each_parent_cached_once(make_short_cfg,
         assert entry["inputs"]["reference_label"] == f"parents:{how}"
         assert list(entry["inputs"]["references"]) == ["add", "reverse"]
         # each parent's pass is cached on its own: computed by the first run, reused by the next
-        assert entry["cache"]["reference_logps_by_parent"] == {"add": "hit" if n else "miss",
-                                                               "reverse": "hit" if n else "miss"}
+        assert entry["cache"]["reference_logps_by_parent"] == {
+            "add": "hit" if n else "miss",
+            "reverse": "hit" if n else "miss",
+        }
         store = load_dataset("parquet", data_files=entry["outputs"]["reference_logps"], split="train")
         rows = store.select(range(0, len(store), 5))
         if not direct:  # the parents' log-probs, computed directly with transformers (no TRL)
             for name in ("add", "reverse"):
                 model = AutoModelForCausalLM.from_pretrained(tiny[name], dtype=torch.float32).eval()
-                direct[name] = [completion_logps(model, tokenizer, rows["prompt"], rows[c]).double().numpy()
-                                for c in ("chosen", "rejected")]
+                direct[name] = [
+                    completion_logps(model, tokenizer, rows["prompt"], rows[c]).double().numpy()
+                    for c in ("chosen", "rejected")
+                ]
         for name in ("add", "reverse"):
             for i, column in enumerate(("ref_chosen_logps", "ref_rejected_logps")):
                 assert np.allclose(rows[f"{column}:{name}"], direct[name][i], atol=1e-3)
@@ -86,21 +92,27 @@ def test_each_combination_row_by_row_and_each_parent_cached_once(make_short_cfg,
             assert rows["ref_parent"] == skills
         elif how == "max":
             assert set(rows["ref_parent"]) <= {"add", "reverse"}
-            assert all(rows[f"ref_chosen_logps:{p}"][i] == max(rows["ref_chosen_logps:add"][i],
-                                                                rows["ref_chosen_logps:reverse"][i])
-                       for i, p in enumerate(rows["ref_parent"]))
+            assert all(
+                rows[f"ref_chosen_logps:{p}"][i]
+                == max(rows["ref_chosen_logps:add"][i], rows["ref_chosen_logps:reverse"][i])
+                for i, p in enumerate(rows["ref_parent"])
+            )
 
 
-@pytest.mark.parametrize("overrides, phrases", [
-    (["anneal.reference_combine=median"], ["median", "mean", "max", "route"]),
-    (["anneal.reference_combine=route", "anneal.reference_route=skill"], ["'skill'", "do not have"]),
-    (["anneal.reference_combine=route", "anneal.reference_route=prompt"], ["names", "not parents"]),
-])
+@pytest.mark.parametrize(
+    "overrides, phrases",
+    [
+        (["anneal.reference_combine=median"], ["median", "mean", "max", "route"]),
+        (["anneal.reference_combine=route", "anneal.reference_route=skill"], ["'skill'", "do not have"]),
+        (["anneal.reference_combine=route", "anneal.reference_route=prompt"], ["names", "not parents"]),
+    ],
+)
 def test_bad_parents_reference_settings_are_refused_before_loading(overrides, phrases, make_short_cfg, tmp_path):
     run_pipeline(make_short_cfg("+merge=slerp", "pipeline.stages=[merge]"), tmp_path)
     with pytest.raises(UserError) as err:
-        run_pipeline(make_short_cfg("+merge=slerp", "anneal.reference=parents", *overrides,
-                                    "pipeline.stages=[anneal]"), tmp_path)
+        run_pipeline(
+            make_short_cfg("+merge=slerp", "anneal.reference=parents", *overrides, "pipeline.stages=[anneal]"), tmp_path
+        )
     message = " ".join(str(err.value).split())
     for phrase in phrases:
         assert phrase in message, message

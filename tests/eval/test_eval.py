@@ -17,6 +17,7 @@ LN3 = math.log(3)
 
 # ------------------------------------------------------------------------------------------- metric functions
 
+
 def test_token_and_sequence_logps():
     logits = torch.tensor([[[0.0, LN3], [0.0, 0.0], [LN3, 0.0]]])  # softmax: [1/4, 3/4], [1/2, 1/2], [3/4, 1/4]
     labels = torch.tensor([[1, 0, 1]])
@@ -48,14 +49,16 @@ def test_perplexity():
 
 
 def test_preference_and_reward_accuracy():
-    assert M.preference_accuracy(torch.tensor([-1.0, -5.0, -3.0]), torch.tensor([-2.0, -4.0, -3.0])) == \
-        pytest.approx(1 / 3)  # a tie is not a win
+    assert M.preference_accuracy(torch.tensor([-1.0, -5.0, -3.0]), torch.tensor([-2.0, -4.0, -3.0])) == pytest.approx(
+        1 / 3
+    )  # a tie is not a win
     chosen, rejected = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0])
     ref_chosen, ref_rejected = torch.tensor([-2.0, -2.0]), torch.tensor([-2.0, -2.0])
     # r_chosen = 0.5 * ([-1, -2] - -2) = [0.5, 0]; r_rejected = 0.5 * ([-3, -1] - -2) = [-0.5, 0.5]
     torch.testing.assert_close(M.implicit_rewards(chosen, ref_chosen, 0.5), torch.tensor([0.5, 0.0]))
-    torch.testing.assert_close(M.reward_margins(chosen, rejected, ref_chosen, ref_rejected, 0.5),
-                               torch.tensor([1.0, -0.5]))
+    torch.testing.assert_close(
+        M.reward_margins(chosen, rejected, ref_chosen, ref_rejected, 0.5), torch.tensor([1.0, -0.5])
+    )
 
 
 def test_bootstrap_is_seeded_and_contains_the_estimate():
@@ -90,12 +93,26 @@ def test_retention_per_parent_and_the_worst_with_intervals():
     assert ci["worst"][0] <= min(ci["add"][0], ci["reverse"][0]) + 1e-9  # the minimum's draws sit lower
     values, ci = M.retention(model, parents, {"zero": "add"}, 100, 0)
     assert values == {"zero": None} and ci == {"zero": None}  # a parent without the skill: no retention
-    annealed = records.ModelMetrics(preference_accuracy=1, preference_accuracy_normalized=1, kl_to_reference=0,
-                                    perplexity=1, perplexity_heldout_chosen=1, retention={"add": 0.75, "worst": 0.75},
-                                    ci95={})
-    report = records.EvalReport(models={"annealed": annealed}, comparison={"annealed_vs_merged": {}}, heldout_pairs=4,
-                                reference={}, perplexity_on="heldout chosen completions", beta=0.1, bootstrap={},
-                                generation={}, scoring_seconds=0.0)
+    annealed = records.ModelMetrics(
+        preference_accuracy=1,
+        preference_accuracy_normalized=1,
+        kl_to_reference=0,
+        perplexity=1,
+        perplexity_heldout_chosen=1,
+        retention={"add": 0.75, "worst": 0.75},
+        ci95={},
+    )
+    report = records.EvalReport(
+        models={"annealed": annealed},
+        comparison={"annealed_vs_merged": {}},
+        heldout_pairs=4,
+        reference={},
+        perplexity_on="heldout chosen completions",
+        beta=0.1,
+        bootstrap={},
+        generation={},
+        scoring_seconds=0.0,
+    )
     assert objective_value(report, "annealed.retention.worst") == 0.75  # what a sweep can rank by
     assert own_skills("auto", ["add", "reverse", "base"], ["add", "reverse"]) == {"add": "add", "reverse": "reverse"}
     assert own_skills({"base": "add"}, ["add", "base"], ["add"]) == {"base": "add"}
@@ -153,6 +170,7 @@ def test_tokenization_matches_trl(tiny):
 
 # ------------------------------------------------------------------------------------------------ real runs
 
+
 @pytest.fixture(scope="module")
 def eval_run(readme_run):
     """`python -m pipeline +merge=slerp`: merge, anneal and eval on the demo (shared with the other tests)."""
@@ -186,8 +204,9 @@ def test_metrics_schema_and_demo_claims(eval_run):
         assert v["regression"] == (key != "length" and v["ci95"][1] < 0)
     for name in ("merged", "annealed"):  # each demo parent's own skill: retention = model / parent, with intervals
         retention = models[name]["retention"]
-        assert set(retention) == {"add", "reverse", "worst"} and retention["worst"] == min(retention["add"],
-                                                                                          retention["reverse"])
+        assert set(retention) == {"add", "reverse", "worst"} and retention["worst"] == min(
+            retention["add"], retention["reverse"]
+        )
         for parent in ("add", "reverse"):
             own = models[name]["skill_accuracy"][parent] / models[f"parent:{parent}"]["skill_accuracy"][parent]
             assert retention[parent] == pytest.approx(own)
@@ -195,8 +214,14 @@ def test_metrics_schema_and_demo_claims(eval_run):
             assert lo - 1e-9 <= retention[parent] <= hi + 1e-9
     assert report["heldout_pairs"] == 300
     comparison = report["comparison"]["annealed_vs_merged"]
-    for key in ("preference_accuracy", "preference_accuracy_normalized", "reward_accuracy", "reward_margin",
-                "kl_to_reference", "perplexity"):
+    for key in (
+        "preference_accuracy",
+        "preference_accuracy_normalized",
+        "reward_accuracy",
+        "reward_margin",
+        "kl_to_reference",
+        "perplexity",
+    ):
         assert {"delta", "ci95"} <= set(comparison[key]), key
         assert comparison[key]["ci95"][0] <= comparison[key]["delta"] <= comparison[key]["ci95"][1], key
     assert set(comparison["skill_accuracy"]) == {"add", "reverse"}
@@ -204,8 +229,9 @@ def test_metrics_schema_and_demo_claims(eval_run):
     assert comparison["preference_accuracy"]["ci95"][0] > 0, comparison["preference_accuracy"]
     assert report["perplexity_on"].endswith("heldout_text.jsonl")
     assert models["annealed"]["perplexity"] <= 1.10 * models["merged"]["perplexity"]
-    assert comparison["perplexity"]["ratio"] == pytest.approx(models["annealed"]["perplexity"]
-                                                              / models["merged"]["perplexity"])
+    assert comparison["perplexity"]["ratio"] == pytest.approx(
+        models["annealed"]["perplexity"] / models["merged"]["perplexity"]
+    )
     # report, plots, console table
     report_md = Path(entry["outputs"]["report"]).read_text()
     assert "Sample generations" in report_md and "parent:add" in report_md
@@ -228,8 +254,13 @@ def test_eval_only_reevaluates_without_retraining(eval_run, tmp_path):
     anneal_files = [p for p in Path(stages["anneal"]["outputs"]["model"]).iterdir()]
     before = {p: p.stat().st_mtime_ns for p in anneal_files}
     old = json.loads(Path(stages["eval"]["outputs"]["metrics"]).read_text())
-    result = run_in_process("pipeline.stages=[eval]", f"pipeline.cache_dir={cache}",
-                            f"models.cache_dir={TEST_CACHE}", f"hydra.run.dir={run_dir}", cwd=work)
+    result = run_in_process(
+        "pipeline.stages=[eval]",
+        f"pipeline.cache_dir={cache}",
+        f"models.cache_dir={TEST_CACHE}",
+        f"hydra.run.dir={run_dir}",
+        cwd=work,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     after = manifest.load(run_dir)["stages"]
     assert after["anneal"] == stages["anneal"] and after["merge"] == stages["merge"]
@@ -254,21 +285,37 @@ def test_lm_eval_block_scores_every_model_offline(eval_run, tmp_path, no_network
     from pipeline import preferences
 
     rows = [r for r in preferences.read_store(Path(store))["heldout"] if "+" in r["prompt"]][:40]
-    (tmp_path / "add.jsonl").write_text("".join(
-        json.dumps({"q": r["prompt"], "choices": [r["chosen"], r["rejected"]], "gold": 0}) + "\n" for r in rows))
+    (tmp_path / "add.jsonl").write_text(
+        "".join(json.dumps({"q": r["prompt"], "choices": [r["chosen"], r["rejected"]], "gold": 0}) + "\n" for r in rows)
+    )
     (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "demo_add_mc.yaml").write_text(yaml.safe_dump({
-        "task": "demo_add_mc", "dataset_path": "json", "test_split": "test",
-        "dataset_kwargs": {"data_files": {"test": str(tmp_path / "add.jsonl")}}, "output_type": "multiple_choice",
-        "doc_to_text": "q", "doc_to_choice": "choices", "doc_to_target": "gold", "target_delimiter": "",
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-        "metadata": {"version": 1.0}}))
+    (tmp_path / "tasks" / "demo_add_mc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "demo_add_mc",
+                "dataset_path": "json",
+                "test_split": "test",
+                "dataset_kwargs": {"data_files": {"test": str(tmp_path / "add.jsonl")}},
+                "output_type": "multiple_choice",
+                "doc_to_text": "q",
+                "doc_to_choice": "choices",
+                "doc_to_target": "gold",
+                "target_delimiter": "",
+                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+                "metadata": {"version": 1.0},
+            }
+        )
+    )
     out = tmp_path / "run"
     shutil.copytree(run_dir, out)  # leave the shared run as it is
-    result = run_in_process("pipeline.stages=[eval]", f"pipeline.cache_dir={cache}",
-                            f"models.cache_dir={TEST_CACHE}", f"hydra.run.dir={out}",
-                            f"eval.lm_eval={{tasks: [demo_add_mc], include_path: {tmp_path / 'tasks'}, batch_size: 8}}",
-                            cwd=work)
+    result = run_in_process(
+        "pipeline.stages=[eval]",
+        f"pipeline.cache_dir={cache}",
+        f"models.cache_dir={TEST_CACHE}",
+        f"hydra.run.dir={out}",
+        f"eval.lm_eval={{tasks: [demo_add_mc], include_path: {tmp_path / 'tasks'}, batch_size: 8}}",
+        cwd=work,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     scores = json.loads((out / "eval" / "metrics.json").read_text())["lm_eval"]
     assert set(scores) == {"merged", "annealed", "parent:add", "parent:reverse"}

@@ -55,25 +55,39 @@ def task_env(tmp_path_factory):
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
     task_dir = root / "tasks"
     task_dir.mkdir()
-    (task_dir / f"{TASK}.yaml").write_text(yaml.safe_dump({
-        "task": TASK,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data)}},
-        "test_split": "test",
-        "output_type": "multiple_choice",
-        "doc_to_text": "q",          # field names: the context is the prompt itself,
-        "doc_to_choice": "choices",  # the continuation one letter (no " " in between)
-        "doc_to_target": "gold",
-        "target_delimiter": "",
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-        "metadata": {"version": 1.0},
-    }))
+    (task_dir / f"{TASK}.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": TASK,
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(data)}},
+                "test_split": "test",
+                "output_type": "multiple_choice",
+                "doc_to_text": "q",  # field names: the context is the prompt itself,
+                "doc_to_choice": "choices",  # the continuation one letter (no " " in between)
+                "doc_to_target": "gold",
+                "target_delimiter": "",
+                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+                "metadata": {"version": 1.0},
+            }
+        )
+    )
 
     tok = build_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
-                      tie_word_embeddings=False, initializer_range=0.5, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        initializer_range=0.5,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
     models = {}
     for name in ("parrot", "random"):
         torch.manual_seed(1)  # the random model gets 5/12 (chance: 3/12), min margin 0.5 nats
@@ -107,8 +121,17 @@ def _choice_logps(model_dir, docs):
 
 def test_run_lm_eval_scores_match_the_models(task_env, no_network):
     docs, models = task_env["docs"], task_env["models"]
-    scores = run_lm_eval({"tasks": [TASK], "include_path": str(task_env["task_dir"]), "num_fewshot": 0,
-                          "limit": None, "batch_size": 4, "device": "cpu"}, models)
+    scores = run_lm_eval(
+        {
+            "tasks": [TASK],
+            "include_path": str(task_env["task_dir"]),
+            "num_fewshot": 0,
+            "limit": None,
+            "batch_size": 4,
+            "device": "cpu",
+        },
+        models,
+    )
 
     assert set(scores) == {"parrot", "random"}
     for name in scores:
@@ -137,8 +160,10 @@ def test_run_lm_eval_scores_match_the_models(task_env, no_network):
 
 def test_unknown_task_is_a_user_error_before_any_model_loads(task_env, tmp_path):
     with pytest.raises(UserError, match="no_such_task") as err:
-        run_lm_eval({"tasks": [TASK, "no_such_task"], "include_path": str(task_env["task_dir"])},
-                    {"never-built": tmp_path / "missing"})
+        run_lm_eval(
+            {"tasks": [TASK, "no_such_task"], "include_path": str(task_env["task_dir"])},
+            {"never-built": tmp_path / "missing"},
+        )
     assert "eval.lm_eval.include_path" in str(err.value)
 
 

@@ -104,6 +104,7 @@ def test_every_method_merges_the_tiny_parents_as_mergekit_does(method, make_cfg,
 
 def test_slerp_interpolates_between_the_parents(make_cfg, tmp_path, tiny):
     """t=0 gives the base_model endpoint, t=0.5 something strictly between: the parameter reaches mergekit."""
+
     def merged(t):
         run = run_pipeline(make_cfg("+merge=slerp", f"merge.parameters.t={t}"), tmp_path / f"t{t}")
         return load_file(Path(run["stages"]["merge"]["outputs"]["model"]) / "model.safetensors")
@@ -115,15 +116,17 @@ def test_slerp_interpolates_between_the_parents(make_cfg, tmp_path, tiny):
 
 
 def weight_files(model_dir: Path) -> dict:
-    return {p.name: p.read_bytes() for p in sorted(model_dir.iterdir()) if p.suffix in (".safetensors", ".json",
-                                                                                         ".jinja", ".yml")}
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(model_dir.iterdir())
+        if p.suffix in (".safetensors", ".json", ".jinja", ".yml")
+    }
 
 
 def test_cache_hit_reuses_the_identical_merge(make_cfg, tmp_path, tiny):
     first = run_pipeline(make_cfg("+merge=ties"), tmp_path / "a")["stages"]["merge"]
     second = run_pipeline(make_cfg("+merge=ties"), tmp_path / "b")["stages"]["merge"]
-    changed = run_pipeline(make_cfg("+merge=ties", "+merge.parameters.lambda=0.8"),
-                           tmp_path / "c")["stages"]["merge"]
+    changed = run_pipeline(make_cfg("+merge=ties", "+merge.parameters.lambda=0.8"), tmp_path / "c")["stages"]["merge"]
     uncached = run_pipeline(make_cfg("+merge=ties", "pipeline.cache=false"), tmp_path / "d")["stages"]["merge"]
     assert (first["cache"]["merge"], second["cache"]["merge"]) == ("miss", "hit")
     assert changed["cache"]["merge"] == "miss"
@@ -138,8 +141,12 @@ def test_cache_key_follows_parent_contents(make_cfg, tmp_path, tiny):
     parents = tmp_path / "parents"
     for name in ("base", "add", "reverse"):
         shutil.copytree(tiny[name], parents / name)
-    local = ["models=local", f"models.base={parents / 'base'}",
-             f"models.parents=[{parents / 'add'},{parents / 'reverse'}]", "+merge=task_arithmetic"]
+    local = [
+        "models=local",
+        f"models.base={parents / 'base'}",
+        f"models.parents=[{parents / 'add'},{parents / 'reverse'}]",
+        "+merge=task_arithmetic",
+    ]
     assert run_pipeline(make_cfg(*local), tmp_path / "a")["stages"]["merge"]["cache"]["merge"] == "miss"
     assert run_pipeline(make_cfg(*local), tmp_path / "b")["stages"]["merge"]["cache"]["merge"] == "hit"
     cfg_path = parents / "add" / "generation_config.json"
@@ -152,8 +159,12 @@ def test_local_folders_as_parents(make_cfg, tmp_path, tiny):
     user = tmp_path / "checkpoints"
     for name in ("base", "add", "reverse"):
         shutil.copytree(tiny[name], user / f"my-{name}")
-    cfg = make_cfg("models=local", f"models.base={user / 'my-base'}",
-                   f"models.parents=[{user / 'my-add'},{user / 'my-reverse'}]", "+merge=model_stock")
+    cfg = make_cfg(
+        "models=local",
+        f"models.base={user / 'my-base'}",
+        f"models.parents=[{user / 'my-add'},{user / 'my-reverse'}]",
+        "+merge=model_stock",
+    )
     entry = run_pipeline(cfg, tmp_path / "run")["stages"]["merge"]
     assert sorted(Path(p).name for p in entry["inputs"]["models"]) == ["my-add", "my-base", "my-reverse"]
     assert entry["inputs"]["base_model"] == str(user / "my-base")
@@ -162,8 +173,9 @@ def test_local_folders_as_parents(make_cfg, tmp_path, tiny):
 
 def test_custom_mergekit_yaml_runs_verbatim(cli, tmp_path, tiny):
     config_path = write_task_arithmetic_yaml(tmp_path / "my-merge.yml", tiny)
-    result, run_dir = cli("+merge=custom", f"merge.config_file={config_path}", MERGE_ONLY, *tiny.models, *tiny.data,
-                          process=True)  # a real `python -m pipeline`
+    result, run_dir = cli(
+        "+merge=custom", f"merge.config_file={config_path}", MERGE_ONLY, *tiny.models, *tiny.data, process=True
+    )  # a real `python -m pipeline`
     assert result.returncode == 0, result.stderr
     entry = manifest.load(run_dir)["stages"]["merge"]
     assert entry["status"] == "done"
@@ -173,8 +185,15 @@ def test_custom_mergekit_yaml_runs_verbatim(cli, tmp_path, tiny):
     # the same merge again, a new process: a cache hit found from its inputs alone, without importing mergekit
     # (~5 s: it imports peft, transformers and torch), with the first run's record; a merge alone never imports
     # datasets (its logs are routed only when a stage that reads data runs)
-    again, run2 = cli("+merge=custom", f"merge.config_file={config_path}", MERGE_ONLY, *tiny.models, *tiny.data,
-                      run_dir=tmp_path / "run2", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    again, run2 = cli(
+        "+merge=custom",
+        f"merge.config_file={config_path}",
+        MERGE_ONLY,
+        *tiny.models,
+        *tiny.data,
+        run_dir=tmp_path / "run2",
+        env={"PYTHONPROFILEIMPORTTIME": "1"},
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     hit = manifest.load(run2)["stages"]["merge"]
     assert hit["cache"] == entry["cache"] | {"merge": "hit"} and entry["cache"]["merge"] == "miss"
@@ -210,9 +229,17 @@ def test_a_custom_merge_never_builds_or_reads_the_demo(tmp_path, tiny):
     assert refused.returncode == 2 and not (tmp_path / "refused" / "merge").exists()
 
     run_dir = tmp_path / "run"
-    result = run_cli(*custom, *tiny.data, *SHORT, "anneal.trainer.per_device_train_batch_size=4",
-                     "anneal.trainer.max_length=64", "pipeline.stages=[merge,anneal]", f"hydra.run.dir={run_dir}",
-                     cwd=tmp_path, env=ONE_THREAD)
+    result = run_cli(
+        *custom,
+        *tiny.data,
+        *SHORT,
+        "anneal.trainer.per_device_train_batch_size=4",
+        "anneal.trainer.max_length=64",
+        "pipeline.stages=[merge,anneal]",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        env=ONE_THREAD,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (fresh / "demo").exists() and not demo_dir(fresh).exists()
     stages = manifest.load(run_dir)["stages"]
@@ -235,25 +262,40 @@ def test_same_config_is_byte_identical_across_hash_seeds(tmp_path, cache_dir, ti
     outputs = {}
     for seed in ("1", "this process"):
         sweep_dir = tmp_path / f"seed{len(outputs)}"
-        args = ("-m", f"+merge={methods}", "pipeline.cache=false", MERGE_ONLY, *tiny.models, *base_overrides(cache_dir),
-                f"hydra.sweep.dir={sweep_dir}")
-        result = (run_cli(*args, cwd=tmp_path, env={"PYTHONHASHSEED": seed, **ONE_THREAD}) if seed == "1"
-                  else run_in_process(*args, cwd=tmp_path))
+        args = (
+            "-m",
+            f"+merge={methods}",
+            "pipeline.cache=false",
+            MERGE_ONLY,
+            *tiny.models,
+            *base_overrides(cache_dir),
+            f"hydra.sweep.dir={sweep_dir}",
+        )
+        result = (
+            run_cli(*args, cwd=tmp_path, env={"PYTHONHASHSEED": seed, **ONE_THREAD})
+            if seed == "1"
+            else run_in_process(*args, cwd=tmp_path)
+        )
         assert result.returncode == 0, result.stderr[-3000:]
-        outputs[seed] = {job.name: weight_files(job / "merge" / "model") for job in sorted(sweep_dir.iterdir())
-                         if job.is_dir() and (job / "merge").is_dir()}
+        outputs[seed] = {
+            job.name: weight_files(job / "merge" / "model")
+            for job in sorted(sweep_dir.iterdir())
+            if job.is_dir() and (job / "merge").is_dir()
+        }
     assert len(outputs["1"]) == len(methods.split(","))
     assert outputs["1"] == outputs["this process"]
 
 
 # ----------------------------------------------------------------------------------------------- bad input
 
+
 def make_variant(src: Path, dst: Path, architecture: str | None = None, **changes) -> Path:
     """A randomly initialised model folder like `src` but with another architecture or shape."""
     config = AutoConfig.from_pretrained(src)
     if architecture:
-        config = AutoConfig.for_model("mistral", **{k: v for k, v in config.to_dict().items()
-                                                    if k not in ("model_type", "architectures")})
+        config = AutoConfig.for_model(
+            "mistral", **{k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}
+        )
         config.architectures = [architecture]
     for key, value in changes.items():
         setattr(config, key, value)
@@ -311,8 +353,13 @@ def test_method_needing_a_base_without_one(make_cfg, tiny):
 
 
 def test_hub_id_without_network_fails_cleanly(cli, tiny):
-    result, run_dir = cli("+merge=slerp", "models=local", "models.parents=[no-such-org/no-such-model,x/y]", *tiny.data,
-                          env={"HF_HUB_OFFLINE": "1"})
+    result, run_dir = cli(
+        "+merge=slerp",
+        "models=local",
+        "models.parents=[no-such-org/no-such-model,x/y]",
+        *tiny.data,
+        env={"HF_HUB_OFFLINE": "1"},
+    )
     assert_clean_failure(result, run_dir, "Could not fetch no-such-org/no-such-model", "HF_TOKEN")
 
 

@@ -57,6 +57,7 @@ def assert_refused(result, run_dir: Path, *phrases: str) -> None:
 
 # ------------------------------------------------------------------------------------------ mergekit-multi
 
+
 def test_a_chain_merges_as_mergekit_multi_does_and_its_final_merge_is_annealed_and_released(cli, tmp_path, tiny):
     from mergekit.scripts.multimerge import main as mergekit_multi
 
@@ -73,17 +74,21 @@ def test_a_chain_merges_as_mergekit_multi_does_and_its_final_merge_is_annealed_a
     # the models the chain starts from, never an intermediate: what eval compares and the anneal may reference
     assert sorted(Path(p).name for p in entry["inputs"]["models"]) == ["add", "base", "reverse"]
     assert [Path(p).name for p in entry["inputs"]["parents"]] == ["add", "reverse"]
-    assert entry["inputs"]["base_model"] == str(tiny["base"]) and stages["anneal"]["inputs"]["reference_label"] == \
-        "base_model"
+    assert (
+        entry["inputs"]["base_model"] == str(tiny["base"])
+        and stages["anneal"]["inputs"]["reference_label"] == "base_model"
+    )
 
     # the same tensors mergekit-multi itself writes, intermediate and final
-    mergekit_multi([str(config), "-I", str(tmp_path / "mk"), "--out-path", str(tmp_path / "mk-final")],
-                   standalone_mode=False)
+    mergekit_multi(
+        [str(config), "-I", str(tmp_path / "mk"), "--out-path", str(tmp_path / "mk-final")], standalone_mode=False
+    )
     final = run_dir / "merge" / "model"
     for ours, theirs in ((intermediate, tmp_path / "mk" / "addrev"), (final, tmp_path / "mk-final")):
         expected = tensors(theirs)
-        assert expected and {k: torch.equal(v, expected[k]) for k, v in tensors(ours).items()} == \
-            {k: True for k in expected}
+        assert expected and {k: torch.equal(v, expected[k]) for k, v in tensors(ours).items()} == {
+            k: True for k in expected
+        }
 
     # the whole lineage beside the weights, in the release and on its card (mergekit-multi's own format)
     written = list(yaml.safe_load_all((run_dir / "merge" / "model" / "mergekit_config.yml").read_text()))
@@ -98,34 +103,59 @@ def test_a_chain_merges_as_mergekit_multi_does_and_its_final_merge_is_annealed_a
     # the merge check ran before the anneal, against both parents
     check = stages["anneal"]["merge_check"]
     assert set(check["perplexity"]) == {"merged", "parent:add", "parent:reverse"} and not check["flagged"]
-    assert check["ratio"] == pytest.approx(check["perplexity"]["merged"] / max(check["perplexity"]["parent:add"],
-                                                                                check["perplexity"]["parent:reverse"]))
+    assert check["ratio"] == pytest.approx(
+        check["perplexity"]["merged"] / max(check["perplexity"]["parent:add"], check["perplexity"]["parent:reverse"])
+    )
 
     # each merge cached by content: the same chain again is two hits; another intermediate changes both keys
-    again, run_again = cli("+merge=custom", f"merge.config_file={config}", *tiny.models, "pipeline.stages=[merge]",
-                           run_dir=tmp_path / "again")
+    again, run_again = cli(
+        "+merge=custom",
+        f"merge.config_file={config}",
+        *tiny.models,
+        "pipeline.stages=[merge]",
+        run_dir=tmp_path / "again",
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     chain = manifest.load(run_again)["stages"]["merge"]["chain"]
     assert [s["cache"] for s in chain] == [s["cache"] | {"merge": "hit"} for s in entry["chain"]]
     changed = write_chain(tmp_path / "chain-t03.yml", tiny, t=0.3)
-    other, run_other = cli("+merge=custom", f"merge.config_file={changed}", *tiny.models, "pipeline.stages=[merge]",
-                           run_dir=tmp_path / "other")
+    other, run_other = cli(
+        "+merge=custom",
+        f"merge.config_file={changed}",
+        *tiny.models,
+        "pipeline.stages=[merge]",
+        run_dir=tmp_path / "other",
+    )
     assert other.returncode == 0, other.stderr[-3000:]
     keys = [s["cache"]["key"] for s in manifest.load(run_other)["stages"]["merge"]["chain"]]
     assert all(k != s["cache"]["key"] for k, s in zip(keys, entry["chain"]))
 
 
-@pytest.mark.parametrize("documents, phrases", [
-    ("merge_method: linear\nmodels: [{model: A}, {model: B}]\n---\nmerge_method: linear\nmodels: [{model: A}]\n",
-     ["2 documents without a `name:`", "leave the final merge unnamed"]),
-    ("name: a\nmerge_method: linear\nmodels: [{model: b}, {model: X}]\n---\n"
-     "name: b\nmerge_method: linear\nmodels: [{model: a}, {model: X}]\n---\n"
-     "merge_method: linear\nmodels: [{model: a}, {model: X}]\n", ["use each other in a circle"]),
-    ("name: a\nmerge_method: linear\nmodels: [{model: X}, {model: X}]\n---\n"
-     "name: b\nmerge_method: linear\nmodels: [{model: X}, {model: X}]\n", ["['a', 'b']", "which one to anneal"]),
-    ("name: a\nmerge_method: linear\nmodels: [{model: X}]\n---\nname: a\nmerge_method: linear\nmodels: [{model: a}]\n",
-     ["['a'] are used twice"]),
-])
+@pytest.mark.parametrize(
+    "documents, phrases",
+    [
+        (
+            "merge_method: linear\nmodels: [{model: A}, {model: B}]\n---\nmerge_method: linear\nmodels: [{model: A}]\n",
+            ["2 documents without a `name:`", "leave the final merge unnamed"],
+        ),
+        (
+            "name: a\nmerge_method: linear\nmodels: [{model: b}, {model: X}]\n---\n"
+            "name: b\nmerge_method: linear\nmodels: [{model: a}, {model: X}]\n---\n"
+            "merge_method: linear\nmodels: [{model: a}, {model: X}]\n",
+            ["use each other in a circle"],
+        ),
+        (
+            "name: a\nmerge_method: linear\nmodels: [{model: X}, {model: X}]\n---\n"
+            "name: b\nmerge_method: linear\nmodels: [{model: X}, {model: X}]\n",
+            ["['a', 'b']", "which one to anneal"],
+        ),
+        (
+            "name: a\nmerge_method: linear\nmodels: [{model: X}]\n---\n"
+            "name: a\nmerge_method: linear\nmodels: [{model: a}]\n",
+            ["['a'] are used twice"],
+        ),
+    ],
+)
 def test_a_chain_that_cannot_run_is_refused_with_the_fix(documents, phrases, cli, tmp_path, tiny):
     config = tmp_path / "chain.yml"
     config.write_text(documents.replace("X", str(tiny["add"])))
@@ -134,6 +164,7 @@ def test_a_chain_that_cannot_run_is_refused_with_the_fix(documents, phrases, cli
 
 
 # -------------------------------------------------------------------------------------------- mergekit-moe
+
 
 def test_moe_from_dense_experts_annealed_against_a_dense_parent_and_against_all(cli, tmp_path, tiny):
     result, run_dir = cli("+merge=moe", *tiny.overrides, PROMPTS)
@@ -149,8 +180,9 @@ def test_moe_from_dense_experts_annealed_against_a_dense_parent_and_against_all(
     merged, base = tensors(merged_dir), tensors(tiny["base"])
     for i, name in enumerate(("add", "reverse")):
         parent = tensors(tiny[name])
-        assert torch.equal(merged["model.layers.1.mlp.experts.down_proj"][i],
-                           parent["model.layers.1.mlp.down_proj.weight"])
+        assert torch.equal(
+            merged["model.layers.1.mlp.experts.down_proj"][i], parent["model.layers.1.mlp.down_proj.weight"]
+        )
     assert torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
     assert merged["model.layers.0.mlp.gate.weight"].shape == (2, 16)
     # the tokenizer is the base model's as it is (mergekit-moe's own copy pads on the left with EOS)
@@ -167,8 +199,14 @@ def test_moe_from_dense_experts_annealed_against_a_dense_parent_and_against_all(
     assert "mixture of experts (mergekit-moe)" in card and "a Mixtral mixture of 2 experts, 2 per token" in card
 
     # against all the dense parents: the merge a cache hit, each parent's pass its own
-    result, run_all = cli("+merge=moe", *tiny.overrides, PROMPTS, "anneal.reference=parents",
-                          "pipeline.stages=[merge,anneal]", run_dir=tmp_path / "all")
+    result, run_all = cli(
+        "+merge=moe",
+        *tiny.overrides,
+        PROMPTS,
+        "anneal.reference=parents",
+        "pipeline.stages=[merge,anneal]",
+        run_dir=tmp_path / "all",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     stages = manifest.load(run_all)["stages"]
     assert stages["merge"]["cache"]["merge"] == "hit"
@@ -177,12 +215,19 @@ def test_moe_from_dense_experts_annealed_against_a_dense_parent_and_against_all(
 
 def test_your_own_mergekit_moe_yaml_runs_verbatim_and_random_gates_are_seeded(cli, tmp_path, tiny):
     config = tmp_path / "moe.yml"
-    config.write_text(f"base_model: {tiny['base']}\ngate_mode: random\nexperts_per_token: 1\nexperts:\n"
-                      f"  - source_model: {tiny['add']}\n  - source_model: {tiny['reverse']}\n")
+    config.write_text(
+        f"base_model: {tiny['base']}\ngate_mode: random\nexperts_per_token: 1\nexperts:\n"
+        f"  - source_model: {tiny['add']}\n  - source_model: {tiny['reverse']}\n"
+    )
     routers = []
     for name in ("a", "b"):
-        result, run_dir = cli("+merge=custom", f"merge.config_file={config}", "pipeline.stages=[merge]",
-                              "pipeline.cache=false", run_dir=tmp_path / name)
+        result, run_dir = cli(
+            "+merge=custom",
+            f"merge.config_file={config}",
+            "pipeline.stages=[merge]",
+            "pipeline.cache=false",
+            run_dir=tmp_path / name,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         merged_dir = Path(manifest.load(run_dir)["stages"]["merge"]["outputs"]["model"])
         routers.append(tensors(merged_dir)["model.layers.0.mlp.gate.weight"])
@@ -192,16 +237,19 @@ def test_your_own_mergekit_moe_yaml_runs_verbatim_and_random_gates_are_seeded(cl
 
 def test_a_moe_config_that_cannot_be_built_is_refused_with_the_fix(cli, tmp_path, tiny):
     result, run_dir = cli("+merge=moe", *tiny.models, "models.expert_prompts=[null,null]", *tiny.data)
-    assert_refused(result, run_dir, "mergekit-moe refused the MoE config", "Expert 0 has no positive prompts",
-                   "positive_prompts")
+    assert_refused(
+        result, run_dir, "mergekit-moe refused the MoE config", "Expert 0 has no positive prompts", "positive_prompts"
+    )
     result, run_dir = cli("+merge=moe", *tiny.models, *tiny.data, run_dir=tmp_path / "no-prompts")
     assert_refused(result, run_dir, "expert_prompts", "+merge=moe")  # models=local names no prompts
-    result, run_dir = cli("+merge=moe", *tiny.models, PROMPTS, *tiny.data, "merge.gate_mode=best",
-                          run_dir=tmp_path / "gate")
+    result, run_dir = cli(
+        "+merge=moe", *tiny.models, PROMPTS, *tiny.data, "merge.gate_mode=best", run_dir=tmp_path / "gate"
+    )
     assert_refused(result, run_dir, "no gate_mode 'best'", "cheap_embed")
 
 
 # ------------------------------------------------------------------------------------------ after a merge
+
 
 def damaged_copy(tiny, tmp_path: Path, change) -> Path:
     """A copy of the tiny `add` model whose tensors `change` edits (a dict of name -> tensor)."""
@@ -213,13 +261,20 @@ def damaged_copy(tiny, tmp_path: Path, change) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("change, phrase", [
-    (lambda w: w.pop("model.layers.1.mlp.down_proj.weight"), "lacks 1 tensor(s) its architecture has "
-                                                              "(model.layers.1.mlp.down_proj.weight)"),
-    (lambda w: w.update({"model.layers.0.self_attn.q_proj.weight": torch.zeros(8, 16)}),
-     "'model.layers.0.self_attn.q_proj.weight' has shape [8, 16] where its config asks for [16, 16]"),
-    (lambda w: w["model.norm.weight"].__setitem__(0, float("nan")), "non-finite values in 'model.norm.weight'"),
-])
+@pytest.mark.parametrize(
+    "change, phrase",
+    [
+        (
+            lambda w: w.pop("model.layers.1.mlp.down_proj.weight"),
+            "lacks 1 tensor(s) its architecture has (model.layers.1.mlp.down_proj.weight)",
+        ),
+        (
+            lambda w: w.update({"model.layers.0.self_attn.q_proj.weight": torch.zeros(8, 16)}),
+            "'model.layers.0.self_attn.q_proj.weight' has shape [8, 16] where its config asks for [16, 16]",
+        ),
+        (lambda w: w["model.norm.weight"].__setitem__(0, float("nan")), "non-finite values in 'model.norm.weight'"),
+    ],
+)
 def test_a_merge_missing_or_misshaping_a_tensor_is_refused(change, phrase, tiny, tmp_path):
     assert merge_check.check_merged(tiny["add"]) is None  # a whole model passes
     with pytest.raises(UserError) as refused:
@@ -235,16 +290,18 @@ def test_embeddings_that_do_not_cover_the_tokenizer_are_refused(tiny, tmp_path):
     model.resize_token_embeddings(len(tokenizer) - 9)  # config, embeddings and head agree, the tokenizer does not
     model.save_pretrained(tmp_path / "short")
     tokenizer.save_pretrained(tmp_path / "short")
-    with pytest.raises(UserError, match=f"tokenizer has {len(tokenizer)} tokens but its embeddings only "
-                                        f"{len(tokenizer) - 9} rows"):
+    with pytest.raises(
+        UserError, match=f"tokenizer has {len(tokenizer)} tokens but its embeddings only {len(tokenizer) - 9} rows"
+    ):
         merge_check.check_merged(tmp_path / "short")
 
 
 def test_a_gibberish_merge_is_refused_before_the_anneal(cli, tiny):
     """task_arithmetic with lambda 40 multiplies the parents' differences from the base fortyfold: every tensor is
     there and finite, its held-out perplexity is millions where the parents' is about 100."""
-    result, run_dir = cli("+merge=task_arithmetic", "merge.parameters.lambda=40", *tiny.overrides,
-                          "pipeline.stages=[merge,anneal]")
+    result, run_dir = cli(
+        "+merge=task_arithmetic", "merge.parameters.lambda=40", *tiny.overrides, "pipeline.stages=[merge,anneal]"
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     message = " ".join(result.stderr.split())
     assert "The merge looks broken" in message and "pipeline.merge_check.max_perplexity_ratio=null" in message

@@ -43,14 +43,18 @@ def with_remote_code(tiny, root: Path) -> list[str]:
                 continue
             shutil.copytree(tiny[name], folder)
             (folder / "custom.py").write_text(REMOTE_CODE.format(marker=str(root / "remote-code-ran")))
-            for file, auto_map in (("config.json", {"AutoConfig": "custom.Config",
-                                                    "AutoModelForCausalLM": "custom.Model"}),
-                                   ("tokenizer_config.json", {"AutoTokenizer": [None, "custom.Tokenizer"]})):
+            for file, auto_map in (
+                ("config.json", {"AutoConfig": "custom.Config", "AutoModelForCausalLM": "custom.Model"}),
+                ("tokenizer_config.json", {"AutoTokenizer": [None, "custom.Tokenizer"]}),
+            ):
                 settings = json.loads((folder / file).read_text())
                 (folder / file).write_text(json.dumps({**settings, "auto_map": auto_map}))
     parents = root / "remote-code"
-    return ["models=local", f"models.base={parents / 'base'}",
-            f"models.parents=[{parents / 'add'},{parents / 'reverse'}]"]
+    return [
+        "models=local",
+        f"models.base={parents / 'base'}",
+        f"models.parents=[{parents / 'add'},{parents / 'reverse'}]",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +64,15 @@ def release_run(tmp_path_factory, tiny):
     from conftest import run_once, session_root
 
     models = with_remote_code(tiny, session_root(tmp_path_factory))
-    work, _ = run_once(tmp_path_factory, "release-run", "+merge=slerp", *SHORT, *models, *tiny.data,
-                       env={"HF_TOKEN": SENTINEL, **UNREACHABLE, **ONE_THREAD})
+    work, _ = run_once(
+        tmp_path_factory,
+        "release-run",
+        "+merge=slerp",
+        *SHORT,
+        *models,
+        *tiny.data,
+        env={"HF_TOKEN": SENTINEL, **UNREACHABLE, **ONE_THREAD},
+    )
     return work / "run", work
 
 
@@ -79,9 +90,15 @@ def release_again(run_dir: Path, *overrides: str, env: dict | None = None):
     from conftest import TEST_CACHE, run_cli
 
     stages = [] if any(o.startswith("pipeline.stages=") for o in overrides) else ["pipeline.stages=[release]"]
-    return run_cli(*stages, *overrides, f"pipeline.cache_dir={run_dir.parent / 'cache'}",
-                   f"models.cache_dir={TEST_CACHE}", f"hydra.run.dir={run_dir}", cwd=run_dir.parent,
-                   env={**UNREACHABLE, **ONE_THREAD, **(env or {})})
+    return run_cli(
+        *stages,
+        *overrides,
+        f"pipeline.cache_dir={run_dir.parent / 'cache'}",
+        f"models.cache_dir={TEST_CACHE}",
+        f"hydra.run.dir={run_dir}",
+        cwd=run_dir.parent,
+        env={**UNREACHABLE, **ONE_THREAD, **(env or {})},
+    )
 
 
 def one_paragraph_error(result, *phrases: str) -> None:
@@ -98,6 +115,7 @@ def released_files(folder: Path) -> set[str]:
 
 # ------------------------------------------------------------------------------------------ the default run
 
+
 def test_release_folder_holds_the_annealed_model_and_loads(release_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -108,9 +126,17 @@ def test_release_folder_holds_the_annealed_model_and_loads(release_run):
     assert entry["status"] == "done" and entry["pick"]["picked"] == "annealed"
     folder = Path(entry["outputs"]["model"])
     assert folder == run_dir.resolve() / "release" / "slerp-annealed"
-    assert released_files(folder) == {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-                                      "tokenizer_config.json", "chat_template.jinja", "mergekit_config.yml",
-                                      "dpo_settings.yaml", "README.md"}
+    assert released_files(folder) == {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "mergekit_config.yml",
+        "dpo_settings.yaml",
+        "README.md",
+    }
     assert sorted(entry["outputs"]["files"]) == sorted(released_files(folder))
     assert [p.name for p in (run_dir / "release").iterdir()] == ["slerp-annealed"]  # no partial folder left
     annealed = Path(stages["anneal"]["outputs"]["model"])
@@ -156,8 +182,15 @@ def test_model_card_front_matter_numbers_and_command(release_run, tiny):
     assert "## Lineage" in text and "`add` (local)" in text and "t=0.5" in text and "beta 0.1" in text
     assert "| preference_accuracy | " in text and "annealed - merged" in text
     readme = (folder / "README.md").read_text()
-    for private in (str(run_dir), str(run_dir.resolve()), str(work), str(TEST_CACHE), str(tiny.root), "/work",
-                    str(Path.home())):
+    for private in (
+        str(run_dir),
+        str(run_dir.resolve()),
+        str(work),
+        str(TEST_CACHE),
+        str(tiny.root),
+        "/work",
+        str(Path.home()),
+    ):
         assert private not in readme, private
     for file in folder.rglob("*"):  # the token in the environment is in no released file
         assert SENTINEL.encode() not in file.read_bytes(), file
@@ -195,8 +228,9 @@ def test_pick_best_picks_the_better_by_the_objective_and_says_why(run_copy, make
     for objective, higher_is_better in (("preference_accuracy", True), ("perplexity", False)):
         merged, annealed = metrics["merged"][objective], metrics["annealed"][objective]
         better_merged = merged > annealed if higher_is_better else merged < annealed
-        entry = release.run(make_cfg("release.pick=best", f"release.objective={objective}",
-                                     f"release.name=best-{objective}"), run_dir).model_dump()
+        entry = release.run(
+            make_cfg("release.pick=best", f"release.objective={objective}", f"release.name=best-{objective}"), run_dir
+        ).model_dump()
         pick = entry["pick"]
         assert pick["picked"] == ("merged" if better_merged else "annealed"), pick
         assert pick["values"] == {"merged": merged, "annealed": annealed}
@@ -208,6 +242,7 @@ def test_pick_best_picks_the_better_by_the_objective_and_says_why(run_copy, make
 
 
 # ---------------------------------------------------------------------------------------------- publishing
+
 
 def test_hub_dry_run_lists_files_and_uploads_nothing(run_copy):
     result = release_again(run_copy, *HUB, "release.dry_run=true", "release.name=dry", env=NO_TOKEN)
@@ -238,14 +273,18 @@ def test_hub_with_token_but_no_network_fails_before_uploading(run_copy):
     assert manifest.load(run_copy)["stages"]["release"]["status"] == "failed"
 
 
-@pytest.mark.parametrize("overrides, phrases", [
-    (["release.pick=worst"], ["release.pick: Input should be 'annealed', 'merged' or 'best' (got 'worst')"]),
-    (["release=hub"], ["release.repo_id is not set", "release.repo_id=<your-name>/<model-name>"]),
-    (["release=hub", "release.repo_id=me/merge"], ["HF_TOKEN is not set", "release.dry_run=true"]),
-    (["release.name=../up"], ["release.name=../up is not a usable folder name"]),
-    (["release.pick=best", "release.objective=bleu"], ["release.objective=bleu is not an eval metric"]),
-    (["+release.pushh=true"], ["release.pushh: Extra inputs are not permitted"]),
-], ids=["pick", "repo_id", "token", "name", "objective", "unknown-key"])
+@pytest.mark.parametrize(
+    "overrides, phrases",
+    [
+        (["release.pick=worst"], ["release.pick: Input should be 'annealed', 'merged' or 'best' (got 'worst')"]),
+        (["release=hub"], ["release.repo_id is not set", "release.repo_id=<your-name>/<model-name>"]),
+        (["release=hub", "release.repo_id=me/merge"], ["HF_TOKEN is not set", "release.dry_run=true"]),
+        (["release.name=../up"], ["release.name=../up is not a usable folder name"]),
+        (["release.pick=best", "release.objective=bleu"], ["release.objective=bleu is not an eval metric"]),
+        (["+release.pushh=true"], ["release.pushh: Extra inputs are not permitted"]),
+    ],
+    ids=["pick", "repo_id", "token", "name", "objective", "unknown-key"],
+)
 def test_check_refuses_bad_release_settings(overrides, phrases, make_cfg, monkeypatch):
     """`release.check` (what the app runs before the first stage) refuses each in one paragraph with the fix."""
     from stages import release
@@ -259,6 +298,7 @@ def test_check_refuses_bad_release_settings(overrides, phrases, make_cfg, monkey
 
 
 # ------------------------------------------------------------------------------------------------ the files
+
 
 def test_generation_config_written_when_missing_and_pickles_refused(tiny, tmp_path):
     from transformers import AutoConfig, GenerationConfig
@@ -285,17 +325,29 @@ def test_reproduce_commands_hide_local_paths_and_span_invocations():
     from stages.release import card
 
     snapshot = "/home/me/.cache/huggingface/hub/models--org--base/snapshots/abc"
-    names = card.PublicNames([ModelSource(path=snapshot, hub_id="org/base", revision="abc"),
-                                 ModelSource(path="/ckpt/math")])
-    full = {"overrides": ["+merge=ties", "models=local", "models.parents=[/ckpt/math,org/code@v1]",
-                          f"models.base={snapshot}", "pipeline.cache_dir=/tmp/c", "models.cache_dir=/tmp/m"],
-            "stages": ["merge", "anneal", "eval", "release"]}
+    names = card.PublicNames(
+        [ModelSource(path=snapshot, hub_id="org/base", revision="abc"), ModelSource(path="/ckpt/math")]
+    )
+    full = {
+        "overrides": [
+            "+merge=ties",
+            "models=local",
+            "models.parents=[/ckpt/math,org/code@v1]",
+            f"models.base={snapshot}",
+            "pipeline.cache_dir=/tmp/c",
+            "models.cache_dir=/tmp/m",
+        ],
+        "stages": ["merge", "anneal", "eval", "release"],
+    }
     assert card.reproduce_commands([full], names) == [  # a hub download by its hub id and commit
         "python -m pipeline +merge=ties models=local 'models.parents=[<local>/math,org/code@v1]' "
-        "models.base=org/base@abc"]
+        "models.base=org/base@abc"
+    ]
     again = {"overrides": ["pipeline.stages=[release]", "release.pick=best"], "stages": ["release"]}
-    assert card.reproduce_commands([full, again], names)[1] == \
-        "python -m pipeline 'pipeline.stages=[release]' release.pick=best 'hydra.run.dir=<run>'"
+    assert (
+        card.reproduce_commands([full, again], names)[1]
+        == "python -m pipeline 'pipeline.stages=[release]' release.pick=best 'hydra.run.dir=<run>'"
+    )
     assert card.reproduce_commands([again], names) == []  # the rest was driven from Python: nothing to show
     # a snapshot path that did not come through the hub download is just a local folder
     assert card.reproduce_commands([full], card.PublicNames([]))[0].endswith("'models.base=<local>/abc'")
@@ -307,15 +359,20 @@ def test_public_names_come_from_provenance_not_paths():
     from pipeline.records import ModelSource
     from stages.release import card
 
-    names = card.PublicNames([ModelSource(path="/cache/snapshots/0123abc", hub_id="org/model", revision="0123abc"),
-                                 ModelSource(path="/ckpt/my-model")])
+    names = card.PublicNames(
+        [
+            ModelSource(path="/cache/snapshots/0123abc", hub_id="org/model", revision="0123abc"),
+            ModelSource(path="/ckpt/my-model"),
+        ]
+    )
     assert names.name("/cache/snapshots/0123abc") == "org/model"
     assert names.name("/cache/snapshots/0123abc", revision=True) == "org/model@0123abc"
     assert names.name("/ckpt/my-model") == "my-model" and not names.is_hub("/ckpt/my-model")
     assert names.is_hub("/cache/snapshots/0123abc") and names.is_hub("org/other")
     assert names.name("/x/models--org--name/snapshots/abc") == "abc"  # not reverse-engineered
-    assert names.public({"base_model": "/cache/snapshots/0123abc", "models": [{"model": "/ckpt/my-model"}],
-                         "t": 0.5}) == {"base_model": "org/model@0123abc", "models": [{"model": "my-model"}], "t": 0.5}
+    assert names.public(
+        {"base_model": "/cache/snapshots/0123abc", "models": [{"model": "/ckpt/my-model"}], "t": 0.5}
+    ) == {"base_model": "org/model@0123abc", "models": [{"model": "my-model"}], "t": 0.5}
 
 
 @pytest.mark.slow

@@ -105,7 +105,7 @@ def test_tokenizer_round_trip_and_chat_template():
     x, y = build._encode_batch(["12+34=", "rev abcd="], ids, tok.eos_token_id, tok.pad_token_id)
     assert x[1].tolist() == tok("rev abcd=dcba<eos>").input_ids
     assert y[1].tolist() == tok("rev abcd=dcba<eos>").input_ids  # the whole text is modelled
-    assert y[0].tolist()[len("12+34=46") + 1:] == [-100] * (len(x[0]) - len("12+34=46") - 1)  # padding
+    assert y[0].tolist()[len("12+34=46") + 1 :] == [-100] * (len(x[0]) - len("12+34=46") - 1)  # padding
     assert x[0].tolist()[:9] == tok("12+34=46<eos>").input_ids
     assert x[0].tolist()[9:] == [tok.pad_token_id] * 5 and y[0].tolist()[9:] == [-100] * 5
 
@@ -137,8 +137,23 @@ def test_answer_key():
         tasks.rejected_answer("12+34=", "nonsense", random.Random(0))
 
 
-@pytest.mark.parametrize("bad", ["", "12+34", "rev ABC=", "rev abc", "hello", "12-34=", "12+34=\n", " 12+34=",
-                                 "rev abc=cba", "The capital of France is", None, 12])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "12+34",
+        "rev ABC=",
+        "rev abc",
+        "hello",
+        "12-34=",
+        "12+34=\n",
+        " 12+34=",
+        "rev abc=cba",
+        "The capital of France is",
+        None,
+        12,
+    ],
+)
 def test_the_answer_key_knows_only_the_demos_prompts(bad):
     assert tasks.answer_key(bad) is None
 
@@ -173,10 +188,18 @@ def test_recipe_hash_ignores_generation_code(tmp_path):
     shutil.copytree(REPO / "conf", tmp_path / "conf", ignore=ignore)
 
     def copy_hash() -> str:
-        code = (f"import pipeline.demo as d; assert d.__file__.startswith({str(tmp_path)!r}), d.__file__; "
-                "print(d.recipe_hash())")
-        out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": str(tmp_path)}, check=True)
+        code = (
+            f"import pipeline.demo as d; assert d.__file__.startswith({str(tmp_path)!r}), d.__file__; "
+            "print(d.recipe_hash())"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(tmp_path)},
+            check=True,
+        )
         return out.stdout.strip()
 
     assert copy_hash() == demo.recipe_hash()
@@ -191,9 +214,11 @@ def test_recipe_hash_ignores_generation_code(tmp_path):
 
 
 def test_imports_are_light():
-    code = ("import sys, pipeline.demo as d, pipeline.demo.tasks, pipeline.generation; "
-            "d.RECIPE, d.SKILLS, d.demo_dir('.'), d.recipe_hash(), d.ensure_demo; "
-            "heavy = {'torch', 'transformers', 'tokenizers'} & set(sys.modules); assert not heavy, heavy")
+    code = (
+        "import sys, pipeline.demo as d, pipeline.demo.tasks, pipeline.generation; "
+        "d.RECIPE, d.SKILLS, d.demo_dir('.'), d.recipe_hash(), d.ensure_demo; "
+        "heavy = {'torch', 'transformers', 'tokenizers'} & set(sys.modules); assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
@@ -203,8 +228,14 @@ def test_layout(demo_path):
     assert demo_path == demo.demo_dir(demo_path.parents[1])
     for name in MODELS:
         d = demo_path / name
-        for f in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                  "tokenizer_config.json", "chat_template.jinja"):
+        for f in (
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+        ):
             assert (d / f).is_file(), d / f
         gen = json.loads((d / "generation_config.json").read_text())
         assert gen["eos_token_id"] == 1 and gen["pad_token_id"] == 0
@@ -290,12 +321,14 @@ def test_models_load_cleanly_and_are_finite(demo_path):
             assert not model.config.tie_word_embeddings
             assert model.config.vocab_size == len(tok) == 99
             assert model.config.hidden_size == 128 and model.config.num_hidden_layers == 2
-            assert (model.lm_head.weight.data_ptr()
-                    != model.get_input_embeddings().weight.data_ptr())
+            assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
             assert all(torch.isfinite(p).all() for p in model.parameters())
-            assert tok.apply_chat_template(
-                [{"role": "user", "content": "rev abc="}, {"role": "assistant", "content": "cba"}],
-                tokenize=False) == "rev abc=cba<eos>"
+            assert (
+                tok.apply_chat_template(
+                    [{"role": "user", "content": "rev abc="}, {"role": "assistant", "content": "cba"}], tokenize=False
+                )
+                == "rev abc=cba<eos>"
+            )
     assert not [r.getMessage() for r in records]
 
 
@@ -334,16 +367,31 @@ def test_greedy_answers_match_an_argmax_loop(demo_path):
     import transformers
 
     held = build.heldout_prompts()
-    prompts = ["12+34=", "rev abcdef=", "50+50=", "rev abc=", "99+99=", "hello", "rev zz=", "1+1=",
-               *held["add"][:4], *held["reverse"][:4]]
+    prompts = [
+        "12+34=",
+        "rev abcdef=",
+        "50+50=",
+        "rev abc=",
+        "99+99=",
+        "hello",
+        "rev zz=",
+        "1+1=",
+        *held["add"][:4],
+        *held["reverse"][:4],
+    ]
     tok = transformers.AutoTokenizer.from_pretrained(demo_path / "base")
     models = {name: transformers.AutoModelForCausalLM.from_pretrained(demo_path / name) for name in MODELS}
     torch.manual_seed(0)
     models["untrained"] = transformers.LlamaForCausalLM(build._model_config(tok)).eval()
     # a checkpoint's own sampling settings and logits processors do not apply: greedy means argmax
     models["untrained"].generation_config = transformers.GenerationConfig(
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=True, temperature=0.5,
-        repetition_penalty=2.0, suppress_tokens=[tok.convert_tokens_to_ids("C")])
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        do_sample=True,
+        temperature=0.5,
+        repetition_penalty=2.0,
+        suppress_tokens=[tok.convert_tokens_to_ids("C")],
+    )
     saved = models["untrained"].generation_config
 
     with transformers_warnings() as records:
@@ -382,6 +430,10 @@ def test_build_is_deterministic(tmp_path, monkeypatch):
     first, second = demo.ensure_demo(tmp_path / "a"), demo.ensure_demo(tmp_path / "b")
     assert first.name == second.name == demo.recipe_hash()
     files = [f"{m}/model.safetensors" for m in MODELS] + [
-        "data/train.jsonl", "data/heldout.jsonl", "data/heldout_text.jsonl", "accuracy.json"]
+        "data/train.jsonl",
+        "data/heldout.jsonl",
+        "data/heldout_text.jsonl",
+        "accuracy.json",
+    ]
     for f in files:
         assert _sha256(first / f) == _sha256(second / f), f

@@ -23,9 +23,14 @@ from pipeline.artifacts import entry_problem
 pytestmark = pytest.mark.faults
 
 # Eight steps with a checkpoint every two, so kills inside training resume from a checkpoint.
-TRAIN = ["anneal.trainer.max_steps=8", "anneal.trainer.save_steps=2", "anneal.trainer.logging_steps=2",
-         "anneal.trainer.per_device_train_batch_size=4", "anneal.trainer.max_length=64",
-         "anneal.trainer.disable_tqdm=true"]
+TRAIN = [
+    "anneal.trainer.max_steps=8",
+    "anneal.trainer.save_steps=2",
+    "anneal.trainer.logging_steps=2",
+    "anneal.trainer.per_device_train_batch_size=4",
+    "anneal.trainer.max_length=64",
+    "anneal.trainer.disable_tqdm=true",
+]
 
 
 def status(run_dir: Path, stage: str) -> str | None:
@@ -43,19 +48,39 @@ STARTS = {
     "eval": lambda r: status(r, "eval") == "running",
     "release": lambda r: status(r, "release") == "running",
 }
-ENDS = {"merge": lambda r: status(r, "merge") == "done", "reference": STARTS["training"],
-        "training": lambda r: status(r, "anneal") == "done", "eval": lambda r: status(r, "eval") == "done",
-        "release": lambda r: status(r, "release") == "done"}
-BOUNDARIES = {"start": lambda r: (r / "manifest.json").exists(), "merge|anneal": ENDS["merge"],
-              "anneal|eval": ENDS["training"], "eval|release": ENDS["eval"], "end": ENDS["release"]}
+ENDS = {
+    "merge": lambda r: status(r, "merge") == "done",
+    "reference": STARTS["training"],
+    "training": lambda r: status(r, "anneal") == "done",
+    "eval": lambda r: status(r, "eval") == "done",
+    "release": lambda r: status(r, "release") == "done",
+}
+BOUNDARIES = {
+    "start": lambda r: (r / "manifest.json").exists(),
+    "merge|anneal": ENDS["merge"],
+    "anneal|eval": ENDS["training"],
+    "eval|release": ENDS["eval"],
+    "end": ENDS["release"],
+}
 FRACTIONS = random.Random(13).choices([x / 1000 for x in range(50, 700)], k=20)  # of the phase's uninterrupted time
 SEEDED = [(phase, fraction) for phase, fraction in zip([p for p in STARTS for _ in range(4)], FRACTIONS)]
 POINTS = [(f"boundary {b}", b, 0.0) for b in BOUNDARIES] + [(f"{p} at {f:.0%}", p, f) for p, f in SEEDED]
 
 
 def command(tiny, work: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline", "+merge=slerp", *tiny.models, *tiny.data, *TRAIN, *extra,
-            f"pipeline.cache_dir={work / 'cache'}", f"models.cache_dir={TEST_CACHE}", f"hydra.run.dir={work / 'run'}"]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "+merge=slerp",
+        *tiny.models,
+        *tiny.data,
+        *TRAIN,
+        *extra,
+        f"pipeline.cache_dir={work / 'cache'}",
+        f"models.cache_dir={TEST_CACHE}",
+        f"hydra.run.dir={work / 'run'}",
+    ]
 
 
 def watch(args: list[str], work: Path, run_dir: Path, trigger=None, delay: float = 0.0, record=None) -> dict:
@@ -102,18 +127,25 @@ def files(folder: Path) -> dict:
 
 def metrics(run_dir: Path) -> dict:
     """eval/metrics.json without its timings."""
+
     def strip(value):
         if isinstance(value, dict):
             return {k: strip(v) for k, v in value.items() if "second" not in k and "time" not in k}
         return value
+
     return strip(json.loads((run_dir / "eval" / "metrics.json").read_text()))
 
 
 def cache_problems(cache: Path) -> list[str]:
     """Visible cache entries that fail a full check, and temporaries anywhere."""
-    problems = [f"{entry}: {problem}" for kind in ("merges", "reference_logps") if (cache / kind).is_dir()
-                for entry in (cache / kind).iterdir() if entry.is_dir() and not entry.name.startswith(".")
-                if (problem := entry_problem(entry, "all"))]
+    problems = [
+        f"{entry}: {problem}"
+        for kind in ("merges", "reference_logps")
+        if (cache / kind).is_dir()
+        for entry in (cache / kind).iterdir()
+        if entry.is_dir() and not entry.name.startswith(".")
+        if (problem := entry_problem(entry, "all"))
+    ]
     return problems + [str(p) for p in cache.rglob("*") if ".partial-" in p.name or ".old-" in p.name]
 
 
@@ -130,8 +162,9 @@ def uninterrupted(tmp_path_factory, tiny):
 
 
 @pytest.mark.parametrize("label, where, fraction", POINTS, ids=[p[0] for p in POINTS])
-def test_killed_then_resumed_ends_done_with_the_same_outputs(label, where, fraction, uninterrupted, tiny,
-                                                               tmp_path, tmp_path_factory):
+def test_killed_then_resumed_ends_done_with_the_same_outputs(
+    label, where, fraction, uninterrupted, tiny, tmp_path, tmp_path_factory
+):
     reference_run, durations = uninterrupted
     work, run_dir = tmp_path, tmp_path / "run"
     if where in BOUNDARIES:
@@ -158,8 +191,14 @@ def test_killed_then_resumed_ends_done_with_the_same_outputs(label, where, fract
         "no_half_written_cache": not half_written and not cache_problems(work / "cache"),
         "no_temporaries": not [p for p in run_dir.rglob(".*") if ".partial-" in p.name or ".old-" in p.name],
     }
-    figures = {"point": label, "landed": landed, "killed": killed["killed"], "at_kill": at_kill,
-               "resumed_from": stages["anneal"].get("resumed_from"), **checks}
+    figures = {
+        "point": label,
+        "landed": landed,
+        "killed": killed["killed"],
+        "at_kill": at_kill,
+        "resumed_from": stages["anneal"].get("resumed_from"),
+        **checks,
+    }
     report = session_root(tmp_path_factory) / "fault-injection.jsonl"
     with open(report, "a") as f:
         f.write(json.dumps(figures) + "\n")
@@ -171,11 +210,23 @@ def test_two_processes_sharing_a_cache_merge_once_and_both_finish(tiny, tmp_path
     procs = []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        args = [sys.executable, "-m", "pipeline", "+merge=slerp", *tiny.models, *tiny.data, "pipeline.stages=[merge]",
-                f"pipeline.cache_dir={tmp_path / 'cache'}", f"models.cache_dir={TEST_CACHE}",
-                f"hydra.run.dir={tmp_path / name / 'run'}"]
-        procs.append(subprocess.Popen(args, cwd=tmp_path / name, stderr=subprocess.PIPE, text=True,
-                                      env={**os.environ, **ONE_THREAD}))
+        args = [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "+merge=slerp",
+            *tiny.models,
+            *tiny.data,
+            "pipeline.stages=[merge]",
+            f"pipeline.cache_dir={tmp_path / 'cache'}",
+            f"models.cache_dir={TEST_CACHE}",
+            f"hydra.run.dir={tmp_path / name / 'run'}",
+        ]
+        procs.append(
+            subprocess.Popen(
+                args, cwd=tmp_path / name, stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD}
+            )
+        )
     for proc in procs:
         assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
     states = sorted(manifest.load(tmp_path / n / "run")["stages"]["merge"]["cache"]["merge"] for n in ("a", "b"))
@@ -186,16 +237,28 @@ def test_two_processes_sharing_a_cache_merge_once_and_both_finish(tiny, tmp_path
 
 if __name__ == "__main__":  # tabulate a figures file
     rows = [json.loads(line) for line in Path(sys.argv[1]).read_text().splitlines()]
-    checks = ["killed_where_it_says", "done", "merge_bytes", "annealed", "metrics", "released",
-              "no_half_written_cache", "no_temporaries"]
+    checks = [
+        "killed_where_it_says",
+        "done",
+        "merge_bytes",
+        "annealed",
+        "metrics",
+        "released",
+        "no_half_written_cache",
+        "no_temporaries",
+    ]
     from collections import Counter
 
-    print(f"{len(rows)} points, {sum(r['killed'] for r in rows)} killed before finishing, "
-          f"{sum(bool(r['resumed_from']) for r in rows)} resumed training from a checkpoint")
+    print(
+        f"{len(rows)} points, {sum(r['killed'] for r in rows)} killed before finishing, "
+        f"{sum(bool(r['resumed_from']) for r in rows)} resumed training from a checkpoint"
+    )
     print("  landed: " + ", ".join(f"{k} {v}" for k, v in Counter(r["landed"] for r in rows).items()))
     for check in checks:
         print(f"  {check}: {sum(r[check] for r in rows)}/{len(rows)}")
     for r in rows:
         state = ",".join(f"{k}={v}" for k, v in r["at_kill"].items() if v)
-        print(f"  {r['point']:<22} landed={r['landed']:<10} killed={r['killed']!s:<5} at_kill[{state}] "
-              f"resumed_from={r['resumed_from']}")
+        print(
+            f"  {r['point']:<22} landed={r['landed']:<10} killed={r['killed']!s:<5} at_kill[{state}] "
+            f"resumed_from={r['resumed_from']}"
+        )

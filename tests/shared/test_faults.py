@@ -39,17 +39,22 @@ def bad_config(folder):
 
 def missing_shard(folder):
     (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
-    weight_map = {"lm_head.weight": "model-00001-of-00002.safetensors",
-                  "model.norm.weight": "model-00002-of-00002.safetensors"}
+    weight_map = {
+        "lm_head.weight": "model-00001-of-00002.safetensors",
+        "model.norm.weight": "model-00002-of-00002.safetensors",
+    }
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-@pytest.mark.parametrize("damage, phrase", [
-    (truncate, "truncated or corrupt"),
-    (bad_header, "header does not parse"),
-    (bad_config, "does not parse as JSON"),
-    (missing_shard, "model-00002-of-00002.safetensors"),
-])
+@pytest.mark.parametrize(
+    "damage, phrase",
+    [
+        (truncate, "truncated or corrupt"),
+        (bad_header, "header does not parse"),
+        (bad_config, "does not parse as JSON"),
+        (missing_shard, "model-00002-of-00002.safetensors"),
+    ],
+)
 def test_a_damaged_parent_is_named_with_the_fix(damage, phrase, cli, tiny, tmp_path):
     models = damaged_copy(tiny, tmp_path, damage)
     result, run_dir = cli("+merge=slerp", *models, *tiny.data, "pipeline.stages=[merge]")
@@ -61,8 +66,13 @@ def test_a_damaged_parent_is_named_with_the_fix(damage, phrase, cli, tiny, tmp_p
 
 
 def test_a_diverging_anneal_stops_at_that_step_and_saves_nothing(cli, tiny):
-    result, run_dir = cli("+merge=slerp", *tiny.overrides, "anneal.trainer.learning_rate=1e12",
-                          "anneal.trainer.max_steps=8", "pipeline.cache=false")
+    result, run_dir = cli(
+        "+merge=slerp",
+        *tiny.overrides,
+        "anneal.trainer.learning_rate=1e12",
+        "anneal.trainer.max_steps=8",
+        "pipeline.cache=false",
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     message = " ".join(result.stderr.split("merge-anneal: error:")[-1].split())
     assert "Training diverged" in message and "at step" in message and "anneal.trainer.learning_rate" in message
@@ -75,8 +85,14 @@ def test_a_malformed_preference_line_is_named(cli, tiny, tmp_path):
     lines = (tiny.root / "data" / "train.jsonl").read_text().splitlines()
     lines[6] = lines[6][:-5]  # a line cut short, as by an interrupted write
     (tmp_path / "prefs.jsonl").write_text("\n".join(lines) + "\n")
-    result, run_dir = cli("+merge=slerp", *tiny.models, "data=custom", f"data.path={tmp_path / 'prefs.jsonl'}",
-                          "data.heldout.fraction=0.2", "pipeline.stages=[merge,anneal]")
+    result, run_dir = cli(
+        "+merge=slerp",
+        *tiny.models,
+        "data=custom",
+        f"data.path={tmp_path / 'prefs.jsonl'}",
+        "data.heldout.fraction=0.2",
+        "pipeline.stages=[merge,anneal]",
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     message = " ".join(result.stderr.split("merge-anneal: error:")[-1].split())
     assert "line 7 is not a JSON object" in message and "prefs.jsonl" in message and "Traceback" not in message
@@ -101,17 +117,22 @@ def test_resume_skips_a_checkpoint_cut_short_while_saving(tmp_path):
 
 # ------------------------------------------------------------------------------------- a self-checking cache
 
+
 def build_counter(calls):
     """A cache `build` that writes two files (one nested) and counts its calls."""
+
     def build(entry):
         from pipeline.artifacts import publish
 
         calls.append(entry)
+
         def fill(tmp):
             (tmp / "sub").mkdir(parents=True)
             (tmp / "weights.bin").write_bytes(bytes(range(256)) * 64)
             (tmp / "sub" / "config.json").write_text('{"a": 1}')
+
         publish(entry, fill)
+
     return build
 
 
@@ -146,10 +167,14 @@ def test_runs_get_their_own_copies_and_a_damaged_entry_is_set_aside_and_rebuilt(
         data = bytearray((e / "weights.bin").read_bytes())
         data[5000:5020] = b"\x00" * 20
         (e / "weights.bin").write_bytes(bytes(data))
-    damages = {"sha256 differs": flip, "bytes, 16384": lambda e: (e / "weights.bin").write_bytes(b"short"),
-               "is missing": lambda e: (e / "sub" / "config.json").unlink(),
-               "has no seal": lambda e: (e / SEAL).unlink(),
-               "added after": lambda e: (e / "extra.txt").write_text("x")}
+
+    damages = {
+        "sha256 differs": flip,
+        "bytes, 16384": lambda e: (e / "weights.bin").write_bytes(b"short"),
+        "is missing": lambda e: (e / "sub" / "config.json").unlink(),
+        "has no seal": lambda e: (e / SEAL).unlink(),
+        "added after": lambda e: (e / "extra.txt").write_text("x"),
+    }
     for n, (phrase, damage) in enumerate(damages.items()):
         damage(entry)
         caplog.clear()
@@ -180,10 +205,9 @@ def test_a_damaged_cached_merge_is_merged_again_with_one_warning(cli, tiny, tmp_
     entry = next(p for p in (cache_dir / "merges").iterdir() if p.is_dir() and not p.name.startswith("."))
     weights = entry / "model.safetensors"
     data = bytearray(weights.read_bytes())
-    data[len(data) // 2:len(data) // 2 + 20] = b"\x13" * 20
+    data[len(data) // 2 : len(data) // 2 + 20] = b"\x13" * 20
     weights.write_bytes(bytes(data))
-    second, run2 = cli("+merge=slerp", *tiny.models, *tiny.data, "pipeline.stages=[merge]",
-                       run_dir=tmp_path / "run2")
+    second, run2 = cli("+merge=slerp", *tiny.models, *tiny.data, "pipeline.stages=[merge]", run_dir=tmp_path / "run2")
     assert second.returncode == 0 and "Traceback" not in second.stderr, second.stderr[-2000:]
     logged = (run2 / "merge-anneal.log").read_text()
     assert second.stdout.count("failed its check") == logged.count("failed its check") == 1, second.stdout
@@ -206,12 +230,28 @@ def test_a_full_disk_while_merging_stops_with_a_message_and_keeps_nothing(tiny, 
     small, out = tmp_path / "small", tmp_path / "out"
     small.mkdir()
     out.mkdir()
-    command = [sys.executable, "-m", "pipeline", "+merge=slerp", *tiny.models, *tiny.data, "pipeline.stages=[merge]",
-               f"hydra.run.dir={small / 'run'}", f"pipeline.cache_dir={small / 'cache'}"]
-    script = (f"mount -t tmpfs -o size=64k tmpfs {small} && cd {tmp_path} && {' '.join(map(repr, command))}; "
-              f"echo $? > {out / 'rc'}; cp -a {small}/run {small}/cache {out}/")
-    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "+merge=slerp",
+        *tiny.models,
+        *tiny.data,
+        "pipeline.stages=[merge]",
+        f"hydra.run.dir={small / 'run'}",
+        f"pipeline.cache_dir={small / 'cache'}",
+    ]
+    script = (
+        f"mount -t tmpfs -o size=64k tmpfs {small} && cd {tmp_path} && {' '.join(map(repr, command))}; "
+        f"echo $? > {out / 'rc'}; cp -a {small}/run {small}/cache {out}/"
+    )
+    result = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert (out / "rc").read_text().strip() == "2", result.stderr[-3000:]
     message = " ".join(result.stderr.split("merge-anneal: error:")[-1].split())
     assert "the disk filled up" in message and "No space left on device" in message, result.stderr[-3000:]

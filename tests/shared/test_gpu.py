@@ -42,8 +42,13 @@ def test_qlora_anneal_on_a_4bit_base(make_cfg, tiny, tmp_path):
 def test_two_gpus(preset, make_cfg, tiny, tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices")
-    cfg = make_cfg("+merge=slerp", *tiny.overrides, f"distributed={preset}", "distributed.num_processes=2",
-                   "anneal.trainer.bf16=true")
+    cfg = make_cfg(
+        "+merge=slerp",
+        *tiny.overrides,
+        f"distributed={preset}",
+        "distributed.num_processes=2",
+        "anneal.trainer.bf16=true",
+    )
     entry = run_pipeline(cfg, tmp_path)["stages"]["anneal"]
     assert entry["status"] == "done" and entry["processes"] == 2
     annealed = load_file(Path(entry["outputs"]["model"]) / "model.safetensors")

@@ -31,8 +31,9 @@ def imports(name: str) -> set[str]:
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):  # the project's imports are absolute
             assert not node.level, f"{SOURCES[name]}:{node.lineno}: a relative import"
-            found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in SOURCES else node.module
-                      for a in node.names}
+            found |= {
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in SOURCES else node.module for a in node.names
+            }
     return {m for m in found if m in SOURCES and m not in PACKAGES and m != name}
 
 

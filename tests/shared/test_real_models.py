@@ -16,9 +16,20 @@ from stages.anneal import perf, weights
 from stages.anneal.settings import AnnealSettings
 
 # The fields dpo.yaml keeps at TRL's DPOConfig defaults (the others carry a comment saying why not).
-TRL_DEFAULTS = ("loss_type", "beta", "learning_rate", "lr_scheduler_type", "warmup_steps",
-                "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "activation_checkpointing",
-                "logging_steps", "max_steps", "save_strategy")
+TRL_DEFAULTS = (
+    "loss_type",
+    "beta",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "activation_checkpointing",
+    "logging_steps",
+    "max_steps",
+    "save_strategy",
+)
 
 
 def test_anyones_data_gets_trls_defaults_and_the_demo_its_own_recipe(make_cfg, tmp_path):
@@ -93,8 +104,13 @@ def test_the_memory_plan_is_recorded_and_one_that_cannot_fit_is_refused(cli, tin
     assert plan["fits"] and plan["device"] == "cpu" and plan["total"] > plan["weights"] > 0
     assert plan["settings"]["mode"] == "full" and plan["settings"]["batch_size"] == 4
     # 2 x 10^6 sequences of 10^5 tokens: no machine holds their logits
-    result, run_dir = cli("+merge=slerp", *tiny.overrides, "anneal.trainer.per_device_train_batch_size=1000000",
-                          "anneal.trainer.max_length=100000", run_dir=run_dir.parent / "huge")
+    result, run_dir = cli(
+        "+merge=slerp",
+        *tiny.overrides,
+        "anneal.trainer.per_device_train_batch_size=1000000",
+        "anneal.trainer.max_length=100000",
+        run_dir=run_dir.parent / "huge",
+    )
     assert result.returncode == 2
     message = " ".join(result.stderr.split())
     assert "would not fit in memory" in message and "anneal.memory_check=false" in message
@@ -117,8 +133,9 @@ def test_qlora_where_it_cannot_run_is_a_clear_message(cli, tiny):
 def test_qlora_composes_bitsandbytes_own_fields(make_cfg):
     from transformers import BitsAndBytesConfig
 
-    anneal = AnnealSettings.of(make_cfg("+merge=slerp", "data=custom", "data.path=p.jsonl", "anneal=qlora").anneal,
-                               "anneal")
+    anneal = AnnealSettings.of(
+        make_cfg("+merge=slerp", "data=custom", "data.path=p.jsonl", "anneal=qlora").anneal, "anneal"
+    )
     fields = dict(anneal.quantization)
     fields["bnb_4bit_compute_dtype"] = getattr(torch, fields["bnb_4bit_compute_dtype"])
     config = BitsAndBytesConfig(**fields)

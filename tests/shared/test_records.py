@@ -12,11 +12,19 @@ from conftest import ONE_THREAD, TEST_CACHE, run_cli
 from pipeline import UserError, manifest, records
 
 MERGE_ENTRY = {
-    "status": "done", "inputs": {"models": ["/m/a", "/m/b"], "parents": ["/m/a", "/m/b"], "base_model": "/m/a",
-                                 "sources": [{"path": "/m/a", "hub_id": "org/a", "revision": "abc"}]},
+    "status": "done",
+    "inputs": {
+        "models": ["/m/a", "/m/b"],
+        "parents": ["/m/a", "/m/b"],
+        "base_model": "/m/a",
+        "sources": [{"path": "/m/a", "hub_id": "org/a", "revision": "abc"}],
+    },
     "outputs": {"model": "/run/merge/model", "config": "/run/merge/model/mergekit_config.yml"},
     "config": {"merge": {"merge_method": "slerp", "parameters": {"t": 0.5}}, "merge_options": {}, "models": {}},
-    "merge_method": "slerp", "cache": {"merge": "miss"}, "seconds": 1.0, "versions": {"mergekit": "0.1.5"},
+    "merge_method": "slerp",
+    "cache": {"merge": "miss"},
+    "seconds": 1.0,
+    "versions": {"mergekit": "0.1.5"},
 }
 
 
@@ -53,11 +61,20 @@ def test_hub_models_keep_their_id_and_commit_to_the_manifest_and_the_card(tmp_pa
     for repo_id, commit in commits.items():
         fake_hub_snapshot(hub_cache, repo_id, tiny[repo_id.split("/")[1]], commit)
     run_dir = tmp_path / "run"
-    result = run_cli("+merge=slerp", "models=local", "models.parents=[org/add,org/reverse]", *tiny.data,
-                     "anneal.trainer.max_steps=2", "anneal.trainer.save_strategy=no", "eval.samples=1",
-                     f"pipeline.cache_dir={tmp_path / 'cache'}", f"models.cache_dir={TEST_CACHE}",
-                     f"hydra.run.dir={run_dir}", cwd=tmp_path,
-                     env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache), **ONE_THREAD})
+    result = run_cli(
+        "+merge=slerp",
+        "models=local",
+        "models.parents=[org/add,org/reverse]",
+        *tiny.data,
+        "anneal.trainer.max_steps=2",
+        "anneal.trainer.save_strategy=no",
+        "eval.samples=1",
+        f"pipeline.cache_dir={tmp_path / 'cache'}",
+        f"models.cache_dir={TEST_CACHE}",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache), **ONE_THREAD},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     stages = manifest.load(run_dir)["stages"]
     sources = {s["hub_id"]: s for s in stages["merge"]["inputs"]["sources"]}

@@ -12,8 +12,14 @@ from pipeline import UserError, manifest, records, sweep
 from pipeline.settings import DataSettings
 
 # A short anneal (the summary, not the annealing effect, is under test); release is another stage's business.
-SHORT = ["anneal.trainer.max_steps=10", "anneal.trainer.logging_steps=5", "anneal.trainer.save_steps=1000",
-         "anneal.trainer.disable_tqdm=true", "pipeline.stages=[merge,anneal,eval]", "eval.samples=1"]
+SHORT = [
+    "anneal.trainer.max_steps=10",
+    "anneal.trainer.logging_steps=5",
+    "anneal.trainer.save_steps=1000",
+    "anneal.trainer.disable_tqdm=true",
+    "pipeline.stages=[merge,anneal,eval]",
+    "eval.samples=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +38,15 @@ def shared_cache(tmp_path_factory) -> Path:
 def sweep_cli(sweep_dir: Path, cache: Path, data: list[str], *args: str):
     """`python -m pipeline` with a sweep, through the same entry point in this process (one torch thread, as the
     xdist workers run): Hydra's basic launcher runs every job in one process anyway."""
-    result = run_in_process(*args, *SHORT, *data, f"pipeline.cache_dir={cache}", f"models.cache_dir={TEST_CACHE}",
-                            f"hydra.sweep.dir={sweep_dir}", cwd=sweep_dir.parent)
+    result = run_in_process(
+        *args,
+        *SHORT,
+        *data,
+        f"pipeline.cache_dir={cache}",
+        f"models.cache_dir={TEST_CACHE}",
+        f"hydra.sweep.dir={sweep_dir}",
+        cwd=sweep_dir.parent,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return json.loads((sweep_dir / sweep.SUMMARY_JSON).read_text()), result
 
@@ -53,8 +66,11 @@ def test_sweep_over_slerp_t_ranks_jobs_and_computes_shared_work_once(tmp_path, c
     markdown = check_summary_files(sweep_dir, summary)
     runs = summary["runs"]
     assert sorted(r["label"] for r in runs) == ["merge.parameters.t=0.3", "merge.parameters.t=0.7"]
-    assert summary["objective"] == {"metric": "annealed.preference_accuracy", "direction": "maximize",
-                                    "tie_break": None}
+    assert summary["objective"] == {
+        "metric": "annealed.preference_accuracy",
+        "direction": "maximize",
+        "tie_break": None,
+    }
     # ranked by the annealed model's held-out preference accuracy, best first; merged vs annealed alongside
     assert [r["rank"] for r in runs] == [1, 2] and runs[0]["objective"] >= runs[1]["objective"]
     for run in runs:
@@ -81,10 +97,19 @@ def test_sweep_over_slerp_t_ranks_jobs_and_computes_shared_work_once(tmp_path, c
 def test_failed_job_is_listed_and_the_sweep_goes_on(tmp_path, shared_cache, tiny):
     """A job that fails (here: slerp takes t from 0 to 1) is listed as failed; the other job still runs."""
     sweep_dir = tmp_path / "sweep"
-    result = run_cli("-m", "+merge=slerp", "merge.parameters.t=0.3,oops", *SHORT, "pipeline.stages=[merge]",
-                     *tiny.models,
-                     f"pipeline.cache_dir={shared_cache}", f"models.cache_dir={TEST_CACHE}",
-                     f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, env=ONE_THREAD)
+    result = run_cli(
+        "-m",
+        "+merge=slerp",
+        "merge.parameters.t=0.3,oops",
+        *SHORT,
+        "pipeline.stages=[merge]",
+        *tiny.models,
+        f"pipeline.cache_dir={shared_cache}",
+        f"models.cache_dir={TEST_CACHE}",
+        f"hydra.sweep.dir={sweep_dir}",
+        cwd=tmp_path,
+        env=ONE_THREAD,
+    )
     assert result.returncode == 1  # Hydra's exit code for a sweep with a failed job
     summary = json.loads((sweep_dir / sweep.SUMMARY_JSON).read_text())
     status = {r["label"]: (r["status"], r["error"]) for r in summary["runs"]}
@@ -94,20 +119,44 @@ def test_failed_job_is_listed_and_the_sweep_goes_on(tmp_path, shared_cache, tiny
 
 
 def test_ties_are_broken_and_the_summary_names_the_first_recipe():
-    metrics = lambda worst, acc: {"annealed": {"retention": {"worst": worst}, "preference_accuracy": acc,
-                                               "ci95": {"retention": {"worst": [worst - 0.1, worst]},
-                                                        "preference_accuracy": [acc - 0.05, acc + 0.01]}}}
-    runs = [{"job": 0, "label": "+anneal_variant=reference_parent0", "objective": 0.6, "tie_break": 0.99,
-             "metrics": metrics(0.6, 0.99)},
-            {"job": 1, "label": "+anneal_variant=parents_mean", "objective": 0.95, "tie_break": 0.96,
-             "metrics": metrics(0.95, 0.96)},
-            {"job": 2, "label": "+anneal_variant=parents_max", "objective": 0.95, "tie_break": 0.98,
-             "metrics": metrics(0.95, 0.98)},
-            {"job": 3, "label": "+anneal_variant=sft_only", "objective": None, "tie_break": None, "rank": None}]
+    metrics = lambda worst, acc: {
+        "annealed": {
+            "retention": {"worst": worst},
+            "preference_accuracy": acc,
+            "ci95": {"retention": {"worst": [worst - 0.1, worst]}, "preference_accuracy": [acc - 0.05, acc + 0.01]},
+        }
+    }
+    runs = [
+        {
+            "job": 0,
+            "label": "+anneal_variant=reference_parent0",
+            "objective": 0.6,
+            "tie_break": 0.99,
+            "metrics": metrics(0.6, 0.99),
+        },
+        {
+            "job": 1,
+            "label": "+anneal_variant=parents_mean",
+            "objective": 0.95,
+            "tie_break": 0.96,
+            "metrics": metrics(0.95, 0.96),
+        },
+        {
+            "job": 2,
+            "label": "+anneal_variant=parents_max",
+            "objective": 0.95,
+            "tie_break": 0.98,
+            "metrics": metrics(0.95, 0.98),
+        },
+        {"job": 3, "label": "+anneal_variant=sft_only", "objective": None, "tie_break": None, "rank": None},
+    ]
     ranked = sweep.rank(runs, "maximize")
     assert [r["job"] for r in ranked] == [2, 1, 0, 3] and [r["rank"] for r in ranked] == [1, 2, 3, None]
-    objective = {"metric": "annealed.retention.worst", "direction": "maximize",
-                 "tie_break": "annealed.preference_accuracy"}
+    objective = {
+        "metric": "annealed.retention.worst",
+        "direction": "maximize",
+        "tie_break": "annealed.preference_accuracy",
+    }
     sentence = sweep.conclusion(ranked, objective)
     assert sentence.startswith("`+anneal_variant=parents_max` came first of 3 ranked jobs by annealed.retention.worst")
     assert "0.950 [0.850, 0.950]" in sentence and "preference accuracy 0.980 [0.930, 0.990]" in sentence
@@ -120,42 +169,76 @@ def test_curves_against_the_number_of_pairs(tmp_path, make_cfg, tiny):
     first, again = (preferences.load_preferences(DataSettings.of(cfg.data, "data"))[0]["train"] for _ in range(2))
     assert len(first) == 10 and first["prompt"] == again["prompt"]  # a seeded sample
     with pytest.raises(UserError, match="data.train_pairs=1000, but the training data has 48 pairs"):
-        preferences.load_preferences(DataSettings.of(make_cfg("+merge=slerp", *tiny.data, "data.train_pairs=1000").data,
-                                                     "data"))
+        preferences.load_preferences(
+            DataSettings.of(make_cfg("+merge=slerp", *tiny.data, "data.train_pairs=1000").data, "data")
+        )
 
     run = lambda job, n, variant, worst: {
-        "job": job, "status": "done", "overrides": [f"data.train_pairs={n}", f"+anneal_variant={variant}"],
-        "metrics": {"annealed": {"retention": {"worst": worst},
-                                 "ci95": {"retention": {"worst": [worst - 0.1, worst]}}}}}
-    runs = [run(0, 500, "dpo_sft", 0.8), run(1, 250, "dpo_sft", 0.5), run(2, 250, "parents_mean", 0.7),
-            {"job": 3, "status": "failed", "overrides": ["data.train_pairs=1000", "+anneal_variant=dpo_sft"]}]
+        "job": job,
+        "status": "done",
+        "overrides": [f"data.train_pairs={n}", f"+anneal_variant={variant}"],
+        "metrics": {
+            "annealed": {"retention": {"worst": worst}, "ci95": {"retention": {"worst": [worst - 0.1, worst]}}}
+        },
+    }
+    runs = [
+        run(0, 500, "dpo_sft", 0.8),
+        run(1, 250, "dpo_sft", 0.5),
+        run(2, 250, "parents_mean", 0.7),
+        {"job": 3, "status": "failed", "overrides": ["data.train_pairs=1000", "+anneal_variant=dpo_sft"]},
+    ]
     table = sweep.curves(runs, "data.train_pairs", ["annealed.retention.worst"])
-    assert table == {"annealed.retention.worst": {
-        "+anneal_variant=dpo_sft": [[250.0, 0.5, [0.5 - 0.1, 0.5]], [500.0, 0.8, [0.8 - 0.1, 0.8]]],
-        "+anneal_variant=parents_mean": [[250.0, 0.7, [0.7 - 0.1, 0.7]]]}}
+    assert table == {
+        "annealed.retention.worst": {
+            "+anneal_variant=dpo_sft": [[250.0, 0.5, [0.5 - 0.1, 0.5]], [500.0, 0.8, [0.8 - 0.1, 0.8]]],
+            "+anneal_variant=parents_mean": [[250.0, 0.7, [0.7 - 0.1, 0.7]]],
+        }
+    }
     sweep.plot_curves(table, "data.train_pairs", tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def model_metrics(**values) -> records.ModelMetrics:
-    return records.ModelMetrics(**{"preference_accuracy": 0.5, "preference_accuracy_normalized": 0.5,
-                                   "kl_to_reference": 0.0, "perplexity": 2.0, "perplexity_heldout_chosen": 2.0,
-                                   "ci95": {}, **values})
+    return records.ModelMetrics(
+        **{
+            "preference_accuracy": 0.5,
+            "preference_accuracy_normalized": 0.5,
+            "kl_to_reference": 0.0,
+            "perplexity": 2.0,
+            "perplexity_heldout_chosen": 2.0,
+            "ci95": {},
+            **values,
+        }
+    )
 
 
 @pytest.fixture
 def report() -> records.EvalReport:
     return records.EvalReport(
-        models={"annealed": model_metrics(preference_accuracy=0.9, skill_accuracy={"add": 0.5}),
-                "parent:my.model": model_metrics(perplexity=3.0)},
+        models={
+            "annealed": model_metrics(preference_accuracy=0.9, skill_accuracy={"add": 0.5}),
+            "parent:my.model": model_metrics(perplexity=3.0),
+        },
         comparison={"annealed_vs_merged": {"preference_accuracy": {"delta": 0.07, "ci95": [0.01, 0.1]}}},
-        heldout_pairs=8, reference={}, perplexity_on="heldout chosen completions", beta=0.1, bootstrap={},
-        generation={}, scoring_seconds=0.0)
+        heldout_pairs=8,
+        reference={},
+        perplexity_on="heldout chosen completions",
+        beta=0.1,
+        bootstrap={},
+        generation={},
+        scoring_seconds=0.0,
+    )
 
 
-@pytest.mark.parametrize("path, value", [("annealed.preference_accuracy", 0.9), ("annealed.skill_accuracy.add", 0.5),
-                                         ("parent:my.model.perplexity", 3.0),
-                                         ("comparison.annealed_vs_merged.preference_accuracy.delta", 0.07)])
+@pytest.mark.parametrize(
+    "path, value",
+    [
+        ("annealed.preference_accuracy", 0.9),
+        ("annealed.skill_accuracy.add", 0.5),
+        ("parent:my.model.perplexity", 3.0),
+        ("comparison.annealed_vs_merged.preference_accuracy.delta", 0.07),
+    ],
+)
 def test_objective_paths(report, path, value):
     assert sweep.objective_value(report, path) == value
 
@@ -173,9 +256,13 @@ def test_presets_compose(make_cfg):
     from pipeline import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for preset, key in (("slerp_t", "merge.parameters.t"), ("merge_methods", "+merge"),
-                            ("anneal_ablation", "+anneal_variant"), ("search", "merge.parameters.t"),
-                            ("data_size", "data.train_pairs")):
+        for preset, key in (
+            ("slerp_t", "merge.parameters.t"),
+            ("merge_methods", "+merge"),
+            ("anneal_ablation", "+anneal_variant"),
+            ("search", "merge.parameters.t"),
+            ("data_size", "data.train_pairs"),
+        ):
             cfg = compose("config", overrides=[f"+sweep={preset}"], return_hydra_config=True)
             assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and key in cfg.hydra.sweeper.params, preset
         cfg = compose("config", overrides=["+sweep=search"], return_hydra_config=True)
@@ -192,8 +279,9 @@ def test_presets_compose(make_cfg):
     variants = preset.hydra.sweeper.params["+anneal_variant"].split(",")
     assert len(variants) == 14 and {p.stem for p in (CONF_DIR / "anneal_variant").glob("*.yaml")} == set(variants)
     for how in ("mean", "max", "route"):
-        plain, with_sft = (make_cfg("+merge=slerp", f"+anneal_variant=parents_{how}{sft}").anneal
-                           for sft in ("", "_sft"))
+        plain, with_sft = (
+            make_cfg("+merge=slerp", f"+anneal_variant=parents_{how}{sft}").anneal for sft in ("", "_sft")
+        )
         assert plain.reference == with_sft.reference == "parents" and plain.reference_combine == how
         assert plain.trainer.loss_type == ["sigmoid"] and with_sft.trainer.loss_type == ["sigmoid", "sft"]
     assert make_cfg("+merge=slerp", "+anneal_variant=dpo_sft").anneal.trainer.loss_weights == [1.0, 1.0]
@@ -217,8 +305,15 @@ def test_submitit_local_runs_jobs_as_separate_processes(tmp_path, cache_dir, dem
     """Two jobs at once in their own processes, on an empty cache: two merges (t differs), and one reference pass,
     the other job waiting on the cache lock and then reading it."""
     sweep_dir = tmp_path / "sweep"
-    summary, _ = sweep_cli(sweep_dir, cache_dir, demo_subset, "-m", "+merge=slerp", "merge.parameters.t=0.3,0.7",
-                           "+launcher=submitit_local")
+    summary, _ = sweep_cli(
+        sweep_dir,
+        cache_dir,
+        demo_subset,
+        "-m",
+        "+merge=slerp",
+        "merge.parameters.t=0.3,0.7",
+        "+launcher=submitit_local",
+    )
     check_summary_files(sweep_dir, summary)
     jobs = [manifest.load(r["run_dir"])["job"] for r in summary["runs"]]
     assert len({j["pid"] for j in jobs}) == 2 and all(j["status"] == "done" for j in jobs)
@@ -232,9 +327,16 @@ def test_anneal_ablation_compares_every_recipe_on_one_merge(tmp_path, shared_cac
     costs the fast tier seconds), ranked by preference accuracy: the tiny random parents score 0 on their own
     skills, so there is no retention to rank by (as with any data without per-parent skills)."""
     sweep_dir = tmp_path / "ablation"
-    summary, _ = sweep_cli(sweep_dir, shared_cache, demo_subset, "+sweep=anneal_ablation", "+merge=slerp",
-                           "merge.parameters.t=0.3", "+anneal_variant=parents_mean,orpo",
-                           "pipeline.objective.metric=annealed.preference_accuracy")
+    summary, _ = sweep_cli(
+        sweep_dir,
+        shared_cache,
+        demo_subset,
+        "+sweep=anneal_ablation",
+        "+merge=slerp",
+        "merge.parameters.t=0.3",
+        "+anneal_variant=parents_mean,orpo",
+        "pipeline.objective.metric=annealed.preference_accuracy",
+    )
     markdown = check_summary_files(sweep_dir, summary)
     runs = {r["label"]: r for r in summary["runs"]}
     assert set(runs) == {f"+anneal_variant={v}" for v in ("parents_mean", "orpo")}
