@@ -1,10 +1,10 @@
 """The anneal stage's performance machinery: each piece a context manager behind one switch in `anneal.perf`.
 
 None of it changes what is trained: with every switch off the stage trains as plain TRL does with precomputed
-reference columns (tested), and each switch's effect is measured in bench/anneal_vs_trl.py (94.5M-parameter
-Llama, 2 CPU cores, bf16 autocast; figures in conf/anneal/dpo.yaml). The precision decision is taken once, in
-`decide_precision`, and written to the manifest verbatim. Process-wide settings (malloc, GC) are restored
-when their block ends.
+reference columns (tested), and each switch's effect is measured by `python bench/anneal_vs_trl.py --sizes 100m
+--switches` (94.5M-parameter Llama, 2 CPU cores, bf16 autocast; figures in conf/anneal/dpo.yaml). The precision
+decision is taken once, in `decide_precision`, and written to the manifest verbatim. Process-wide settings
+(malloc, GC) are restored when their block ends.
 """
 
 import contextlib
@@ -113,7 +113,7 @@ def malloc_keeps_freed_memory(enabled: bool):
     """glibc malloc keeps freed blocks (up to 32 MiB each) for reuse instead of handing them back to the OS.
     Training frees and allocates the same activation and gradient buffers every step; glibc's defaults trim the
     heap top after each free and page the memory in again (zeroed) at the next step. A 1 GiB trim threshold and
-    the mmap threshold pinned at its 32 MiB maximum halved the stage's page faults and system time (full
+    the mmap threshold pinned at its 32 MiB maximum: minor page faults 1.46M -> 0.67M at 94.5M (full
     fine-tuning, peak RSS within noise). `models.release_memory` still trims between phases. On exit glibc's
     default thresholds (128 KiB) are set back. Yields whether glibc took the settings."""
     libc = _libc() if enabled else None
@@ -129,9 +129,9 @@ def malloc_keeps_freed_memory(enabled: bool):
 @contextlib.contextmanager
 def gc_skips_existing_objects(enabled: bool):
     """Full garbage collections skip the objects that exist now (with torch, transformers, TRL and datasets
-    imported: ~470k, the libraries' modules, functions and classes) until the block ends. Each full collection
-    (`release_memory`, accelerate's before training) traversed them all: 0.25 s each on 2 CPU cores. Yields how
-    many objects were set aside; a caller's own `gc.freeze()` is left alone (0)."""
+    imported: the libraries' modules, functions and classes) until the block ends. Each full collection
+    (`release_memory`, accelerate's before training) traversed them all: 0.82 -> 0.02 s in all at 94.5M. Yields
+    how many objects were set aside; a caller's own `gc.freeze()` is left alone (0)."""
     if not enabled or gc.get_freeze_count():
         yield 0
         return
@@ -235,8 +235,8 @@ def frozen_linears_to_bf16(model) -> int:
 @contextlib.contextmanager
 def float32_attention(model, enabled: bool):
     """Train with attention in float32 under CPU bf16 autocast: transformers' own SDPA attention, its inputs
-    upcast and autocast off inside. On CPU the bf16 backward kernel of SDPA ran 3x slower than the float32 one
-    (8 x 12 heads x 134 tokens: 47 vs 16 ms). The model's attention is restored afterwards (saved configs name
+    upcast and autocast off inside, because on CPU SDPA's bf16 backward kernel is slower than its float32 one.
+    The model's attention is restored afterwards (saved configs name
     a standard one). Yields whether it applied."""
     if not enabled:
         yield False
