@@ -217,6 +217,18 @@ class EvalRecord(StageRecord):
     summary: dict = {}  # annealed_minus_merged_preference_accuracy
 
 
+# The scalar metrics every model has in the eval report (reward_* for merged and annealed), in the report's order.
+SCALAR_METRICS = (
+    "preference_accuracy",
+    "preference_accuracy_normalized",
+    "reward_accuracy",
+    "reward_margin",
+    "kl_to_reference",
+    "perplexity",
+    "perplexity_heldout_chosen",
+)
+
+
 class ModelMetrics(BaseModel):
     """One model's held-out metrics in the eval report, each with its 95% interval in `ci95` (same keys)."""
 

@@ -154,6 +154,32 @@ def tiny_pairs(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def eval_report(models: dict[str, dict], comparison: dict | None = None):
+    """A small `records.EvalReport` for tests of what reads one: each model's metrics (the scalars not given take
+    plain values), annealed minus merged as given."""
+    from pipeline import records
+
+    base = {
+        "preference_accuracy": 0.5,
+        "preference_accuracy_normalized": 0.5,
+        "kl_to_reference": 0.0,
+        "perplexity": 2.0,
+        "perplexity_heldout_chosen": 2.0,
+        "ci95": {},
+    }
+    return records.EvalReport(
+        models={name: records.ModelMetrics(**{**base, **values}) for name, values in models.items()},
+        comparison={"annealed_vs_merged": comparison or {}},
+        heldout_pairs=8,
+        reference={},
+        perplexity_on="heldout chosen completions",
+        beta=0.1,
+        bootstrap={},
+        generation={},
+        scoring_seconds=0.0,
+    )
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -4,17 +4,7 @@ console."""
 import json
 from pathlib import Path
 
-from pipeline.records import EvalReport
-
-SCALAR_METRICS = (
-    "preference_accuracy",
-    "preference_accuracy_normalized",
-    "reward_accuracy",
-    "reward_margin",
-    "kl_to_reference",
-    "perplexity",
-    "perplexity_heldout_chosen",
-)
+from pipeline.records import SCALAR_METRICS, EvalReport
 
 PLOTS = ("metrics.png", "training.png")
 

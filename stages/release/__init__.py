@@ -51,15 +51,7 @@ MODEL_FILES = (
 TEMPLATE_DIR = "additional_chat_templates"
 CARD_NAME = "README.md"
 # The metrics `release.pick=best` can compare: the eval report's scalar metrics, and skill_accuracy/<skill>.
-OBJECTIVES = (
-    "preference_accuracy",
-    "preference_accuracy_normalized",
-    "reward_accuracy",
-    "reward_margin",
-    "kl_to_reference",
-    "perplexity",
-    "perplexity_heldout_chosen",
-)
+OBJECTIVES = records.SCALAR_METRICS
 
 
 def check(cfg: DictConfig) -> ReleaseSettings:
@@ -102,7 +94,7 @@ def run(cfg: DictConfig, run_dir: Path) -> records.ReleaseRecord:
             "data": {**anneal.data, "sources": anneal.inputs.data},
         }
     )
-    card = cards.model_card(name, pick, lineage, report, merge_docs, dpo_settings, commands, release)
+    card = cards.model_card(cards.CardContent(name, pick, lineage, report, merge_docs, dpo_settings, commands, release))
     private = secrets() + [
         str(run_dir),
         str(Path.home()),

@@ -6,6 +6,7 @@ that reproduce the run. Local paths appear in public files only as folder names 
 import json
 import re
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -126,19 +127,27 @@ def public_override(override: str, names: PublicNames) -> str:
     return re.sub(r"(?<![\w.-])[~/][^\s,\[\]{}()'\"]*", replace, override)
 
 
-def model_card(
-    name: str,
-    pick: dict,
-    lineage: dict,
-    evaluation: records.EvalReport,
-    merge_docs: list[dict],
-    dpo_settings: dict,
-    commands: list[str],
-    release: ReleaseSettings,
-):
+@dataclass(frozen=True)
+class CardContent:
+    """What the model card says: the release's name, which model and why (`pick`), the lineage, the eval report,
+    the merge documents and DPO settings as published, the reproducing commands, the release settings."""
+
+    name: str
+    pick: dict
+    lineage: dict
+    evaluation: records.EvalReport
+    merge_docs: list[dict]
+    dpo_settings: dict
+    commands: list[str]
+    release: ReleaseSettings
+
+
+def model_card(card: CardContent):
+    """huggingface_hub's ModelCard: front matter (ModelCardData with the picked model's metrics) and the body."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    picked = evaluation.models[pick["picked"]]
+    name, lineage, evaluation, release = card.name, card.lineage, card.evaluation, card.release
+    picked = evaluation.models[card.pick["picked"]]
     dataset = datasets(lineage)[-1]
     results = [
         EvalResult(
@@ -163,8 +172,7 @@ def model_card(
         tags=["merge", "mergekit", lineage["method"], "dpo", "trl", "merge-anneal"],
         eval_results=results,
     )
-    body = card_body(name, pick, lineage, evaluation, merge_docs, dpo_settings, commands, release)
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{card_body(card)}")
 
 
 def _fmt(value: float, signed: bool = False) -> str:
@@ -191,17 +199,9 @@ def metrics_table(evaluation: records.EvalReport) -> list[str]:
     return lines
 
 
-def card_body(
-    name: str,
-    pick: dict,
-    lineage: dict,
-    evaluation: records.EvalReport,
-    merge_docs: list[dict],
-    dpo_settings: dict,
-    commands: list[str],
-    release: ReleaseSettings,
-) -> str:
-    method, reference = dpo_settings["anneal"]["method"], lineage["reference"]
+def card_body(card: CardContent) -> str:
+    lineage, evaluation, pick, name = card.lineage, card.evaluation, card.pick, card.name
+    method, reference = card.dpo_settings["anneal"]["method"], lineage["reference"]
     what = (
         f"the annealed model: the merge after {method.upper()}"
         if pick["picked"] == "annealed"
@@ -222,7 +222,7 @@ def card_body(
         "",
         f"This release is {what} ({pick['reason']}).",
         "",
-        *lineage_section(lineage, merge_docs, dpo_settings),
+        *lineage_section(lineage, card.merge_docs, card.dpo_settings),
         "## Evaluation",
         "",
         f"{evaluation.heldout_pairs} held-out preference pairs, never trained on. Each value has a 95% "
@@ -232,15 +232,15 @@ def card_body(
         "",
         *metrics_table(evaluation),
         "",
-        *reproduce_section(commands, lineage),
+        *reproduce_section(card.commands, lineage),
         "",
         "## Use",
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f'model = AutoModelForCausalLM.from_pretrained("{release.repo_id or name}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{release.repo_id or name}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{card.release.repo_id or name}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{card.release.repo_id or name}")',
         "```",
         "",
     ]

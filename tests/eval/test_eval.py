@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import UserError, manifest, records
+from conftest import eval_report
+from pipeline import UserError, manifest
 from pipeline import metrics as M
 
 LN3 = math.log(3)
@@ -93,26 +94,7 @@ def test_retention_per_parent_and_the_worst_with_intervals():
     assert ci["worst"][0] <= min(ci["add"][0], ci["reverse"][0]) + 1e-9  # the minimum's draws sit lower
     values, ci = M.retention(model, parents, {"zero": "add"}, 100, 0)
     assert values == {"zero": None} and ci == {"zero": None}  # a parent without the skill: no retention
-    annealed = records.ModelMetrics(
-        preference_accuracy=1,
-        preference_accuracy_normalized=1,
-        kl_to_reference=0,
-        perplexity=1,
-        perplexity_heldout_chosen=1,
-        retention={"add": 0.75, "worst": 0.75},
-        ci95={},
-    )
-    report = records.EvalReport(
-        models={"annealed": annealed},
-        comparison={"annealed_vs_merged": {}},
-        heldout_pairs=4,
-        reference={},
-        perplexity_on="heldout chosen completions",
-        beta=0.1,
-        bootstrap={},
-        generation={},
-        scoring_seconds=0.0,
-    )
+    report = eval_report({"annealed": {"retention": {"add": 0.75, "worst": 0.75}}})
     assert objective_value(report, "annealed.retention.worst") == 0.75  # what a sweep can rank by
     assert own_skills("auto", ["add", "reverse", "base"], ["add", "reverse"]) == {"add": "add", "reverse": "reverse"}
     assert own_skills({"base": "add"}, ["add", "base"], ["add"]) == {"base": "add"}

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ONE_THREAD, TEST_CACHE, run_cli, run_in_process
-from pipeline import UserError, manifest, records, sweep
+from conftest import ONE_THREAD, TEST_CACHE, eval_report, run_cli, run_in_process
+from pipeline import UserError, manifest, sweep
 from pipeline.settings import DataSettings
 
 # A short anneal (the summary, not the annealing effect, is under test); release is another stage's business.
@@ -198,35 +198,14 @@ def test_curves_against_the_number_of_pairs(tmp_path, make_cfg, tiny):
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def model_metrics(**values) -> records.ModelMetrics:
-    return records.ModelMetrics(
-        **{
-            "preference_accuracy": 0.5,
-            "preference_accuracy_normalized": 0.5,
-            "kl_to_reference": 0.0,
-            "perplexity": 2.0,
-            "perplexity_heldout_chosen": 2.0,
-            "ci95": {},
-            **values,
-        }
-    )
-
-
 @pytest.fixture
-def report() -> records.EvalReport:
-    return records.EvalReport(
-        models={
-            "annealed": model_metrics(preference_accuracy=0.9, skill_accuracy={"add": 0.5}),
-            "parent:my.model": model_metrics(perplexity=3.0),
+def report():
+    return eval_report(
+        {
+            "annealed": {"preference_accuracy": 0.9, "skill_accuracy": {"add": 0.5}},
+            "parent:my.model": {"perplexity": 3.0},
         },
-        comparison={"annealed_vs_merged": {"preference_accuracy": {"delta": 0.07, "ci95": [0.01, 0.1]}}},
-        heldout_pairs=8,
-        reference={},
-        perplexity_on="heldout chosen completions",
-        beta=0.1,
-        bootstrap={},
-        generation={},
-        scoring_seconds=0.0,
+        {"preference_accuracy": {"delta": 0.07, "ci95": [0.01, 0.1]}},
     )
 
 
