@@ -8,8 +8,8 @@ not metrics files:
   prompt + completion, EOS for plain text, truncated as TRL truncates), `tokenize_text` (a corpus text);
 - `score`: batched no-grad forwards over right-padded sequences, per sequence the summed and mean log-prob of its
   masked tokens, their count, and the mean per-token KL to a reference;
-- generation (`generate`, `greedy_answers`, `health`) lives in `pipeline.generation`, which the demo's build also
-  uses.
+- generation: `generate` (greedy or seeded sampling), `greedy_answers`, `health`, from `pipeline.generation` (its
+  own module because the demo's build uses it too, and the demo's cache key reads none of it).
 
 Heavy libraries are imported inside the functions.
 """
@@ -17,6 +17,7 @@ Heavy libraries are imported inside the functions.
 from pathlib import Path
 
 from pipeline import metrics as M
+from pipeline.generation import generate, greedy_answers, health  # noqa: F401  (scoring's generation half)
 
 
 def load_tokenizer(model_dir: Path):

@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from pipeline import UserError, generation, models, preferences, records, scoring
+from pipeline import UserError, models, preferences, records, scoring
 from pipeline import metrics as M
 from pipeline.artifacts import publish
 from stages.eval import harness, report, summary
@@ -158,13 +158,13 @@ def score_model(model, reference, inputs: Inputs, settings: EvalSettings) -> tup
     corpus = chosen if inputs.texts is None else scoring.score(model, inputs.texts, batch_size, pad_id)
     items["nll"], items["nll_tokens"] = -corpus["logps"], corpus["tokens"]  # perplexity: corpus, else chosen
     asked = sorted({p for by_prompt in inputs.answers.values() for p in by_prompt} | set(inputs.shown))
-    generated = dict(zip(asked, generation.greedy_answers(model, inputs.tokenizer, asked, settings.max_new_tokens)))
+    generated = dict(zip(asked, scoring.greedy_answers(model, inputs.tokenizer, asked, settings.max_new_tokens)))
     items["skill_correct"] = {
         skill: [float(generated[p] == answer) for p, answer in by_prompt.items()]
         for skill, by_prompt in inputs.answers.items()
     }
-    items["generation"] = generation.health(
-        generation.generate(
+    items["generation"] = scoring.health(
+        scoring.generate(
             model, inputs.tokenizer, inputs.probed, settings.max_new_tokens, sample=settings.generation.model_dump()
         )
     )
