@@ -30,3 +30,11 @@ CONF_DIR = _conf_dir()
 
 # `${demo_dir:<cache_dir>}`: where the embedded demo parents live (pure: builds nothing).
 OmegaConf.register_new_resolver("demo_dir", lambda cache_dir: str(demo.demo_dir(cache_dir)), replace=True)
+
+
+def demo_benchmarks() -> str:
+    """The folder of the demo's lm-evaluation-harness tasks (conf/eval/benchmarks/demo.yaml: `${demo_benchmarks:}`)."""
+    return str(Path(demo.__file__).parent / "benchmarks")
+
+
+OmegaConf.register_new_resolver("demo_benchmarks", demo_benchmarks, replace=True)

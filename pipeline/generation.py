@@ -20,10 +20,14 @@ def greedy_answers(model, tokenizer, prompts, max_new_tokens: int = 8) -> list[s
     ]
 
 
-def generate(model, tokenizer, prompts, max_new_tokens: int, sample: dict | None = None) -> list[tuple[list, bool]]:
+def generate(
+    model, tokenizer, prompts, max_new_tokens: int, sample: dict | None = None, batch_size: int | None = None
+) -> list[tuple[list, bool]]:
     """Per prompt, in order: the new token ids up to, not including, the first EOS, and whether an EOS came within
-    ``max_new_tokens``. Greedy, or with ``sample`` ({temperature, top_p, seed}) sampled after seeding torch (the same
-    seed, model and prompts give the same generations). The checkpoint's own generation_config is not used."""
+    ``max_new_tokens``. Greedy, or with ``sample`` ({temperature, top_p, seed}) sampled, torch seeded before each
+    batch (the same seed, prompts and batch size give every model the same random draws per prompt). Without
+    ``batch_size`` prompts of one token length go together, unpadded (exact); with it, up to that many prompts a
+    batch, sorted by length and left-padded. The checkpoint's own generation_config is not used."""
     import torch
     from transformers import GenerationConfig
 
@@ -41,11 +45,10 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, sample: dict | None
         num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, use_cache=True, **how
     )
     encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-    groups: dict[int, list[int]] = {}
-    for i, ids in enumerate(encoded):
+    for prompt, ids in zip(prompts, encoded):
         if not ids:
-            raise ValueError(f"prompt {prompts[i]!r} encodes to no tokens")
-        groups.setdefault(len(ids), []).append(i)
+            raise ValueError(f"prompt {prompt!r} encodes to no tokens")
+    batches = batched(encoded, batch_size)
 
     out_ids: list = [([], False)] * len(prompts)
     model.eval()
@@ -55,19 +58,35 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, sample: dict | None
     saved = model.generation_config
     model.generation_config = config
     try:
-        if sample:
-            torch.manual_seed(int(sample["seed"]))
         with torch.inference_mode():
-            for length, idx in sorted(groups.items()):
-                x = torch.tensor([encoded[i] for i in idx], dtype=torch.long, device=model.device)
-                out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=config)
+            for idx in batches:
+                if sample:
+                    torch.manual_seed(int(sample["seed"]))
+                width = max(len(encoded[i]) for i in idx)  # left-padded to the longest
+                rows = [[pad] * (width - len(encoded[i])) + encoded[i] for i in idx]
+                mask = [[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx]
+                x = torch.tensor(rows, dtype=torch.long, device=model.device)
+                mask = torch.tensor(mask, dtype=torch.long, device=model.device)
+                out = model.generate(input_ids=x, attention_mask=mask, generation_config=config)
                 for row, i in enumerate(idx):
-                    new = out[row, length:].tolist()
+                    new = out[row, width:].tolist()
                     ended = eos in new
                     out_ids[i] = (new[: new.index(eos)] if ended else new[:max_new_tokens], ended)
     finally:
         model.generation_config = saved
     return out_ids
+
+
+def batched(encoded: list[list[int]], batch_size: int | None) -> list[list[int]]:
+    """The prompts' indices in batches: of one token length each (no padding), or of up to `batch_size` sorted by
+    length (the least padding)."""
+    if batch_size is None:
+        groups: dict[int, list[int]] = {}
+        for i, ids in enumerate(encoded):
+            groups.setdefault(len(ids), []).append(i)
+        return [idx for _, idx in sorted(groups.items())]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def health(generations: list[tuple[list, bool]], n: int = 2) -> dict:

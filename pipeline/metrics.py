@@ -111,28 +111,90 @@ def paired_bootstrap_perplexity(nll_a, nll_b, tokens, resamples: int, seed: int,
     }
 
 
-def retention(model: dict, parents: dict, own: dict, resamples: int, seed: int, confidence: float = 0.95):
-    """How much of each parent's own skill a model keeps: retention = model's accuracy / the parent's on that
-    skill's items (`model[skill]`, `parents[parent][skill]`: per-item 0/1 over the same items; `own`: parent ->
-    its skill), with a paired percentile interval (items resampled, the same draw for model and parent); and the
-    worst over the parents, its interval from the per-resample minimum. A parent at 0 on its own skill has no
-    retention (None). Returns ({parent: value, "worst": value}, {parent: [lo, hi], "worst": [lo, hi]})."""
+def retention(model: dict, parents: dict, chance: dict, resamples: int, seed: int, confidence: float = 0.95):
+    """How much of each parent's own skill a model keeps, chance-corrected: (model - chance) / (parent - chance)
+    over the items of that parent's own tasks (`model[p]`, `parents[p]`, `chance[p]`: per-item values over the same
+    items, per parent p), with a paired percentile interval (items resampled, the same draw for model and parent);
+    and the worst over the parents, its interval from the per-resample minimum. A parent not above chance on its
+    own items has no retention (None). Returns ({parent: value, "worst": value}, {parent: [lo, hi], "worst": ...})."""
     values, intervals, draws = {}, {}, []
-    for k, (parent, skill) in enumerate(sorted(own.items())):
-        a, b = (np.asarray(x[skill], dtype=np.float64) for x in (model, parents[parent]))
-        if b.mean() == 0:
+    for k, parent in enumerate(sorted(parents)):
+        a, b, c = (np.asarray(x[parent], dtype=np.float64) for x in (model, parents, chance))
+        if b.mean() <= c.mean():
             values[parent], intervals[parent] = None, None
             continue
         idx = _resample_indices(len(a), resamples, seed + k)
         with np.errstate(divide="ignore", invalid="ignore"):
-            stats = a[idx].mean(1) / b[idx].mean(1)
-        stats = np.where(np.isfinite(stats), stats, np.nan)  # a resample where the parent scored 0
-        values[parent], intervals[parent] = float(a.mean() / b.mean()), _nan_percentiles(stats, confidence)
+            stats = (a[idx].mean(1) - c[idx].mean(1)) / (b[idx].mean(1) - c[idx].mean(1))
+        stats = np.where(np.isfinite(stats) & (b[idx].mean(1) > c[idx].mean(1)), stats, np.nan)
+        values[parent] = float((a.mean() - c.mean()) / (b.mean() - c.mean()))
+        intervals[parent] = _nan_percentiles(stats, confidence)
         draws.append(stats)
     if draws:
         values["worst"] = min(v for v in values.values() if v is not None)
         intervals["worst"] = _nan_percentiles(np.min(np.stack(draws), axis=0), confidence)
     return values, intervals
+
+
+def soft_preferences(a, b) -> np.ndarray:
+    """Per item, 1 where `a` scores higher, 0 where lower, 1/2 for a tie."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return np.where(a > b, 1.0, np.where(a < b, 0.0, 0.5))
+
+
+def logistic_fit(x, y, ridge: float = 1e-2, steps: int = 50) -> tuple[float, float]:
+    """(intercept, slope) of a logistic regression of soft labels `y` in [0, 1] on `x` (Newton's method on the
+    cross-entropy, a small ridge penalty on both coefficients so that a clean sweep, all 1s, stays finite)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    design = np.stack([np.ones_like(x), x], axis=1)
+    beta = np.zeros(2)
+    for _ in range(steps):
+        p = 1 / (1 + np.exp(-design @ beta))
+        gradient = design.T @ (p - y) + ridge * beta
+        hessian = (design * (p * (1 - p))[:, None]).T @ design + ridge * np.eye(2)
+        step = np.linalg.solve(hessian, gradient)
+        beta -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(beta[0]), float(beta[1])
+
+
+def length_controlled_win_rate(preferences, length_delta) -> float:
+    """AlpacaEval's length control without its baselines: the soft preference fitted against
+    tanh(length delta / its standard deviation), read at zero length difference."""
+    delta = np.asarray(length_delta, dtype=np.float64)
+    scale = delta.std() or 1.0
+    intercept, _ = logistic_fit(np.tanh(delta / scale), preferences)
+    return float(1 / (1 + np.exp(-intercept)))
+
+
+def win_rate(
+    a, b, length_a, length_b, resamples: int, seed: int, matched: float = 0.1, confidence: float = 0.95
+) -> dict:
+    """Model A against model B, item by item (the same prompts): wins, ties (1/2), losses; the win rate and the
+    mean reward difference with paired percentile intervals; the length-controlled win rate (its interval by
+    refitting on each resample); the win rate on the length-matched items (lengths within `matched` of each other,
+    relative); the mean length difference."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    la, lb = np.asarray(length_a, dtype=np.float64), np.asarray(length_b, dtype=np.float64)
+    soft, delta = soft_preferences(a, b), la - lb
+    idx = _resample_indices(len(a), resamples, seed)
+    controlled = [length_controlled_win_rate(soft[i], delta[i]) for i in idx]
+    close = np.abs(delta) <= matched * np.maximum(np.maximum(la, lb), 1)
+    return {
+        "n": int(len(a)),
+        "wins": int((a > b).sum()),
+        "ties": int((a == b).sum()),
+        "losses": int((a < b).sum()),
+        "win_rate": float(soft.mean()),
+        "win_rate_ci95": _percentiles(soft[idx].mean(1), confidence),
+        "reward_delta": float((a - b).mean()),
+        "reward_delta_ci95": _percentiles((a - b)[idx].mean(1), confidence),
+        "length_controlled": length_controlled_win_rate(soft, delta),
+        "length_controlled_ci95": _percentiles(np.asarray(controlled), confidence),
+        "length_matched": {"n": int(close.sum()), "win_rate": float(soft[close].mean()) if close.any() else None},
+        "length_delta": float(delta.mean()),
+    }
 
 
 def _nan_percentiles(stats: np.ndarray, confidence: float) -> list[float]:

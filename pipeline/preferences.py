@@ -48,17 +48,19 @@ NO_HELDOUT = (
 
 def load_preferences(data: DataSettings, keep: tuple[str, ...] = ()):
     """`DatasetDict(train=..., heldout=...)` in TRL's column names (and the data's own columns `keep`, e.g. the one
-    anneal.reference_route reads), and the counts of dropped rows."""
+    anneal.reference_route reads), and the counts of dropped rows. The held-out pairs never share a prompt with the
+    training pairs: a held-out fraction is split by prompt, and a held-out pair whose prompt is also trained on is
+    dropped (counted)."""
     from datasets import DatasetDict
 
-    train = _load(data.path, data.split, "data.path")
+    mapped = lambda ds, split: map_columns(ds, data.columns.model_dump(), split, keep)
+    train = mapped(_load(data.path, data.split, "data.path"), "train")
     if data.heldout.path:
-        heldout = _load(data.heldout.path, data.heldout.split or "train", "data.heldout.path")
+        heldout = mapped(_load(data.heldout.path, data.heldout.split or "train", "data.heldout.path"), "heldout")
     elif data.heldout.split:
-        heldout = _load(data.path, data.heldout.split, "data.heldout.split")
+        heldout = mapped(_load(data.path, data.heldout.split, "data.heldout.split"), "heldout")
     elif data.heldout.fraction:
-        parts = train.train_test_split(test_size=float(data.heldout.fraction), seed=data.seed)
-        train, heldout = parts["train"], parts["test"]
+        train, heldout = split_by_prompt(train, float(data.heldout.fraction), data.seed)
     else:
         raise UserError(NO_HELDOUT)
     if data.train_pairs:
@@ -68,19 +70,43 @@ def load_preferences(data: DataSettings, keep: tuple[str, ...] = ()):
                 f"ask for at most {len(train)}, or data.train_pairs=null for all."
             )
         train = train.shuffle(seed=data.seed).select(range(int(data.train_pairs)))
-    dropped = {}
-    splits = {}
+    dropped, splits = {}, {}
     for name, ds in (("train", train), ("heldout", heldout)):
-        ds = map_columns(ds, data.columns.model_dump(), name, keep)
         ds, counts = drop_bad_rows(ds)
+        if name == "heldout":
+            trained = {prompt_key(p) for p in splits["train"]["prompt"]}
+            shared = [i for i, p in enumerate(ds["prompt"]) if prompt_key(p) in trained]
+            counts["prompt_in_training"] = len(shared)
+            ds = ds.select(sorted(set(range(len(ds))) - set(shared)))
         dropped[name] = counts
         if len(ds) == 0:
             raise UserError(
                 f"No {name} preference pairs are left after filtering ({counts}). Fix: check the data "
-                "(empty answers, chosen equal to rejected) and data.columns."
+                "(empty answers, chosen equal to rejected, held-out prompts that are also trained on) and "
+                "data.columns."
             )
         splits[name] = ds
     return DatasetDict(splits), dropped
+
+
+def prompt_key(prompt) -> str:
+    """A prompt as one string (a conversation as its JSON)."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+def split_by_prompt(ds, fraction: float, seed: int):
+    """(train, held-out): a seeded `fraction` of the distinct prompts, with every pair that has one of them, held
+    out; the rest trained on."""
+    import random
+
+    prompts = list(dict.fromkeys(prompt_key(p) for p in ds["prompt"]))
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[: max(1, round(fraction * len(prompts)))])
+    keys = [prompt_key(p) for p in ds["prompt"]]
+    return (
+        ds.select([i for i, k in enumerate(keys) if k not in held]),
+        ds.select([i for i, k in enumerate(keys) if k in held]),
+    )
 
 
 def _load(path, split: str, key: str):

@@ -149,7 +149,6 @@ class AnnealSettings(Record):
 class DataSettings(Record):
     source: str
     path: str | None = None
-    answer_key: str | None = None  # `module.function`: (skill, exact answer) of a prompt, or None
     heldout_text: str | None = None  # a held-out text corpus that comes with the data
 
 
@@ -241,33 +240,34 @@ class ModelMetrics(BaseModel):
     perplexity_heldout_chosen: float
     reward_accuracy: float | None = None  # merged and annealed only: against the stored reference log-probs
     reward_margin: float | None = None
-    skill_accuracy: dict[str, float] = {}  # greedy exact match per skill, where the data has exact answers
-    retention: dict[str, float | None] | None = None  # each parent's own skill kept, and the worst
+    benchmarks: dict[str, float] = {}  # lm-eval task -> score on the suite's items
+    retention: dict[str, float | None] | None = None  # merged and annealed: each parent's skills kept, and the worst
     ci95: dict[str, Any]
 
     def value(self, metric: str):
-        """`metric`, or one skill's accuracy as `skill_accuracy/<skill>`; None where this model has none."""
-        group, _, skill = metric.partition("/")
+        """`metric`, or one entry of a group as `benchmarks/<task>` or `retention/<parent or worst>`; None where this
+        model has none."""
+        group, _, key = metric.partition("/")
         value = getattr(self, group) if group in type(self).model_fields else None
-        if skill:
-            return value.get(skill) if isinstance(value, dict) else None
+        if key:
+            return value.get(key) if isinstance(value, dict) else None
         return value
 
     def interval(self, metric: str) -> list[float] | None:
         """The 95% interval of `value(metric)`."""
-        group, _, skill = metric.partition("/")
+        group, _, key = metric.partition("/")
         found = self.ci95.get(group)
-        return found.get(skill) if skill and isinstance(found, dict) else None if skill else found
+        return found.get(key) if key and isinstance(found, dict) else None if key else found
 
     def scalars(self) -> dict[str, float]:
-        """Every scalar metric, skills as `skill_accuracy/<skill>`, in the report's order."""
+        """Every scalar metric, then each benchmark as `benchmarks/<task>`, in the report's order."""
         out = {k: v for k, v in self.model_dump().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        return {**out, **{f"skill_accuracy/{s}": v for s, v in self.skill_accuracy.items()}}
+        return {**out, **{f"benchmarks/{task}": v for task, v in self.benchmarks.items()}}
 
 
 class EvalReport(BaseModel):
-    """`eval/metrics.json`: every model's metrics, annealed minus merged (paired), generation health, and how they
-    were computed."""
+    """`eval/metrics.json`: every model's metrics, annealed minus merged (paired), generation health, the benchmarks,
+    the win rates, the contamination audit, the verdict, and how they were computed."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -280,22 +280,26 @@ class EvalReport(BaseModel):
     bootstrap: dict[str, Any]  # resamples, seed, confidence
     generation: dict[str, Any]
     scoring_seconds: float
-    lm_eval: dict[str, Any] | None = None
+    benchmarks: dict[str, Any] | None = None  # tasks, parent_tasks, merged_vs_parents, unmatched (stages/eval)
+    win_rate: dict[str, Any] | None = None  # reward, vs: opponent -> win rates, reward_accuracy, ...
+    contamination: dict[str, Any] = {}
+    verdict: dict[str, Any] = {}  # capabilities, answers, ship, sentence
 
     @property
     def annealed_vs_merged(self) -> dict[str, Any]:
         return self.comparison["annealed_vs_merged"]
 
     def delta(self, metric: str) -> dict | None:
-        """Annealed minus merged for `metric` (or `skill_accuracy/<skill>`): {delta, ci95, ...}; None if absent."""
-        group, _, skill = metric.partition("/")
+        """Annealed minus merged for `metric` (or `benchmarks/<task>`): {delta, ci95, ...}; None if absent."""
+        group, _, key = metric.partition("/")
         value = self.annealed_vs_merged.get(group)
-        return value.get(skill) if skill and isinstance(value, dict) else None if skill else value
+        return value.get(key) if key and isinstance(value, dict) else None if key else value
 
     def lookup(self, path: str):
-        """What a dotted path names: `<model>.<metric>[.<skill>]` (model merged, annealed or parent:<name>), or a
-        path from the report's root (comparison.annealed_vs_merged.preference_accuracy.delta,
-        lm_eval.annealed.<task>.<metric>); None where nothing is."""
+        """What a dotted path names: `<model>.<metric>[.<key>]` (model merged, annealed or parent:<name>; e.g.
+        annealed.retention.worst, annealed.benchmarks.arc_easy), or a path from the report's root
+        (comparison.annealed_vs_merged.preference_accuracy.delta, win_rate.vs.merged.length_controlled,
+        verdict.ship); None where nothing is."""
         model = next((m for m in self.models if path.startswith(f"{m}.")), None)
         node = self.models[model].model_dump() if model else self.model_dump()
         for part in (path[len(model) + 1 :] if model else path).split("."):

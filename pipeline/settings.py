@@ -94,6 +94,5 @@ class DataSettings(Settings):
     columns: Columns
     seed: int = 0
     train_pairs: PositiveInt | None = None
-    answer_key: str | None = None
     heldout_text: str | None = None
     with_other_models: bool = False

@@ -61,25 +61,27 @@ def check_settings(pipeline: DictConfig) -> None:
         )
     head = str(objective.metric).split(".")[0]
     if "." not in str(objective.metric) or not (
-        head in ("merged", "annealed", "comparison", "lm_eval") or head.startswith("parent:")
+        head in ("merged", "annealed", "comparison", "win_rate", "verdict") or head.startswith("parent:")
     ):
         raise UserError(
             f"pipeline.objective.metric={objective.metric} does not name a metric of eval/metrics.json. "
             "Fix: <model>.<metric> with model merged, annealed or parent:<name> (e.g. "
-            "annealed.preference_accuracy, annealed.skill_accuracy.add), or a path such as "
-            "comparison.annealed_vs_merged.preference_accuracy.delta or lm_eval.annealed.<task>.<metric>."
+            "annealed.preference_accuracy, annealed.retention.worst, annealed.benchmarks.<task>), or a path such "
+            "as comparison.annealed_vs_merged.preference_accuracy.delta, win_rate.vs.merged.length_controlled or "
+            "verdict.ship."
         )
 
 
 def objective_value(report: records.EvalReport, metric: str) -> float:
-    """The number `metric` names in an eval report: `<model>.<metric>[.<skill>]` with model merged, annealed or
-    parent:<name>, or a path from the report's root (comparison.annealed_vs_merged.*.delta)."""
+    """The number `metric` names in an eval report: `<model>.<metric>[.<key>]` with model merged, annealed or
+    parent:<name>, or a path from the report's root (comparison.annealed_vs_merged.*.delta, win_rate.vs.merged.*,
+    verdict.ship)."""
     node = report.lookup(metric)
-    if isinstance(node, bool) or not isinstance(node, (int, float)):
+    if not isinstance(node, (int, float)):  # a bool (verdict.ship) ranks as 1 or 0
         raise UserError(
             f"pipeline.objective.metric={metric} does not name a number in the eval report. Fix: e.g. "
-            "annealed.preference_accuracy, annealed.skill_accuracy.<skill>, annealed.perplexity "
-            "(direction=minimize), comparison.annealed_vs_merged.preference_accuracy.delta."
+            "annealed.preference_accuracy, annealed.retention.worst, annealed.benchmarks.<task>, annealed.perplexity "
+            "(direction=minimize), win_rate.vs.merged.length_controlled, verdict.ship."
         )
     return float(node)
 
@@ -223,9 +225,10 @@ def compare_runs(runs: list[dict], mode: str, resamples: int, seed: int) -> list
         x, y = items(a)["models"]["annealed"], items(b)["models"]["annealed"]
         compared = {name: M.paired_bootstrap(x[name], y[name], resamples, seed) for name in COMPARED}
         compared["perplexity"] = M.paired_bootstrap_perplexity(x["nll"], y["nll"], x["nll_tokens"], resamples, seed)
-        for skill in x["skill_accuracy"]:
-            compared[f"skill_accuracy.{skill}"] = M.paired_bootstrap(
-                x["skill_accuracy"][skill], y["skill_accuracy"][skill], resamples, seed
+        docs_a, docs_b = items(a).get("benchmark_docs", {}), items(b).get("benchmark_docs", {})
+        for task in [t for t in docs_a if docs_a[t] == docs_b.get(t)]:  # the same documents in both runs
+            compared[f"benchmarks.{task}"] = M.paired_bootstrap(
+                x["benchmarks"][task]["values"], y["benchmarks"][task]["values"], resamples, seed
             )
         for value in compared.values():
             value["differs"] = value["ci95"][0] > 0 or value["ci95"][1] < 0

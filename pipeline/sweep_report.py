@@ -6,7 +6,7 @@ from pathlib import Path
 
 SUMMARY_MD, SUMMARY_PNG = "summary.md", "summary.png"
 CURVES_PNG = "curves.png"  # with pipeline.curve (e.g. +sweep=data_size)
-# Per-item metrics compared between jobs' annealed models, besides perplexity and each skill's exact match.
+# Per-item metrics compared between jobs' annealed models, besides perplexity and each benchmark.
 # (KL and reward metrics are left out: they depend on each job's own reference.)
 COMPARED = ("preference_accuracy", "preference_accuracy_normalized")
 
@@ -30,7 +30,8 @@ def shown_metric(objective_metric: str) -> str:
 
 
 def model_value(run: dict, model: str, metric: str):
-    """(value, [lo, hi]) of a model's metric (`skill_accuracy.add` reaches into skills), or (None, None)."""
+    """(value, [lo, hi]) of a model's metric (`benchmarks.<task>` and `retention.worst` reach into their groups), or
+    (None, None)."""
     models = run.get("metrics", {})
     if model not in models:
         return None, None
@@ -56,10 +57,8 @@ def _code(text: str) -> str:
 def summary_markdown(summary: dict) -> str:
     runs, objective = summary["runs"], summary["objective"]
     shown = shown_metric(objective["metric"])
-    skills = sorted({s for r in runs for s in r.get("metrics", {}).get("annealed", {}).get("skill_accuracy", {})})
-    columns = list(
-        dict.fromkeys([shown, "preference_accuracy", "perplexity", *(f"skill_accuracy.{s}" for s in skills)])
-    )
+    tasks = sorted({t for r in runs for t in r.get("metrics", {}).get("annealed", {}).get("benchmarks", {})})
+    columns = list(dict.fromkeys([shown, "preference_accuracy", "perplexity", *(f"benchmarks.{t}" for t in tasks)]))
     jobs, cache = summary["jobs"], summary["cache"]
     reuse = lambda kind: (
         f"computed {cache[kind].get('miss', 0)}, reused {cache[kind].get('hit', 0)}"
@@ -120,7 +119,7 @@ def _comparison_lines(summary: dict, shown: str) -> list[str]:
         f"({comparisons['bootstrap']['resamples']} resamples); **differs** when the interval excludes 0.",
         "",
     ]
-    headline = shown if shown in COMPARED or shown.startswith("skill_accuracy.") else "preference_accuracy"
+    headline = shown if shown in COMPARED or shown.startswith("benchmarks.") else "preference_accuracy"
     if pairs:
         differ = [p for p in pairs if p["metrics"][headline]["differs"]]
         same = [p for p in pairs if not p["metrics"][headline]["differs"]]

@@ -100,16 +100,9 @@ class Tiny:
         ]
 
 
-def make_tiny_llama(folder: Path, seed: int, base: Path | None = None, noise: float = 0.05, **config) -> Path:
-    """A 2-layer Llama (hidden 16) with the demo's character tokenizer, random (or `base` plus seeded noise),
-    saved as safetensors; `config` overrides LlamaConfig fields."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from pipeline.demo.build import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    torch.manual_seed(seed)
+def llama_settings(tokenizer, **overrides) -> dict:
+    """LlamaConfig fields of the tests' tiny Llamas (2 layers, hidden 16, the tokenizer's vocabulary and special
+    tokens), with `overrides`."""
     settings = dict(
         vocab_size=len(tokenizer),
         hidden_size=16,
@@ -123,8 +116,21 @@ def make_tiny_llama(folder: Path, seed: int, base: Path | None = None, noise: fl
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
+    return {**settings, **overrides}
+
+
+def make_tiny_llama(folder: Path, seed: int, base: Path | None = None, noise: float = 0.05, **config) -> Path:
+    """A 2-layer Llama (hidden 16) with the demo's character tokenizer, random (or `base` plus seeded noise),
+    saved as safetensors; `config` overrides LlamaConfig fields."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.demo.build import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
     architecture = config.pop("architecture", None)
-    model = LlamaForCausalLM(LlamaConfig(**{**settings, **config}))
+    model = LlamaForCausalLM(LlamaConfig(**llama_settings(tokenizer, **config)))
     if base is not None:
         model.load_state_dict(LlamaForCausalLM.from_pretrained(base).state_dict())
         with torch.no_grad():
@@ -150,13 +156,13 @@ def tiny_pairs(n: int, seed: int) -> list[dict]:
             word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 5)))
             prompt, answer = f"rev {word}=", word[::-1]
             wrong = answer + answer[-1]
-        rows.append({"prompt": prompt, "chosen": answer, "rejected": wrong})
+        rows.append({"prompt": prompt, "chosen": answer, "rejected": wrong, "skill": "add" if i % 2 else "reverse"})
     return rows
 
 
-def eval_report(models: dict[str, dict], comparison: dict | None = None):
+def eval_report(models: dict[str, dict], comparison: dict | None = None, **sections):
     """A small `records.EvalReport` for tests of what reads one: each model's metrics (the scalars not given take
-    plain values), annealed minus merged as given."""
+    plain values), annealed minus merged as given, and any other section of the report (win_rate, verdict, ...)."""
     from pipeline import records
 
     base = {
@@ -177,6 +183,7 @@ def eval_report(models: dict[str, dict], comparison: dict | None = None):
         bootstrap={},
         generation={},
         scoring_seconds=0.0,
+        **sections,
     )
 
 
@@ -213,8 +220,9 @@ def tiny(tmp_path_factory) -> Tiny:
             "data=custom",
             f"data.path={data / 'train.jsonl'}",
             f"data.heldout.path={data / 'heldout.jsonl'}",
-            "data.answer_key=pipeline.demo.tasks.answer_key",
-            # demo-style answers of a few characters, short sequences: eval as the demo's recipe does
+            # demo-style pairs: the demo's tasks and rule, and eval's settings, as the demo's recipe sets them
+            "eval/benchmarks=demo",
+            "eval.win_rate.reward=pipeline.demo.reward:reward",
             "eval.max_new_tokens=8",
             "eval.batch_size=64",
         ],

@@ -1,18 +1,16 @@
-"""Stage 3, eval: parents vs merged vs annealed on the held-out pairs, with bootstrap intervals.
+"""Stage 3, eval: should the annealed model ship? Parents, merged and annealed side by side, with honest statistics.
 
-`run` reads as its phases: load (the records, the held-out pairs with their stored reference log-probs, tokenised
-as TRL does) -> score (every model: the pairs' log-probs, KL to the reference on the chosen answers, perplexity,
-greedy answers, sampled generations; pipeline/scoring.py) -> summarize (each model's metrics with bootstrap
-intervals, annealed minus merged paired, retention, generation health; stages/eval/summary.py) -> report
-(`<run_dir>/eval/metrics.json` as `records.EvalReport`, `report.md` and its plots, `items.json`: per-item values for
-paired comparisons between runs; stages/eval/report.py).
-
-Metrics per model: preference accuracy (raw and length-normalised), KL to the reference, perplexity, skill exact
-match by greedy generation (where the data defines exact answers, i.e. the demo), and for merged / annealed the
-DPO implicit reward accuracy and margin against the stored reference log-probs.
+`run` reads as its phases: load (the records, the held-out pairs with their stored reference log-probs, tokenised as
+TRL does; the benchmark suite) -> score (every model once loaded: the pairs' log-probs, KL to the reference on the
+chosen answers, perplexity, greedy answers, seeded sampled answers, the benchmarks through lm-eval on the loaded
+model; pipeline/scoring.py, stages/eval/benchmarks.py) -> judge (the reward, loaded once the models are released,
+scores the sampled answers: win rates; stages/eval/win_rate.py) -> summarize (each model's metrics with bootstrap
+intervals, annealed minus merged paired, each parent's skills kept, generation health, the contamination audit and
+the verdict; stages/eval/summary.py, contamination.py, verdict.py) -> report (`<run_dir>/eval/metrics.json` as
+`records.EvalReport`, `report.md` and its plots, `items.json`: per-item values for paired comparisons between runs;
+stages/eval/report.py).
 """
 
-import importlib
 import json
 import logging
 import time
@@ -23,21 +21,23 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pipeline import UserError, models, preferences, records, scoring
-from pipeline import metrics as M
 from pipeline.artifacts import publish
-from stages.eval import harness, report, summary
+from stages.eval import benchmarks, contamination, report, summary, verdict, win_rate
 from stages.eval.settings import EvalSettings
 
 log = logging.getLogger(__name__)
 
 
 def check(cfg: DictConfig) -> None:
-    """Every eval setting, before the first stage runs: the block's types, a named text corpus, lm-eval's tasks."""
+    """Every eval setting, before the first stage runs: the block's types, a named text corpus, the benchmark tasks
+    (known to lm-eval, their data readable from here), the reward."""
     settings = EvalSettings.of(cfg.eval, "eval")
     if settings.text_corpus not in (None, "auto"):
         text_corpus(settings.text_corpus, None)
-    if settings.lm_eval:
-        harness.check(settings.lm_eval)
+    benchmarks.check(settings.benchmarks)
+    spec = settings.win_rate.reward
+    if spec and ":" in spec and not Path(spec).expanduser().exists():
+        win_rate.load_reward(spec)  # a function: imported now; a reward model is loaded after the policies
 
 
 def run(cfg: DictConfig, run_dir: Path) -> records.EvalRecord:
@@ -46,9 +46,8 @@ def run(cfg: DictConfig, run_dir: Path) -> records.EvalRecord:
     inputs = load(Path(run_dir), settings)
     started = time.perf_counter()
     per_item, samples = score_models(inputs, settings)
-    results, evaluation = summarize(inputs, per_item, settings, time.perf_counter() - started)
-    if settings.lm_eval:
-        evaluation["lm_eval"] = harness.run_lm_eval(settings.lm_eval, inputs.model_dirs)
+    judged = judge(inputs, per_item, settings)
+    results, evaluation = summarize(inputs, per_item, judged, settings, time.perf_counter() - started)
     return write(
         inputs, records.EvalReport.model_validate(evaluation), results, samples, settings, Path(run_dir) / "eval"
     )
@@ -60,22 +59,25 @@ def run(cfg: DictConfig, run_dir: Path) -> records.EvalRecord:
 @dataclass(frozen=True)
 class Inputs:
     """What eval reads, tokenised once: the records, the models by name, the held-out pairs (their stored reference
-    log-probs), the chosen and rejected sequences, the corpus texts, the prompts with exact answers, the prompts
-    shown in the report (`shown`) and probed for generation health (`probed`)."""
+    log-probs) and the training pairs, the chosen and rejected sequences, the corpus texts, the prompts shown in
+    the report (`shown`), probed for generation health and the win rate (`probed`, with their `raw` prompts), and the
+    benchmark suite."""
 
     merge: records.MergeRecord
     anneal: records.AnnealRecord
     model_dirs: dict[str, Path]
     reference_dir: Path
     heldout: Any
+    train: Any
     tokenizer: Any
     chosen: list
     rejected: list
     texts: list | None
     corpus_path: Path | None
-    answers: dict[str, dict[str, str]]
     shown: list[str]
     probed: list[str]
+    raw: dict
+    suite: benchmarks.Suite | None
 
 
 def load(run_dir: Path, settings: EvalSettings) -> Inputs:
@@ -87,8 +89,8 @@ def load(run_dir: Path, settings: EvalSettings) -> Inputs:
         "merged": merged_dir,
         "annealed": Path(anneal.outputs.model),
     }
-    heldout = preferences.read_store(Path(anneal.outputs.reference_logps))["heldout"]
-    tokenizer = scoring.load_tokenizer(merged_dir)
+    store = preferences.read_store(Path(anneal.outputs.reference_logps))
+    heldout, tokenizer = store["heldout"], scoring.load_tokenizer(merged_dir)
     max_length, truncation = anneal.trainer.max_length, scoring.truncation_mode(anneal.trainer.truncation_mode)
     tokenized = {
         answer: [
@@ -98,21 +100,24 @@ def load(run_dir: Path, settings: EvalSettings) -> Inputs:
     }
     corpus_path = text_corpus(settings.text_corpus, anneal.config.data.heldout_text)
     texts = [scoring.tokenize_text(tokenizer, t, max_length) for t in read_texts(corpus_path)] if corpus_path else None
-    prompts = list(dict.fromkeys(scoring.prompt_text(tokenizer, r["prompt"]) for r in heldout))
+    raw = {scoring.prompt_text(tokenizer, p): p for p in heldout["prompt"]}
+    prompts = list(raw)
     return Inputs(
         merge,
         anneal,
         model_dirs,
         Path(anneal.inputs.reference_path),
         heldout,
+        store["train"],
         tokenizer,
         tokenized["chosen"],
         tokenized["rejected"],
         texts,
         corpus_path,
-        exact_answers(prompts, anneal.config.data.answer_key),
         scoring.spread(prompts, settings.samples),
         scoring.spread(prompts, settings.generation.prompts or len(prompts)),
+        raw,
+        benchmarks.prepare(settings.benchmarks, settings.seed),
     )
 
 
@@ -139,8 +144,8 @@ def score_models(inputs: Inputs, settings: EvalSettings) -> tuple[dict, dict]:
 
 
 def score_model(model, reference, inputs: Inputs, settings: EvalSettings) -> tuple[dict, list[str]]:
-    """One model's per-item values: pair log-probs, KL on the chosen answers, corpus NLLs, skill exact match,
-    generation health; and its greedy answers to the shown prompts."""
+    """One model's per-item values: pair log-probs, KL on the chosen answers, corpus NLLs, sampled answers and their
+    health, the benchmarks; and its greedy answers to the shown prompts."""
     import torch
 
     pad_id, batch_size = inputs.tokenizer.pad_token_id or 0, settings.batch_size
@@ -157,23 +162,50 @@ def score_model(model, reference, inputs: Inputs, settings: EvalSettings) -> tup
     }
     corpus = chosen if inputs.texts is None else scoring.score(model, inputs.texts, batch_size, pad_id)
     items["nll"], items["nll_tokens"] = -corpus["logps"], corpus["tokens"]  # perplexity: corpus, else chosen
-    asked = sorted({p for by_prompt in inputs.answers.values() for p in by_prompt} | set(inputs.shown))
-    generated = dict(zip(asked, scoring.greedy_answers(model, inputs.tokenizer, asked, settings.max_new_tokens)))
-    items["skill_correct"] = {
-        skill: [float(generated[p] == answer) for p, answer in by_prompt.items()]
-        for skill, by_prompt in inputs.answers.items()
-    }
-    items["generation"] = scoring.health(
-        scoring.generate(
-            model, inputs.tokenizer, inputs.probed, settings.max_new_tokens, sample=settings.generation.model_dump()
-        )
+    sampled = scoring.generate(  # batched, left-padded; every model the same batches and seeds
+        model,
+        inputs.tokenizer,
+        inputs.probed,
+        settings.max_new_tokens,
+        sample=settings.generation.model_dump(),
+        batch_size=settings.batch_size,
     )
-    return items, [generated[p] for p in inputs.shown]
+    items["generation"] = scoring.health(sampled)
+    items["answers"] = [
+        (inputs.tokenizer.decode(ids, skip_special_tokens=True), len(ids), ended) for ids, ended in sampled
+    ]
+    if inputs.suite is not None:
+        suite = settings.benchmarks
+        items["benchmarks"] = benchmarks.run(
+            model, inputs.tokenizer, inputs.suite, suite.batch_size or batch_size, suite.num_fewshot
+        )
+    return items, scoring.greedy_answers(model, inputs.tokenizer, inputs.shown, settings.max_new_tokens)
 
 
-def summarize(inputs: Inputs, per_item: dict, settings: EvalSettings, seconds: float) -> tuple[dict, dict]:
-    """Each model's metrics with intervals, retention of each parent's own skill, annealed minus merged (paired),
-    generation health: the results (with their per-item values) and the report's content."""
+def judge(inputs: Inputs, per_item: dict, settings: EvalSettings) -> dict | None:
+    """The win rates (None without a reward): the reward is loaded now that the policies are released."""
+    if not settings.win_rate.reward:
+        return None
+    reward = win_rate.load_reward(settings.win_rate.reward, settings.win_rate.batch_size)
+    prompts = [inputs.raw[p] for p in inputs.probed]
+    generations = {name: items["answers"] for name, items in per_item.items()}
+    judged = win_rate.evaluate(
+        reward, prompts, generations, inputs.heldout, settings.win_rate, settings.bootstrap_resamples, settings.seed
+    )
+    judged["warning"] = win_rate.labelled_training_data(judged["reward"], inputs.anneal.inputs.data)
+    if judged["warning"]:
+        log.warning(f"eval: {judged['warning']}")
+    del reward
+    models.release_memory()
+    return judged
+
+
+def summarize(
+    inputs: Inputs, per_item: dict, judged: dict | None, settings: EvalSettings, seconds: float
+) -> tuple[dict, dict]:
+    """Each model's metrics with intervals, annealed minus merged (paired), the benchmarks and each parent's skills
+    kept, generation health, the win rates, the contamination audit, the verdict: the results (with their per-item
+    values) and the report's content."""
     import torch
 
     anneal, heldout = inputs.anneal, inputs.heldout
@@ -184,25 +216,24 @@ def summarize(inputs: Inputs, per_item: dict, settings: EvalSettings, seconds: f
         )
         for name, items in per_item.items()
     }
-    own = own_skills(settings.parent_skills, [Path(p).name for p in inputs.merge.inputs.parents], list(inputs.answers))
-    for name, result in results.items():  # each parent's own skill kept, where the data says which it is
-        if own and not name.startswith("parent:"):
-            value, ci = M.retention(
-                per_item[name]["skill_correct"],
-                {p: per_item[f"parent:{p}"]["skill_correct"] for p in own},
-                own,
-                settings.bootstrap_resamples,
-                settings.seed,
-            )
-            result["summary"]["retention"], result["summary"]["ci95"]["retention"] = value, ci
+    bench = None
+    if inputs.suite is not None:
+        bench = benchmarks.summarize(
+            {n: items["benchmarks"] for n, items in per_item.items()},
+            settings.benchmarks.parent_tasks,
+            settings.bootstrap_resamples,
+            settings.seed,
+        )
+        summary.add_benchmarks(results, bench)
+    comparison = summary.compare(results["annealed"]["items"], results["merged"]["items"], settings)
+    if bench is not None:
+        comparison["benchmarks"] = bench["annealed_vs_merged"]
     health = summary.generation_report(
-        {name: items["generation"] for name, items in per_item.items()}, settings, len(inputs.probed)
+        {n: items["generation"] for n, items in per_item.items()}, settings, len(inputs.probed)
     )
-    return results, {
+    evaluation = {
         "models": {name: r["summary"] for name, r in results.items()},
-        "comparison": {
-            "annealed_vs_merged": summary.compare(results["annealed"]["items"], results["merged"]["items"], settings)
-        },
+        "comparison": {"annealed_vs_merged": comparison},
         "heldout_pairs": len(heldout),
         # the DPO reference (rewards use its stored log-probs) and the model KL is measured against
         "reference": {
@@ -215,7 +246,33 @@ def summarize(inputs: Inputs, per_item: dict, settings: EvalSettings, seconds: f
         "bootstrap": {"resamples": settings.bootstrap_resamples, "seed": settings.seed, "confidence": 0.95},
         "generation": health,
         "scoring_seconds": round(seconds, 3),
+        "benchmarks": summary.benchmarks_section(bench),
+        "win_rate": judged,
+        "contamination": audit(inputs, per_item),
+        "verdict": verdict.decide(
+            bench["retention"]["annealed"] if bench else None, judged, settings.verdict.retention_threshold
+        ),
     }
+    return results, evaluation
+
+
+def audit(inputs: Inputs, per_item: dict) -> dict:
+    """The contamination audit of every kind of eval item against the training pairs."""
+    items = {
+        "heldout_pairs": [preferences.prompt_key(p) for p in inputs.heldout["prompt"]],
+        "win_rate_prompts": [preferences.prompt_key(inputs.raw[p]) for p in inputs.probed],
+    }
+    if inputs.suite is not None:
+        items["benchmark_items"] = [
+            text for run in per_item["merged"]["benchmarks"].values() for text in run["texts"].values()
+        ]
+    found = contamination.audit(inputs.train, items)
+    if found["flagged"]:
+        log.warning(
+            f"eval: eval items overlap the training pairs: exact {found['exact']}, "
+            f"13-gram {found['ngram13']} (metrics.json `contamination`)"
+        )
+    return found
 
 
 def write(
@@ -231,6 +288,7 @@ def write(
     items = summary.item_values(results, inputs.heldout, inputs.texts)
     publish(stage_dir, lambda tmp: report.write_outputs(tmp, evaluation, training_log, inputs.shown, samples, items))
     log.info(report.comparison_table(evaluation))
+    log.info(f"eval: {evaluation.verdict['sentence']}")
     return records.EvalRecord(
         inputs={
             "models": {name: str(d) for name, d in inputs.model_dirs.items()},
@@ -246,27 +304,14 @@ def write(
             "items": str(stage_dir / "items.json"),
         },
         config={"eval": settings.model_dump(mode="json")},
-        summary={"annealed_minus_merged_preference_accuracy": evaluation.delta("preference_accuracy")},
+        summary={
+            "annealed_minus_merged_preference_accuracy": evaluation.delta("preference_accuracy"),
+            "verdict": evaluation.verdict,
+        },
     )
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-
-
-def own_skills(setting, parents: list[str], skills: list[str]) -> dict:
-    """Which skill is each parent's own (parent name -> skill), for retention: `eval.parent_skills` as given, or
-    (`auto`) every parent whose folder name is a skill of the data's answer key (the demo's add and reverse)."""
-    if setting in (None, "auto"):
-        return {p: p for p in parents if p in skills}
-    own = dict(setting)
-    wrong = {p: s for p, s in own.items() if p not in parents or s not in skills}
-    if wrong:
-        raise UserError(
-            f"eval.parent_skills names {wrong}, but the parents are {parents} and the data's skills "
-            f"{skills}. Fix: map each parent's folder name to its skill, e.g. "
-            f"eval.parent_skills='{{{parents[0]}: {skills[0] if skills else 'skill'}}}', or auto."
-        )
-    return own
 
 
 def reference_kl_name(anneal: records.AnnealRecord, reference_dir: Path) -> str:
@@ -291,29 +336,6 @@ def text_corpus(choice, heldout_text: str | None) -> Path | None:
             "auto, or null (perplexity on the held-out chosen completions)."
         )
     return path
-
-
-def exact_answers(prompts: list[str], answer_key: str | None) -> dict[str, dict[str, str]]:
-    """{skill: {prompt: exact answer}} where the data config names an answer key (`data.answer_key`,
-    `module.function(prompt) -> (skill, answer) | None`) and it knows every prompt; else {}."""
-    if not answer_key:
-        return {}
-    module_name, _, function = answer_key.rpartition(".")
-    try:
-        key = getattr(importlib.import_module(module_name), function)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise UserError(
-            f"data.answer_key={answer_key} cannot be imported ({err}). Fix: name a function as "
-            "module.function (e.g. pipeline.demo.tasks.answer_key), or set data.answer_key=null."
-        ) from None
-    by_skill: dict[str, dict[str, str]] = {}
-    for prompt in prompts:
-        found = key(prompt)
-        if found is None:
-            return {}
-        skill, answer = found
-        by_skill.setdefault(skill, {})[prompt] = answer
-    return by_skill
 
 
 def read_texts(path: Path) -> list[str]:

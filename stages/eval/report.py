@@ -22,18 +22,14 @@ def write_outputs(
 
 
 def _metric_panels(models: dict) -> list[tuple[str, dict]]:
-    """(title, {model: (value, [lo, hi])}) for every scalar metric and every skill."""
+    """(title, {model: (value, [lo, hi])}) for every scalar metric and every benchmark."""
     panels = []
     for metric in SCALAR_METRICS:
         panel = {name: (m[metric], m["ci95"][metric]) for name, m in models.items() if metric in m}
         panels.append((metric, panel))
-    for skill in next(iter(models.values()))["skill_accuracy"]:
-        panels.append(
-            (
-                f"skill_accuracy/{skill}",
-                {name: (m["skill_accuracy"][skill], m["ci95"]["skill_accuracy"][skill]) for name, m in models.items()},
-            )
-        )
+    for task in next(iter(models.values())).get("benchmarks", {}):
+        panel = {name: (m["benchmarks"][task], m["ci95"]["benchmarks"][task]) for name, m in models.items()}
+        panels.append((f"benchmarks/{task}", panel))
     return panels
 
 
@@ -96,21 +92,25 @@ def _cell(text: str) -> str:
 
 
 def report_markdown(report: dict, shown: list[str], samples: dict) -> str:
-    """report.md: how it was measured, then each section."""
+    """report.md: the verdict, how it was measured, then each section."""
     reference = report["reference"]
     parents = f" of {', '.join(reference['parents'])}" if "parents" in reference else ""
     lines = [
         "# Evaluation",
+        "",
+        f"**Verdict.** {report['verdict']['sentence']}",
         "",
         f"{report['heldout_pairs']} held-out preference pairs; perplexity on {report['perplexity_on']}; "
         f"DPO beta {report['beta']}; 95% percentile bootstrap intervals, {report['bootstrap']['resamples']} "
         f"resamples, seed {report['bootstrap']['seed']}. DPO reference: {reference['anneal']}{parents}; "
         f"kl_to_reference is measured against {reference['kl_to']}.",
         *metrics_section(report["models"]),
+        *benchmarks_section(report.get("benchmarks"), report["models"]),
         *retention_section(report["models"]),
+        *win_rate_section(report.get("win_rate")),
         *health_section(report["generation"]),
         *comparison_section(report["comparison"]["annealed_vs_merged"]),
-        *lm_eval_section(report.get("lm_eval")),
+        *contamination_section(report.get("contamination")),
         *["", "## Plots", "", f"![metrics]({PLOTS[0]})", "", f"![anneal training]({PLOTS[1]})"],
         *samples_section(shown, samples),
     ]
@@ -124,18 +124,47 @@ def interval(value: float, ci, fmt: str = ".3f") -> str:
 def metrics_section(models: dict) -> list[str]:
     lines = [
         "",
-        "## Metrics",
+        "## Held-out pairs",
         "",
-        "| model | " + " | ".join(SCALAR_METRICS) + " | skill accuracy |",
-        "|---" * (len(SCALAR_METRICS) + 2) + "|",
+        "| model | " + " | ".join(SCALAR_METRICS) + " |",
+        "|---" * (len(SCALAR_METRICS) + 1) + "|",
     ]
     for name, m in models.items():
         cells = [
             f"{_fmt(m[k])} [{_fmt(m['ci95'][k][0])}, {_fmt(m['ci95'][k][1])}]" if k in m else "" for k in SCALAR_METRICS
         ]
-        skills = ", ".join(f"{s} {v:.3f}" for s, v in m["skill_accuracy"].items())
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {skills} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def benchmarks_section(bench: dict | None, models: dict) -> list[str]:
+    if not bench:
+        return ["", "## Benchmarks", "", "None ran (eval/benchmarks=none): capabilities are not measured."]
+    tasks = list(bench["tasks"])
+    described = ", ".join(
+        f"{t} ({d['metric']}, {d['items']} items, chance {d['chance']:.2f})" for t, d in bench["tasks"].items()
+    )
+    lines = [
+        "",
+        "## Benchmarks (lm-evaluation-harness, the same items for every model)",
+        "",
+        described,
+        "",
+        "| model | " + " | ".join(tasks) + " |",
+        "|---" * (len(tasks) + 1) + "|",
+    ]
+    for name, m in models.items():
+        lines.append(
+            f"| {name} | " + " | ".join(interval(m["benchmarks"][t], m["ci95"]["benchmarks"][t]) for t in tasks) + " |"
+        )
+    for parent, deltas in bench["merged_vs_parents"].items():
+        lines.append(
+            f"| merged - {parent} | "
+            + " | ".join(interval(deltas[t]["delta"], deltas[t]["ci95"], "+.3f") for t in tasks)
+            + " |"
+        )
+    own = "; ".join(f"{p}: {', '.join(ts)}" for p, ts in bench["parent_tasks"].items())
+    return [*lines, "", f"Each parent's own tasks: {own}. Unpaired documents: {bench['unmatched']}."]
 
 
 def retention_section(models: dict) -> list[str]:
@@ -145,7 +174,7 @@ def retention_section(models: dict) -> list[str]:
     parents = [p for p in next(iter(retained.values()))["retention"] if p != "worst"]
     lines = [
         "",
-        "## Retention of each parent's own skill (model / parent on that skill's items)",
+        "## Each parent's skills kept ((model - chance) / (parent - chance) on the parent's own tasks)",
         "",
         "| model | " + " | ".join(parents) + " | worst |",
         "|---" * (len(parents) + 2) + "|",
@@ -191,9 +220,9 @@ def comparison_section(comparison: dict) -> list[str]:
         "|---|---|---|",
     ]
     for metric, value in comparison.items():
-        entries = value.items() if metric == "skill_accuracy" else [(None, value)]
-        for skill, v in entries:
-            label = f"{metric}/{skill}" if skill else metric
+        entries = value.items() if metric == "benchmarks" else [(None, value)]
+        for task, v in entries:
+            label = f"{metric}/{task}" if task else metric
             lines.append(f"| {label} | {v['delta']:+.4f} | [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}] |")
             if "ratio" in v:
                 lo, hi = v["ratio_ci95"]
@@ -201,21 +230,49 @@ def comparison_section(comparison: dict) -> list[str]:
     return lines
 
 
-def lm_eval_section(scores: dict | None) -> list[str]:
-    if not scores:
+def win_rate_section(judged: dict | None) -> list[str]:
+    if not judged:
+        return ["", "## Win rate", "", "Not measured: no reward (eval.win_rate.reward)."]
+    lines = [
+        "",
+        f"## Win rate (the annealed model's answers against each model's, {judged['prompts']} held-out "
+        f"prompts, reward {judged['reward']})",
+        "",
+        "| against | wins / ties / losses | win rate | length-controlled | length-matched (n) | reward delta | "
+        "length delta |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, v in judged["vs"].items():
+        matched = v["length_matched"]
+        lines.append(
+            f"| {name} | {v['wins']} / {v['ties']} / {v['losses']} | {interval(v['win_rate'], v['win_rate_ci95'])}"
+            f" | {interval(v['length_controlled'], v['length_controlled_ci95'])} | "
+            f"{_fmt(matched['win_rate']) if matched['win_rate'] is not None else '-'} ({matched['n']}) | "
+            f"{interval(v['reward_delta'], v['reward_delta_ci95'], '+.3f')} | {v['length_delta']:+.1f} |"
+        )
+    accuracy = judged["reward_accuracy"]
+    unfinished = ", ".join(f"{n} {k}" for n, k in judged["unfinished"].items())
+    return [
+        *lines,
+        "",
+        f"The reward's own accuracy on the {accuracy['pairs']} held-out pairs: "
+        f"{interval(accuracy['value'], accuracy['ci95'])}. Answers without an EOS within the limit: {unfinished}; "
+        f"cut by the reward model's length: {judged['truncated_by_reward_model']}."
+        + (f" **Warning:** {judged['warning']}" if judged.get("warning") else ""),
+    ]
+
+
+def contamination_section(found: dict | None) -> list[str]:
+    if not found:
         return []
+    flag = "**flagged**" if found["flagged"] else "none found"
     return [
         "",
-        "## lm-evaluation-harness",
+        "## Contamination audit",
         "",
-        "| model | task | metric | value |",
-        "|---|---|---|---|",
-        *(
-            f"| {name} | {task} | {metric} | {_fmt(value)} |"
-            for name, tasks in scores.items()
-            for task, metrics in tasks.items()
-            for metric, value in metrics.items()
-        ),
+        f"Eval items sharing their text with a training prompt: {found['exact']};"
+        f" sharing a 13-gram with a training text: {found['ngram13']} ({flag}); training rows repeating a "
+        f"prompt: {found['training_rows_repeating_a_prompt']}.",
     ]
 
 
@@ -242,8 +299,8 @@ def comparison_table(evaluation: EvalReport) -> str:
     from rich.table import Table
 
     models = report["models"]
-    skills = list(next(iter(models.values()))["skill_accuracy"])
-    header = ["model", "pref", "norm", "reward", "KL", "ppl", "ppl ans", *skills]
+    tasks = list(next(iter(models.values())).get("benchmarks", {}))
+    header = ["model", "pref", "norm", "reward", "KL", "ppl", "ppl ans", *tasks]
     columns = (
         "preference_accuracy",
         "preference_accuracy_normalized",
@@ -263,13 +320,13 @@ def comparison_table(evaluation: EvalReport) -> str:
     table = Table(
         title=f"eval: {report['heldout_pairs']} held-out pairs (pref: preference accuracy, norm: "
         "per-token normalised; reward: DPO implicit reward accuracy; ppl ans: perplexity of the "
-        "chosen answers; skills: greedy exact match)",
+        "chosen answers; then each benchmark)",
         caption=caption,
     )
     for column in header:
         table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
     for name, m in models.items():
-        table.add_row(name, *(cell(m, k) for k in columns), *(f"{m['skill_accuracy'][s]:.3f}" for s in skills))
+        table.add_row(name, *(cell(m, k) for k in columns), *(f"{m['benchmarks'][t]:.3f}" for t in tasks))
     text = io.StringIO()
     # at least 110 columns: a piped console reports 80
     Console(file=text, width=max(shutil.get_terminal_size().columns, 110), color_system=None).print(table)

@@ -59,20 +59,28 @@ def summarize(items: dict, with_rewards: bool, ref_chosen, ref_rejected, beta: f
             per_item["reward_accuracy"].numpy(), settings.bootstrap_resamples, settings.seed
         )
         ci["reward_margin"] = M.bootstrap_ci(margins.numpy(), settings.bootstrap_resamples, settings.seed)
-    summary["skill_accuracy"] = {s: sum(v) / len(v) for s, v in items["skill_correct"].items()}
-    ci["skill_accuracy"] = {
-        s: M.bootstrap_ci(v, settings.bootstrap_resamples, settings.seed) for s, v in items["skill_correct"].items()
-    }
     summary["ci95"] = ci
-    return {
-        "summary": summary,
-        "items": {
-            **per_item,
-            "skill_accuracy": items["skill_correct"],
-            "nll": items["nll"],
-            "nll_tokens": items["nll_tokens"],
-        },
-    }
+    return {"summary": summary, "items": {**per_item, "nll": items["nll"], "nll_tokens": items["nll_tokens"]}}
+
+
+def add_benchmarks(results: dict, bench: dict) -> None:
+    """Each model's benchmark scores (and for the merged and annealed model the retention of each parent's skills)
+    into its summary, with their intervals; each task's per-item values, ordered by document, into its items."""
+    for name, result in results.items():
+        result["summary"]["benchmarks"] = bench["scores"][name]
+        result["summary"]["ci95"]["benchmarks"] = bench["ci95"][name]
+        result["items"]["benchmarks"] = bench["items"][name]
+        if name in bench["retention"]:
+            kept = bench["retention"][name]
+            result["summary"]["retention"], result["summary"]["ci95"]["retention"] = kept["value"], kept["ci95"]
+
+
+def benchmarks_section(bench: dict | None) -> dict | None:
+    """The report's `benchmarks`: the tasks (metric, items, chance), each parent's own tasks, merged minus each
+    parent per task (paired), the documents that could not be paired."""
+    if bench is None:
+        return None
+    return {key: bench[key] for key in ("tasks", "parent_tasks", "merged_vs_parents", "unmatched")}
 
 
 def generation_report(items: dict, settings: EvalSettings, n_prompts: int) -> dict:
@@ -100,27 +108,29 @@ def generation_report(items: dict, settings: EvalSettings, n_prompts: int) -> di
 
 
 def compare(a: dict, b: dict, settings: EvalSettings) -> dict:
-    """a minus b over the same held-out items: paired bootstrap per per-item metric (skills per skill)."""
+    """a minus b over the same held-out pairs: paired bootstrap per per-item metric."""
     boot = lambda x, y: M.paired_bootstrap(x, y, settings.bootstrap_resamples, settings.seed)
     out = {name: boot(a[name].numpy(), b[name].numpy()) for name in (*PAIR_METRICS, *REWARD_METRICS)}
     out["perplexity"] = M.paired_bootstrap_perplexity(
         a["nll"].numpy(), b["nll"].numpy(), a["nll_tokens"].numpy(), settings.bootstrap_resamples, settings.seed
     )
-    out["skill_accuracy"] = {s: boot(a["skill_accuracy"][s], b["skill_accuracy"][s]) for s in a["skill_accuracy"]}
     return out
 
 
 def item_values(results: dict, heldout, texts) -> dict:
-    """Every model's per-item values (one per held-out pair, per skill prompt, per corpus text), so runs that
-    share `key` (the same held-out pairs and texts) can be compared pair by pair (pipeline/sweep.py)."""
+    """Every model's per-item values (one per held-out pair, per corpus text, per benchmark document), so runs that
+    share `key` (the same held-out pairs and texts) can be compared item by item (pipeline/sweep.py); benchmark
+    values are compared where two runs answered the same documents (`benchmark_docs`)."""
     key = hashlib.sha256(
         json.dumps(
             [preferences.rows_fingerprint(heldout.select_columns(["prompt", "chosen", "rejected"])), texts]
         ).encode()
     ).hexdigest()[:32]
-    as_list = lambda v: {s: list(x) for s, x in v.items()} if isinstance(v, dict) else v.tolist()
+    as_list = lambda v: v.tolist() if hasattr(v, "tolist") else v
+    annealed = results["annealed"]["items"].get("benchmarks", {})
     return {
         "key": key,
+        "benchmark_docs": {task: [f"{doc}:{h}" for doc, h in run["docs"]] for task, run in annealed.items()},
         "models": {
             name: {metric: as_list(values) for metric, values in r["items"].items()} for name, r in results.items()
         },

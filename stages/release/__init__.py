@@ -50,19 +50,22 @@ MODEL_FILES = (
 )
 TEMPLATE_DIR = "additional_chat_templates"
 CARD_NAME = "README.md"
-# The metrics `release.pick=best` can compare: the eval report's scalar metrics, and skill_accuracy/<skill>.
+# What `release.pick=best` can compare: the eval report's scalar metrics, benchmarks/<task>, retention/worst, and
+# `verdict` (the annealed model when the verdict says ship, else the merged one).
 OBJECTIVES = records.SCALAR_METRICS
+GROUPS = ("benchmarks", "retention")
 
 
 def check(cfg: DictConfig) -> ReleaseSettings:
     """Every release setting, before the first stage runs: the pick, the objective, the folder name, and with
     release=hub the repository and the token."""
     release = ReleaseSettings.of(cfg.release, "release")
-    group, _, skill = release.objective.partition("/")
-    if release.pick == "best" and not (group in OBJECTIVES or (group == "skill_accuracy" and skill)):
+    group, _, key = release.objective.partition("/")
+    known = group in OBJECTIVES or (group in GROUPS and key) or release.objective == "verdict"
+    if release.pick == "best" and not known:
         raise UserError(
             f"release.objective={release.objective} is not an eval metric. Fix: use one of "
-            f"{', '.join(OBJECTIVES)}, or skill_accuracy/<skill>."
+            f"{', '.join(OBJECTIVES)}, benchmarks/<task>, retention/worst, or verdict."
         )
     return release
 
@@ -193,6 +196,9 @@ def choose(release: ReleaseSettings, report: records.EvalReport) -> dict:
     if release.pick != "best":
         return {"choice": release.pick, "picked": release.pick, "reason": f"release.pick={release.pick}"}
     objective = release.objective
+    if objective == "verdict":
+        picked = "annealed" if report.verdict["ship"] else "merged"
+        return {"choice": "best", "picked": picked, "objective": objective, "reason": report.verdict["sentence"]}
     merged, annealed = (report.models[m].value(objective) for m in ("merged", "annealed"))
     if not all(isinstance(v, (int, float)) for v in (merged, annealed)):
         raise UserError(

@@ -149,7 +149,7 @@ def model_card(card: CardContent):
     name, lineage, evaluation, release = card.name, card.lineage, card.evaluation, card.release
     picked = evaluation.models[card.pick["picked"]]
     dataset = datasets(lineage)[-1]
-    results = [
+    held_out = [
         EvalResult(
             task_type="text-generation",
             task_name="held-out preference pairs",
@@ -160,6 +160,19 @@ def model_card(card: CardContent):
             metric_value=value,
         )
         for metric, value in picked.scalars().items()
+        if not metric.startswith("benchmarks/")
+    ]
+    tasks = (evaluation.benchmarks or {}).get("tasks", {})
+    benchmark_results = [  # each lm-eval task on the suite's items, by its own metric
+        EvalResult(
+            task_type="text-generation",
+            task_name=task,
+            dataset_type=task,
+            dataset_name=f"{task} ({tasks[task]['items']} items)",
+            metric_type=tasks[task]["metric"],
+            metric_value=value,
+        )
+        for task, value in picked.benchmarks.items()
     ]
     data = ModelCardData(
         model_name=name,
@@ -170,7 +183,7 @@ def model_card(card: CardContent):
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=["merge", "mergekit", lineage["method"], "dpo", "trl", "merge-anneal"],
-        eval_results=results,
+        eval_results=held_out + benchmark_results,
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{card_body(card)}")
 
@@ -219,6 +232,8 @@ def card_body(card: CardContent) -> str:
             else f"reference-free {method.upper()} run ([TRL](https://github.com/huggingface/trl))"
         )
         + ", and evaluated against the merge on held-out preference pairs, by merge-anneal.",
+        "",
+        f"**Verdict.** {evaluation.verdict['sentence']}",
         "",
         f"This release is {what} ({pick['reason']}).",
         "",

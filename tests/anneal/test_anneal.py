@@ -495,6 +495,7 @@ def test_a_split_emptied_by_the_limit_is_refused_with_its_count_and_the_fix(fmt,
         "+merge=slerp",
         *tiny.models,
         "data=custom",
+        "eval/benchmarks=none",
         f"data.path={path}",
         "data.heldout.fraction=0.2",
         *SHORT,
@@ -557,7 +558,7 @@ def test_check_passes_the_shipped_settings_and_method_configs_take_their_fields(
 
 def test_missing_columns_and_nothing_left(cli, tmp_path, tiny):
     path = write_jsonl(tmp_path / "q.jsonl", PAIRS)
-    result, run_dir = cli("+merge=slerp", *tiny.models, "data=custom", f"data.path={path}")
+    result, run_dir = cli("+merge=slerp", *tiny.models, "data=custom", "eval/benchmarks=none", f"data.path={path}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "lacks column(s)" in result.stderr and "data.columns.prompt" in result.stderr
     assert manifest.load(run_dir)["stages"]["anneal"]["status"] == "failed"
@@ -566,6 +567,7 @@ def test_missing_columns_and_nothing_left(cli, tmp_path, tiny):
         "+merge=slerp",
         *tiny.models,
         "data=custom",
+        "eval/benchmarks=none",
         f"data.path={path}",
         "data.heldout.fraction=0.4",
         run_dir=tmp_path / "run2",

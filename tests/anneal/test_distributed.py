@@ -82,7 +82,12 @@ def test_a_failure_on_one_process_fails_the_run_with_its_message(cli, tiny, monk
 def test_more_processes_than_pairs_is_refused(cli, tiny, tmp_path):
     pairs = [json.loads(line) for line in (tiny.root / "data" / "train.jsonl").read_text().splitlines()]
     write_jsonl(tmp_path / "one.jsonl", pairs[:1])
-    data = ["data=custom", f"data.path={tmp_path / 'one.jsonl'}", f"data.heldout.path={tiny.root}/data/heldout.jsonl"]
+    data = [
+        "data=custom",
+        "eval/benchmarks=none",
+        f"data.path={tmp_path / 'one.jsonl'}",
+        f"data.heldout.path={tiny.root}/data/heldout.jsonl",
+    ]
     result, run_dir = cli("+merge=slerp", *tiny.models, *data, "anneal.trainer.max_length=64", *TWO_CPU_PROCESSES)
     assert result.returncode == 2
     assert "2 processes but has only 1 training pairs" in result.stderr and "distributed.num_processes" in result.stderr

@@ -57,8 +57,8 @@ def test_each_combination_row_by_row_and_each_parent_cached_once(make_short_cfg,
             assert report["anneal"] == "parents:mean" and report["parents"] == ["add", "reverse"]
             assert report["kl_to"].startswith("parent:add")
             retention = json.loads((run_dir / "eval" / "metrics.json").read_text())["models"]["annealed"]["retention"]
-            # the tiny parents' names are the data's skills; random parents score 0 on them: no retention to report
-            assert retention == {"add": None, "reverse": None}
+            # random parents score 0 on the demo's tasks, at chance: no retention to report
+            assert retention and set(retention.values()) == {None}
             card = next((run_dir / "release").glob("*/README.md")).read_text()
             assert "`add + reverse (log-probs combined by mean)`" in card
         assert entry["inputs"]["reference_label"] == f"parents:{how}"
@@ -103,7 +103,7 @@ def test_each_combination_row_by_row_and_each_parent_cached_once(make_short_cfg,
     "overrides, phrases",
     [
         (["anneal.reference_combine=median"], ["median", "mean", "max", "route"]),
-        (["anneal.reference_combine=route", "anneal.reference_route=skill"], ["'skill'", "do not have"]),
+        (["anneal.reference_combine=route", "anneal.reference_route=domain"], ["'domain'", "do not have"]),
         (["anneal.reference_combine=route", "anneal.reference_route=prompt"], ["names", "not parents"]),
     ],
 )

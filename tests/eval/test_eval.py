@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import eval_report
-from pipeline import UserError, manifest
+from pipeline import manifest
 from pipeline import metrics as M
 
 LN3 = math.log(3)
@@ -81,25 +81,27 @@ def test_bootstrap_is_seeded_and_contains_the_estimate():
         M.paired_bootstrap([1, 2], [1, 2, 3], 10, seed=0)
 
 
-def test_retention_per_parent_and_the_worst_with_intervals():
+def test_retention_is_chance_corrected_per_parent_with_the_worst():
+    """(model - chance) / (parent - chance) over each parent's own items, paired intervals; the worst's interval
+    from the minimum inside each resample; a parent not above chance has none."""
     from pipeline.sweep import objective_value
-    from stages.eval import own_skills
 
-    model = {"add": [1, 1, 0, 1], "reverse": [0, 0, 1, 1, 1, 1]}
-    parents = {"add": {"add": [1, 1, 1, 1]}, "reverse": {"reverse": [1, 0, 1, 1, 1, 1]}, "zero": {"add": [0, 0, 0, 0]}}
-    values, ci = M.retention(model, parents, {"add": "add", "reverse": "reverse"}, 1000, 0)
-    assert values["add"] == 0.75 and values["reverse"] == pytest.approx(0.8) and values["worst"] == 0.75
-    for key in ("add", "reverse", "worst"):
+    model = {"add": [1, 1, 0, 1], "mc": [1, 0, 1, 1, 1, 1]}
+    parents = {"add": [1, 1, 1, 1], "mc": [1, 0, 1, 1, 1, 1], "blind": [0, 1, 0, 0]}
+    chance = {"add": [0.0] * 4, "mc": [0.25] * 6, "blind": [0.25] * 4}
+    model["blind"] = [1, 1, 1, 1]
+    values, ci = M.retention(model, parents, chance, 1000, 0)
+    assert values["add"] == 0.75  # generation: chance 0, model / parent
+    assert values["mc"] == pytest.approx((5 / 6 - 0.25) / (5 / 6 - 0.25))  # four choices: 1/4 is no skill
+    assert values["blind"] is None and ci["blind"] is None  # the parent is at chance on its own items
+    assert values["worst"] == 0.75
+    for key in ("add", "mc", "worst"):
         assert ci[key][0] <= values[key] <= ci[key][1]
-    assert ci["worst"][0] <= min(ci["add"][0], ci["reverse"][0]) + 1e-9  # the minimum's draws sit lower
-    values, ci = M.retention(model, parents, {"zero": "add"}, 100, 0)
-    assert values == {"zero": None} and ci == {"zero": None}  # a parent without the skill: no retention
+    assert ci["worst"][0] <= min(ci["add"][0], ci["mc"][0]) + 1e-9  # the minimum's draws sit lower
+    below = M.retention({"p": [0.25, 0.25]}, {"p": [1.0, 0.5]}, {"p": [0.25, 0.25]}, 100, 0)[0]
+    assert below["p"] == 0.0  # a model at chance kept none of the parent's skill
     report = eval_report({"annealed": {"retention": {"add": 0.75, "worst": 0.75}}})
     assert objective_value(report, "annealed.retention.worst") == 0.75  # what a sweep can rank by
-    assert own_skills("auto", ["add", "reverse", "base"], ["add", "reverse"]) == {"add": "add", "reverse": "reverse"}
-    assert own_skills({"base": "add"}, ["add", "base"], ["add"]) == {"base": "add"}
-    with pytest.raises(UserError, match="eval.parent_skills"):
-        own_skills({"nobody": "add"}, ["add"], ["add"])
 
 
 def test_generation_health_measures_and_seeded_sampling(tiny):
@@ -117,6 +119,9 @@ def test_generation_health_measures_and_seeded_sampling(tiny):
     other = generate(model, tokenizer, prompts, 12, sample={**sample, "seed": 4})
     greedy = generate(model, tokenizer, prompts, 12)
     assert first == again and first != other  # seeded: the same seed, the same generations
+    assert generate(model, tokenizer, prompts, 12, batch_size=2) == greedy  # left-padded batches, the same answers
+    batched = [generate(model, tokenizer, prompts, 12, sample=sample, batch_size=2) for _ in range(2)]
+    assert batched[0] == batched[1]
     for ids, ended in first + greedy:
         assert len(ids) <= 12 and (ended or len(ids) == 12) and tokenizer.eos_token_id not in ids
 
@@ -173,10 +178,23 @@ def test_metrics_schema_and_demo_claims(eval_run):
             assert math.isfinite(m[key]), (name, key)
             lo, hi = m["ci95"][key]
             assert lo - 1e-9 <= m[key] <= hi + 1e-9, (name, key)
-        assert set(m["skill_accuracy"]) == {"add", "reverse"}
+        assert set(m["benchmarks"]) == {"demo_add", "demo_reverse"}  # the demo's skills as lm-eval tasks
+        for task, value in m["benchmarks"].items():
+            lo, hi = m["ci95"]["benchmarks"][task]
+            assert lo - 1e-9 <= value <= hi + 1e-9, (name, task)
         assert ("reward_accuracy" in m) == (name in ("merged", "annealed"))
     assert models["parent:add"]["kl_to_reference"] == 0.0  # slerp's base, the anneal reference
-    assert models["parent:add"]["skill_accuracy"]["add"] > 0.95  # the demo's own accuracy.json says 1.0
+    assert models["parent:add"]["benchmarks"]["demo_add"] > 0.95  # the demo's own accuracy.json says 1.0
+    bench = report["benchmarks"]
+    assert bench["tasks"] == {
+        t: {"metric": "exact_match", "items": 150, "chance": 0.0} for t in ("demo_add", "demo_reverse")
+    }
+    assert bench["parent_tasks"] == {"add": ["demo_add"], "reverse": ["demo_reverse"]}  # each the best parent's
+    assert bench["unmatched"] == 0
+    for parent in ("add", "reverse"):  # merged - each parent, paired on the same documents
+        for task, d in bench["merged_vs_parents"][parent].items():
+            own = models["merged"]["benchmarks"][task] - models[f"parent:{parent}"]["benchmarks"][task]
+            assert d["delta"] == pytest.approx(own) and d["ci95"][0] <= d["delta"] <= d["ci95"][1]
     health = report["generation"]  # sampled generations for 64 held-out prompts, per model, and annealed - merged
     assert health["prompts"] == 64 and set(health["models"]) == set(models)
     for m in health["models"].values():
@@ -184,13 +202,14 @@ def test_metrics_schema_and_demo_claims(eval_run):
         assert 0 < m["distinct_2"] <= 1
     for key, v in health["annealed_vs_merged"].items():
         assert v["regression"] == (key != "length" and v["ci95"][1] < 0)
-    for name in ("merged", "annealed"):  # each demo parent's own skill: retention = model / parent, with intervals
+    for name in ("merged", "annealed"):  # each parent's own task, exact match (chance 0): model / parent
         retention = models[name]["retention"]
         assert set(retention) == {"add", "reverse", "worst"} and retention["worst"] == min(
             retention["add"], retention["reverse"]
         )
         for parent in ("add", "reverse"):
-            own = models[name]["skill_accuracy"][parent] / models[f"parent:{parent}"]["skill_accuracy"][parent]
+            task = f"demo_{parent}"
+            own = models[name]["benchmarks"][task] / models[f"parent:{parent}"]["benchmarks"][task]
             assert retention[parent] == pytest.approx(own)
             lo, hi = models[name]["ci95"]["retention"][parent]
             assert lo - 1e-9 <= retention[parent] <= hi + 1e-9
@@ -206,7 +225,26 @@ def test_metrics_schema_and_demo_claims(eval_run):
     ):
         assert {"delta", "ci95"} <= set(comparison[key]), key
         assert comparison[key]["ci95"][0] <= comparison[key]["delta"] <= comparison[key]["ci95"][1], key
-    assert set(comparison["skill_accuracy"]) == {"add", "reverse"}
+    assert set(comparison["benchmarks"]) == {"demo_add", "demo_reverse"}
+    # the win rate: the annealed model's sampled answers against each other model's, by the demo's rule reward
+    wins = report["win_rate"]
+    assert wins["reward"] == "pipeline.demo.reward:reward" and wins["prompts"] == 64
+    assert set(wins["vs"]) == {"merged", "parent:add", "parent:reverse"}
+    for v in wins["vs"].values():
+        assert v["n"] == 64 and v["wins"] + v["ties"] + v["losses"] == 64
+        assert v["win_rate"] == pytest.approx((v["wins"] + v["ties"] / 2) / 64)
+        for key in ("win_rate", "length_controlled", "reward_delta"):
+            assert v[f"{key}_ci95"][0] - 1e-9 <= v[key] <= v[f"{key}_ci95"][1] + 1e-9, key
+    assert wins["reward_accuracy"] == {"value": 1.0, "ci95": [1.0, 1.0], "pairs": 300}  # the rule knows the answers
+    assert wins["warning"] is None
+    audit = report["contamination"]
+    assert audit["items"] == {"heldout_pairs": 300, "win_rate_prompts": 64, "benchmark_items": 300}
+    assert audit["flagged"] is False and audit["training_rows_repeating_a_prompt"] == 0
+    verdict = report["verdict"]
+    assert verdict["capabilities"] in ("kept", "lost", "inconclusive") and verdict["answers"] != "not_measured"
+    assert verdict["ship"] == (verdict["capabilities"] == "kept" and verdict["answers"] == "better")
+    assert f"{models['annealed']['retention']['worst']:.2f}" in verdict["sentence"]
+    assert f"{wins['vs']['merged']['win_rate']:.2f}" in verdict["sentence"]
     # the demo's claims
     assert comparison["preference_accuracy"]["ci95"][0] > 0, comparison["preference_accuracy"]
     assert report["perplexity_on"].endswith("heldout_text.jsonl")
@@ -216,6 +254,7 @@ def test_metrics_schema_and_demo_claims(eval_run):
     )
     # report, plots, console table
     report_md = Path(entry["outputs"]["report"]).read_text()
+    assert verdict["sentence"] in report_md.split("\n## ")[0]  # the verdict opens the report
     assert "Sample generations" in report_md and "parent:add" in report_md
     for plot in entry["outputs"]["plots"]:
         assert Path(plot).read_bytes()[:4] == b"\x89PNG"
@@ -254,40 +293,13 @@ def test_eval_only_reevaluates_without_retraining(eval_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_lm_eval_block_scores_every_model_offline(eval_run, tmp_path, no_network):
-    """eval.lm_eval runs lm-evaluation-harness on a local custom task: the demo's held-out addition pairs as
-    two-way multiple choice (the answer vs the rejected one)."""
-    pytest.importorskip("lm_eval")
-    import yaml
-
+def test_benchmarks_items_are_a_seeded_sorted_spread_and_parent_tasks_are_named(eval_run, tmp_path, no_network):
+    """Re-evaluated with eval.benchmarks.items=40 and each parent's tasks named: 40 documents per task, spread over
+    the task (not its first 40), sorted, the same for every model and for the same seed; only `add` has its skills
+    measured; no host asked for anything (the demo's tasks are local lm-eval tasks)."""
     from conftest import TEST_CACHE, run_in_process
 
     run_dir, work, cache, _ = eval_run
-    store = manifest.load(run_dir)["stages"]["anneal"]["outputs"]["reference_logps"]
-    from pipeline import preferences
-
-    rows = [r for r in preferences.read_store(Path(store))["heldout"] if "+" in r["prompt"]][:40]
-    (tmp_path / "add.jsonl").write_text(
-        "".join(json.dumps({"q": r["prompt"], "choices": [r["chosen"], r["rejected"]], "gold": 0}) + "\n" for r in rows)
-    )
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "demo_add_mc.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "task": "demo_add_mc",
-                "dataset_path": "json",
-                "test_split": "test",
-                "dataset_kwargs": {"data_files": {"test": str(tmp_path / "add.jsonl")}},
-                "output_type": "multiple_choice",
-                "doc_to_text": "q",
-                "doc_to_choice": "choices",
-                "doc_to_target": "gold",
-                "target_delimiter": "",
-                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-                "metadata": {"version": 1.0},
-            }
-        )
-    )
     out = tmp_path / "run"
     shutil.copytree(run_dir, out)  # leave the shared run as it is
     result = run_in_process(
@@ -295,14 +307,20 @@ def test_lm_eval_block_scores_every_model_offline(eval_run, tmp_path, no_network
         f"pipeline.cache_dir={cache}",
         f"models.cache_dir={TEST_CACHE}",
         f"hydra.run.dir={out}",
-        f"eval.lm_eval={{tasks: [demo_add_mc], include_path: {tmp_path / 'tasks'}, batch_size: 8}}",
+        "eval.benchmarks.items=40",
+        "eval.benchmarks.parent_tasks={add: [demo_add]}",
         cwd=work,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    scores = json.loads((out / "eval" / "metrics.json").read_text())["lm_eval"]
-    assert set(scores) == {"merged", "annealed", "parent:add", "parent:reverse"}
-    acc = {name: s["demo_add_mc"]["acc,none"] for name, s in scores.items()}
-    assert all(s["demo_add_mc"]["sample_len"] == len(rows) for s in scores.values())
-    assert acc["parent:add"] > acc["parent:reverse"], acc  # the addition parent knows its sums
-    assert "## lm-evaluation-harness" in (out / "eval" / "report.md").read_text()
-    assert no_network == []  # no host was asked for anything
+    report = json.loads((out / "eval" / "metrics.json").read_text())
+    items = json.loads((out / "eval" / "items.json").read_text())
+    assert {t: v["items"] for t, v in report["benchmarks"]["tasks"].items()} == {"demo_add": 40, "demo_reverse": 40}
+    docs = items["benchmark_docs"]["demo_add"]
+    ids = [int(d.split(":")[0]) for d in docs]
+    assert ids == sorted(ids) and ids != list(range(40)) and max(ids) < 150
+    per_model = [m["benchmarks"]["demo_add"]["docs"] for m in items["models"].values()]
+    assert len(per_model) == 4 and all(d == per_model[0] for d in per_model)
+    assert [f"{d}:{h}" for d, h in per_model[0]] == docs
+    assert report["benchmarks"]["parent_tasks"] == {"add": ["demo_add"]}
+    assert set(report["models"]["annealed"]["retention"]) == {"add", "worst"}
+    assert no_network == []

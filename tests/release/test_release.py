@@ -172,11 +172,14 @@ def test_model_card_front_matter_numbers_and_command(release_run, tiny):
     assert data.library_name == "transformers" and data.model_name == "slerp-annealed"
 
     metrics = json.loads(Path(stages["eval"]["outputs"]["metrics"]).read_text())["models"]["annealed"]
-    expected = {k: v for k, v in metrics.items() if isinstance(v, float)}
-    expected.update({f"skill_accuracy/{s}": v for s, v in metrics["skill_accuracy"].items()})
-    assert {r.metric_type: r.metric_value for r in data.eval_results} == expected
+    expected = [("held-out preference pairs", k, v) for k, v in metrics.items() if isinstance(v, float)]
+    expected += [(task, "exact_match", v) for task, v in metrics["benchmarks"].items()]  # the demo's lm-eval tasks
+    assert [(r.task_name, r.metric_type, r.metric_value) for r in data.eval_results] == expected
+    assert {task for task, _, _ in expected} >= {"demo_add", "demo_reverse"}
 
     text = card.text
+    verdict = json.loads(Path(stages["eval"]["outputs"]["metrics"]).read_text())["verdict"]
+    assert f"**Verdict.** {verdict['sentence']}" in text
     assert "python -m pipeline +merge=slerp " + " ".join(SHORT) + " models=local 'models.base=<local>/base'" in text
     assert "pipeline.cache_dir" not in text  # the cache overrides are left out
     assert "## Lineage" in text and "`add` (local)" in text and "t=0.5" in text and "beta 0.1" in text

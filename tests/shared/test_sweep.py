@@ -86,7 +86,7 @@ def test_sweep_over_slerp_t_ranks_jobs_and_computes_shared_work_once(tmp_path, c
     # each job against the best, item by item
     (pair,) = summary["comparisons"]["pairs"]
     assert pair["a"] == summary["best"] and pair["comparable"]
-    for metric in ("preference_accuracy", "perplexity", "skill_accuracy.add", "skill_accuracy.reverse"):
+    for metric in ("preference_accuracy", "perplexity", "benchmarks.demo_add", "benchmarks.demo_reverse"):
         value = pair["metrics"][metric]
         assert value["ci95"][0] <= value["delta"] <= value["ci95"][1]
         assert value["differs"] == (value["ci95"][0] > 0 or value["ci95"][1] < 0)
@@ -202,10 +202,12 @@ def test_curves_against_the_number_of_pairs(tmp_path, make_cfg, tiny):
 def report():
     return eval_report(
         {
-            "annealed": {"preference_accuracy": 0.9, "skill_accuracy": {"add": 0.5}},
+            "annealed": {"preference_accuracy": 0.9, "benchmarks": {"demo_add": 0.5}},
             "parent:my.model": {"perplexity": 3.0},
         },
         {"preference_accuracy": {"delta": 0.07, "ci95": [0.01, 0.1]}},
+        win_rate={"vs": {"merged": {"win_rate": 0.6, "length_controlled": 0.55}}},
+        verdict={"capabilities": "kept", "answers": "better", "ship": True},
     )
 
 
@@ -213,16 +215,18 @@ def report():
     "path, value",
     [
         ("annealed.preference_accuracy", 0.9),
-        ("annealed.skill_accuracy.add", 0.5),
+        ("annealed.benchmarks.demo_add", 0.5),
         ("parent:my.model.perplexity", 3.0),
         ("comparison.annealed_vs_merged.preference_accuracy.delta", 0.07),
+        ("win_rate.vs.merged.length_controlled", 0.55),
+        ("verdict.ship", True),
     ],
 )
 def test_objective_paths(report, path, value):
     assert sweep.objective_value(report, path) == value
 
 
-@pytest.mark.parametrize("path", ["annealed.skill_accuracy", "annealed.nope", "merged.preference_accuracy"])
+@pytest.mark.parametrize("path", ["annealed.benchmarks", "annealed.nope", "merged.preference_accuracy"])
 def test_an_objective_that_names_no_number_is_refused(report, path):
     with pytest.raises(UserError, match="pipeline.objective.metric"):
         sweep.objective_value(report, path)
