@@ -1,4 +1,4 @@
-from pipeline.app import main
+from pipeline.cli import main
 
 if __name__ == "__main__":
     main()

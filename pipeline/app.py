@@ -201,7 +201,7 @@ def main(cfg: DictConfig) -> float | None:
     +sweep=search reads), a failed run fails only its own job, and memory is freed before the next job."""
     if needs_merge_config(cfg):  # multirun jobs do not pass through RequireMerge.on_run_start
         fail(missing_merge_message())
-    logs.route_library_logs(cfg.pipeline.library_logs, datasets=set(cfg.pipeline.stages) != {"merge"})
+    logs.route_library_logs(cfg.pipeline.verbose, datasets=set(cfg.pipeline.stages) != {"merge"})
     logging.raiseExceptions = False  # a log line that cannot be written (a full disk) prints no traceback
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -218,5 +218,23 @@ def main(cfg: DictConfig) -> float | None:
         raise  # in a sweep, Hydra records the job as failed and runs the next; the sweep summary lists it
     if sweeping:  # the next job runs in this process (a single run's process ends here: nothing to free)
         free_job_memory()
-    log.info(f"merge-anneal: done; manifest: {manifest.manifest_path(run_dir)}")
+    log.info(closing_block(outcome, run_dir))
     return objective
+
+
+def closing_block(outcome: dict, run_dir: Path) -> str:
+    """How a run ends on the console: the verdict, and where the models, the report and the manifest are."""
+    stages = outcome["stages"]
+    output = lambda stage, key: stages.get(stage, {}).get("outputs", {}).get(key)
+    rows = {
+        "verdict": stages.get("eval", {}).get("summary", {}).get("verdict", {}).get("sentence"),
+        "merged": output("merge", "model"),
+        "annealed": output("anneal", "model"),
+        "released": output("release", "model"),
+        "report": output("eval", "report"),
+        "manifest": str(manifest.manifest_path(run_dir)),
+    }
+    here = Path.cwd()
+    shown = lambda value: str(Path(value).relative_to(here)) if Path(value).is_relative_to(here) else value
+    lines = [f"  {name:<9} {value if name == 'verdict' else shown(value)}" for name, value in rows.items() if value]
+    return "\n".join(["merge-anneal: done", *lines])

@@ -2,13 +2,26 @@
 `merge-anneal.log` holds what the console showed (conf/hydra/job_logging/merge_anneal.yaml).
 
 The libraries' own log lines and Python warnings go through the same handlers. By default only their errors
-pass (mergekit's INFO lines, transformers' and TRL's notices are noise for a pipeline user), and datasets'
-progress bars are off; `pipeline.library_logs=true` lets everything through.
+pass (mergekit's INFO lines, transformers' and TRL's notices are noise for a pipeline user), and of the libraries'
+progress bars only those of long work show (the merge's graph, the reference pass, lm-eval's requests; the anneal's
+training bar is the stage's own): loading weights, writing shards, mapping data sets are instant steps.
+`pipeline.verbose=true` lets everything through.
 """
 
+import functools
 import logging
 
 OURS = ("pipeline", "stages", "merge-anneal", "__main__")
+# The progress bars that show without pipeline.verbose: by their description's start.
+LONG_WORK = (
+    "anneal",
+    "eval",
+    "merge",
+    "Executing graph",  # mergekit's merge
+    "Computing reference log probs",  # the reference pass (TRL's precompute)
+    "Running loglikelihood",  # lm-eval's requests
+    "Running generate_until",
+)
 
 
 class LibraryFilter(logging.Filter):
@@ -22,10 +35,13 @@ class LibraryFilter(logging.Filter):
         return record.name.split(".")[0] in OURS or record.levelno >= self.level
 
 
-def route_library_logs(library_logs: bool, datasets: bool = True) -> None:
+def route_library_logs(verbose: bool, datasets: bool = True) -> None:
     """Send transformers', datasets' (unless `datasets` is false: a run that never reads data, such as a merge
-    alone, need not import it) and Python's warnings through the root handlers, filtered unless `library_logs`."""
+    alone, need not import it) and Python's warnings through the root handlers, filtered unless `verbose`; the
+    libraries' progress bars for instant steps off unless `verbose`."""
     import transformers.utils.logging as transformers_logging
+
+    quiet_progress_bars(not verbose)
 
     libraries = [transformers_logging]
     if datasets:
@@ -34,13 +50,13 @@ def route_library_logs(library_logs: bool, datasets: bool = True) -> None:
         libraries.append(datasets_logging)
         # datasets' bars for instant steps (map, filter, flatten, parquet) are noise; training and the reference
         # pass keep theirs
-        (datasets_logging.enable_progress_bar if library_logs else datasets_logging.disable_progress_bar)()
+        (datasets_logging.enable_progress_bar if verbose else datasets_logging.disable_progress_bar)()
     logging.captureWarnings(True)
     for library in libraries:  # each has a stderr handler of its own: use ours
         logging.getLogger(library.__name__.split(".")[0]).handlers.clear()
         library.enable_propagation()
-        library.set_verbosity(logging.INFO if library_logs else logging.WARNING)
-    level = logging.NOTSET if library_logs else logging.ERROR
+        library.set_verbosity(logging.INFO if verbose else logging.WARNING)
+    level = logging.NOTSET if verbose else logging.ERROR
     for handler in logging.getLogger().handlers:
         for old in [f for f in handler.filters if isinstance(f, LibraryFilter)]:
             handler.removeFilter(old)
@@ -53,3 +69,26 @@ def to_log_file(level: int, message: str) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
+
+
+def quiet_progress_bars(quiet: bool) -> None:
+    """tqdm bars (every library's) whose description does not start with one of LONG_WORK are created disabled while
+    `quiet`: one switch for the instant steps of transformers, datasets, mergekit and lm-eval, which have no common
+    setting of their own."""
+    import tqdm.std
+
+    init = tqdm.std.tqdm.__init__
+    original = getattr(init, "merge_anneal_original", init)
+    if not quiet:
+        tqdm.std.tqdm.__init__ = original
+        return
+
+    @functools.wraps(original)
+    def quiet_init(self, *args, **kwargs):
+        description = kwargs.get("desc", args[1] if len(args) > 1 else None)
+        if not str(description or "").startswith(LONG_WORK):
+            kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    quiet_init.merge_anneal_original = original
+    tqdm.std.tqdm.__init__ = quiet_init

@@ -59,7 +59,7 @@ def load(cfg: DictConfig) -> list[dict]:
     if not path.is_file():
         raise UserError(
             f"merge.config_file {path} does not exist. Fix: pass the path of your mergekit YAML, "
-            "e.g. +merge=custom merge.config_file=examples/my-merge.yml."
+            "e.g. +merge=custom merge.config_file=examples/merge.yml."
         )
     try:
         docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]

@@ -36,7 +36,8 @@ def resolve(ref: str) -> ModelSource:
     if not path.is_dir():
         raise UserError(
             f"Model folder not found: {ref}. Fix: pass an existing local folder (absolute, or relative to "
-            f"{Path.cwd()}) or a hub id of the form org/name[@revision] in models.parents / models.base."
+            f"{Path.cwd()}) or a hub id of the form org/name[@revision], in models.parents / models.base for a preset "
+            "or in the `model:` fields of your mergekit YAML for +merge=custom."
         )
     check_checkpoint(path)
     return ModelSource(path=str(path.resolve()))

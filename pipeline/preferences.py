@@ -54,11 +54,11 @@ def load_preferences(data: DataSettings, keep: tuple[str, ...] = ()):
     from datasets import DatasetDict
 
     mapped = lambda ds, split: map_columns(ds, data.columns.model_dump(), split, keep)
-    train = mapped(_load(data.path, data.split, "data.path"), "train")
+    train = mapped(_load(data.path, data.split, "data.path", data.name), "train")
     if data.heldout.path:
         heldout = mapped(_load(data.heldout.path, data.heldout.split or "train", "data.heldout.path"), "heldout")
     elif data.heldout.split:
-        heldout = mapped(_load(data.path, data.heldout.split, "data.heldout.split"), "heldout")
+        heldout = mapped(_load(data.path, data.heldout.split, "data.heldout.split", data.name), "heldout")
     elif data.heldout.fraction:
         train, heldout = split_by_prompt(train, float(data.heldout.fraction), data.seed)
     else:
@@ -109,7 +109,7 @@ def split_by_prompt(ds, fraction: float, seed: int):
     )
 
 
-def _load(path, split: str, key: str):
+def _load(path, split: str, key: str, name: str | None = None):
     from datasets import load_dataset
 
     local = Path(str(path)).expanduser()
@@ -123,10 +123,15 @@ def _load(path, split: str, key: str):
                 )
             return local_dataset(builder, local)
         if is_hub_id(str(path)):
-            return load_dataset(str(path), split=split)
+            return load_dataset(str(path), name, split=split)
     except UserError:
         raise
-    except Exception as err:  # unreadable file, unknown split, no network
+    except Exception as err:  # unreadable file, unknown split or configuration, no network
+        if "Config name is missing" in str(err):
+            raise UserError(
+                f"{key}={path} is a hub data set with several configurations and none was chosen "
+                f"({' '.join(str(err).split())[:300]}). Fix: name one with data.name=<configuration>."
+            ) from None
         bad = _bad_json_line(local) if local.is_file() else None
         if bad:
             raise UserError(
@@ -182,6 +187,8 @@ def map_columns(ds, columns: dict, split: str, keep: tuple[str, ...] = ()):
         )
     ds = ds.rename_columns({s: t for s, t in wanted.items() if s != t})
     ds = _text_columns(ds)
+    if implicit:
+        refuse_lost_prompt(ds, columns, split, keep)
     if system:
         ds = ds.map(
             _with_system, fn_kwargs={"column": system}, remove_columns=[system], desc=f"Adding system prompts ({split})"
@@ -190,7 +197,36 @@ def map_columns(ds, columns: dict, split: str, keep: tuple[str, ...] = ()):
         from trl.data_utils import extract_prompt
 
         ds = ds.map(extract_prompt, desc=f"Extracting implicit prompts ({split})")
+        empty = sum(not _text(p).strip() or p == [] for p in ds["prompt"])
+        if empty:
+            raise UserError(
+                f"The {split} preference data has no prompt column ('{columns['prompt']}'), and TRL's "
+                f"implicit-prompt extraction (the shared start of chosen and rejected) leaves {empty} of "
+                f"{len(ds)} pairs with an empty prompt. Fix: add the prompt as a column and name it with "
+                "data.columns.prompt=<column>, or write each pair's conversation into chosen and rejected."
+            )
     return ds.select_columns([c for c in dict.fromkeys((*COLUMNS, *keep)) if c in ds.column_names])
+
+
+def refuse_lost_prompt(ds, columns: dict, split: str, keep: tuple[str, ...]) -> None:
+    """String pairs without the prompt column but with another text column: that column is most likely the prompt,
+    and implicit-prompt extraction would drop it without a word."""
+    from datasets import Value
+
+    used = {"chosen", "rejected", columns.get("system"), *keep}
+    other = [
+        name
+        for name, feature in ds.features.items()
+        if name not in used and isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+    ]
+    strings = isinstance(ds.features.get("chosen"), Value)
+    if strings and other:
+        raise UserError(
+            f"The {split} preference data has no '{columns['prompt']}' column but has the text column(s) "
+            f"{other}, which would be dropped: without a prompt column the pairs are read as implicit-prompt data "
+            f"(the prompt is the shared start of chosen and rejected). Fix: name the prompt column, "
+            f"data.columns.prompt={other[0]}."
+        )
 
 
 def _text_columns(ds):

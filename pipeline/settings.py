@@ -89,6 +89,7 @@ class DataSettings(Settings):
 
     source: Literal["demo", "custom"]
     path: str
+    name: str | None = None  # a hub data set's configuration name (load_dataset's `name`)
     split: str = "train"
     heldout: Heldout
     columns: Columns

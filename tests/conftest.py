@@ -376,7 +376,7 @@ def run_in_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     import contextlib
     import io
 
-    from pipeline.app import main
+    from pipeline.cli import main
 
     out, err, argv, here = io.StringIO(), io.StringIO(), sys.argv, Path.cwd()
     code = 0

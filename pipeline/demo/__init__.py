@@ -40,7 +40,7 @@ def ensure_demo(cache_dir) -> pathlib.Path:
         # Under the lock no other builder of this hash runs: leftovers of killed builds are stale.
         for stale in final.parent.glob(f".{final.name}.partial-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        print(f"building demo models into {final} (one-off, ~3.5 min on 2 CPU cores)", file=sys.stderr, flush=True)
+        print(f"building demo models into {final} (one-off, about 2.5 min on 2 CPU cores)", file=sys.stderr, flush=True)
 
         def fill(tmp: pathlib.Path) -> None:
             tmp.mkdir()

@@ -45,7 +45,11 @@ def check(cfg: DictConfig) -> None:
     anneal = AnnealSettings.of(cfg.anneal, "anneal")
     MergeCheck.of(cfg.pipeline.merge_check, "pipeline.merge_check")
     CachePolicy.of_pipeline(cfg.pipeline)
-    preferences.check_sources(DataSettings.of(cfg.data, "data"))
+    data = DataSettings.of(cfg.data, "data")
+    preferences.check_sources(data)
+    if data.source != "demo":  # read and column-checked now, so a bad file costs seconds, not a merge
+        route = anneal.reference == "parents" and anneal.reference_combine == "route"
+        preferences.load_preferences(data, keep=(anneal.reference_route,) if route else ())
     precision = perf.decide_precision(anneal, 0)  # what TRL validates does not depend on the model's size
     training.method_config(anneal, training.dpo_config(anneal, Path("checkpoints"), precision), precision)
     training.lora_config(anneal)
@@ -144,6 +148,17 @@ def applied_record(applied: dict) -> dict:
 # ------------------------------------------------------------------------------------------------- phases
 
 
+def dropped_text(dropped: dict) -> str:
+    """The rows dropped, per split and reason, for the log (every reason with a count; none: `none`)."""
+    parts = [
+        f"{split} {reason.replace('_', ' ')} {count}"
+        for split, counts in dropped.items()
+        for reason, count in counts.items()
+        if count
+    ]
+    return ", ".join(parts) or "none"
+
+
 def load_pairs(anneal: AnnealSettings, data: DataSettings, references: refs.References):
     """The preference pairs, the counts of rows dropped, and under `reference_combine=route` each pair's parent
     (checked before any model is loaded)."""
@@ -239,7 +254,8 @@ def score_reference(
             f"prompt of at least anneal.trainer.max_length={scoring.args.max_length} tokens and are left out"
         )
     log.info(
-        f"anneal: {len(scored['train'])} train / {len(scored['heldout'])} held-out pairs; dropped {dropped}; "
+        f"anneal: {len(scored['train'])} train / {len(scored['heldout'])} held-out pairs; dropped: "
+        f"{dropped_text(dropped)}; "
         f"reference {references.label} ({', '.join(s.public_name() for s in references.sources.values())}); "
         f"reference log-probs: cache {state}"
     )

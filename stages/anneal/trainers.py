@@ -8,19 +8,24 @@ functions): `python -m pipeline --help` and the settings checks stay cheap.
 - `StoppingCPOTrainer`, `StoppingORPOTrainer`: TRL's reference-free trainers (trl.experimental, TRL 1.16).
 - each of them stops at the step whose loss is not finite (`StopsWhenNotFinite`);
 - `ScoringTrainer`: TRL's own precompute as the reference pass (stages/anneal/reference.py), packed where asked;
-- `JsonlLogger`: every training log as one JSON line, from the main process.
+- `JsonlLogger`: every training log as one JSON line, from the main process;
+- `TrainingProgress`: the console's one training bar (steps, ETA, the last loss, reward accuracy and margin) in
+  place of transformers' bar and its printed log dicts, and each log as one line in the run's log file.
 """
 
 import json
+import logging
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from tqdm.auto import tqdm
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from trl import DPOTrainer
 from trl.experimental.cpo import CPOTrainer
 from trl.experimental.orpo import ORPOTrainer
 
 from pipeline import UserError, preferences
+from pipeline.logs import to_log_file
 from pipeline.preferences import REF_COLUMNS
 from stages.anneal import packing
 
@@ -114,3 +119,55 @@ class JsonlLogger(TrainerCallback):
         if state.is_world_process_zero and logs:
             with open(self.path, "a") as handle:
                 handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class TrainingProgress(TrainerCallback):
+    """One progress bar on the main process (`disable_tqdm` hides it) showing the last loss, reward accuracy and
+    margin; every log (TRL's dict, which transformers would print) as one line in the run's log file instead."""
+
+    SHOWN = {"loss": "loss", "rewards/accuracies": "acc", "rewards/margins": "margin"}
+    LOGGED = ("loss", "rewards/accuracies", "rewards/margins", "grad_norm", "learning_rate", "epoch")
+
+    def __init__(self):
+        self.bar = None
+
+    @staticmethod
+    def install(trainer):
+        """`trainer` with this bar instead of transformers' (ProgressCallback, or PrinterCallback's dicts)."""
+        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(TrainingProgress())
+        return trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            total, done = state.max_steps, state.global_step
+            self.bar = tqdm(total=total, initial=done, desc="anneal: training", unit="step", disable=args.disable_tqdm)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        numbers = {key: number(value) for key, value in logs.items() if number(value) is not None}
+        if self.bar is not None:
+            shown = {short: f"{numbers[key]:.4g}" for key, short in self.SHOWN.items() if key in numbers}
+            self.bar.set_postfix(shown, refresh=False)
+        summary = {key: numbers[key] for key in self.LOGGED if key in numbers} or numbers  # the final log: all
+        text = ", ".join(f"{key} {value:.4g}" for key, value in summary.items())
+        to_log_file(logging.INFO, f"anneal: step {state.global_step}/{state.max_steps}: {text}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def number(value) -> float | None:
+    """A logged value as a float (transformers 5 logs some as formatted strings), or None."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None

@@ -166,7 +166,7 @@ def make_trainer(model, tokenizer, args, train_dataset, anneal: AnnealSettings, 
 
     callbacks = [trainers.JsonlLogger(stage_dir / "metrics.jsonl")]
     if anneal.method in trainers.REFERENCE_FREE:
-        return trainers.REFERENCE_FREE[anneal.method](
+        trainer = trainers.REFERENCE_FREE[anneal.method](
             model=model,
             args=args,
             train_dataset=train_dataset.select_columns(preferences.COLUMNS),
@@ -174,8 +174,9 @@ def make_trainer(model, tokenizer, args, train_dataset, anneal: AnnealSettings, 
             peft_config=lora_config(anneal),
             callbacks=callbacks,
         )
+        return trainers.TrainingProgress.install(trainer)
     with trl_model_hash:  # TRL names its (unused) precompute cache by a hash of the model
-        return trainers.PrecomputedReferenceDPOTrainer(
+        trainer = trainers.PrecomputedReferenceDPOTrainer(
             model=model,
             ref_model=None,
             args=args,
@@ -184,6 +185,7 @@ def make_trainer(model, tokenizer, args, train_dataset, anneal: AnnealSettings, 
             peft_config=lora_config(anneal),
             callbacks=callbacks,
         )
+    return trainers.TrainingProgress.install(trainer)
 
 
 def packing_record(counts: dict | None) -> dict | None:

@@ -24,7 +24,7 @@ def main(run_dir: Path) -> None:
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
     work = run_dir / "anneal" / "launch"
     cfg = OmegaConf.load(work / "config.yaml")
-    logs.route_library_logs(cfg.pipeline.library_logs)
+    logs.route_library_logs(cfg.pipeline.verbose)
     try:
         if os.environ.get(FAULT) == str(rank):
             raise RuntimeError(f"fault injected on rank {rank} ({FAULT})")

@@ -46,9 +46,9 @@ def plot_metrics(models: dict, path: Path) -> None:
     for ax, (title, panel) in zip(axes.flat, panels):
         names = list(panel)
         values = [panel[n][0] for n in names]
-        errors = [
-            [v - panel[n][1][0] for n, v in zip(names, values)],
-            [panel[n][1][1] - v for n, v in zip(names, values)],
+        errors = [  # at least 0: a one-item interval can miss its value by a rounding
+            [max(v - panel[n][1][0], 0.0) for n, v in zip(names, values)],
+            [max(panel[n][1][1] - v, 0.0) for n, v in zip(names, values)],
         ]
         ax.bar(range(len(names)), values, yerr=errors, capsize=4, color="tab:blue")
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)

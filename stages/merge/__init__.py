@@ -157,7 +157,8 @@ def merge_again(raw: dict, section: DictConfig, entry: Path) -> None:
 
 def log_cache(state: str, entry: Path, name: str | None = None) -> None:
     what = f" intermediate {name!r}:" if name else ""
-    log.info(f"merge:{what} {'reused cached merge' if state == 'hit' else 'merged'} {entry}")
+    done = "reused the cached merge of the same inputs" if state == "hit" else "merged"
+    log.info(f"merge:{what} {done} (cache entry {entry.name[:12]})")
 
 
 def merge_into(config, options, out_dir: Path, text: str) -> None:

@@ -561,7 +561,7 @@ def test_missing_columns_and_nothing_left(cli, tmp_path, tiny):
     result, run_dir = cli("+merge=slerp", *tiny.models, "data=custom", "eval/benchmarks=none", f"data.path={path}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "lacks column(s)" in result.stderr and "data.columns.prompt" in result.stderr
-    assert manifest.load(run_dir)["stages"]["anneal"]["status"] == "failed"
+    assert not (run_dir / "manifest.json").exists() and not (run_dir / "merge").exists()  # refused before any stage
     path = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "1+1=", "chosen": "2", "rejected": "2"}] * 5)
     result, run_dir = cli(
         "+merge=slerp",
@@ -573,7 +573,7 @@ def test_missing_columns_and_nothing_left(cli, tmp_path, tiny):
         run_dir=tmp_path / "run2",
     )
     assert result.returncode == 2 and "No train preference pairs are left" in " ".join(result.stderr.split())
-    assert not (run_dir / "anneal" / "model").exists()
+    assert not (run_dir / "manifest.json").exists() and not (run_dir / "merge").exists()
 
 
 def test_reference_with_another_vocabulary_is_refused(cli, tmp_path, tiny):

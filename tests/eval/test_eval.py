@@ -184,7 +184,12 @@ def test_metrics_schema_and_demo_claims(eval_run):
             assert lo - 1e-9 <= value <= hi + 1e-9, (name, task)
         assert ("reward_accuracy" in m) == (name in ("merged", "annealed"))
     assert models["parent:add"]["kl_to_reference"] == 0.0  # slerp's base, the anneal reference
-    assert models["parent:add"]["benchmarks"]["demo_add"] > 0.95  # the demo's own accuracy.json says 1.0
+    # the README's demo claims, which hold on every machine (docs: the spread over seeds and CPUs)
+    for parent, other in (("add", "reverse"), ("reverse", "add")):  # each parent: its own skill, not the other's
+        assert models[f"parent:{parent}"]["benchmarks"][f"demo_{parent}"] > 0.9
+        assert models[f"parent:{parent}"]["benchmarks"][f"demo_{other}"] < 0.1
+    worst = {name: models[name]["retention"]["worst"] for name in ("merged", "annealed")}
+    assert worst["merged"] < 0.5 < worst["annealed"]  # the merge loses a skill; the anneal brings it back in part
     bench = report["benchmarks"]
     assert bench["tasks"] == {
         t: {"metric": "exact_match", "items": 150, "chance": 0.0} for t in ("demo_add", "demo_reverse")

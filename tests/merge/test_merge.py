@@ -326,7 +326,7 @@ def test_missing_merge_lists_the_options_before_creating_a_run_folder(cli):
 
 def test_unknown_method_group_option(cli):
     result, run_dir = cli("+merge=slurp")
-    assert_clean_failure(result, run_dir, "Could not find 'merge/slurp'", "slerp")
+    assert_clean_failure(result, run_dir, "no option 'slurp'", "Did you mean merge=slerp")
 
 
 def test_unknown_merge_method_name(cli, tiny):

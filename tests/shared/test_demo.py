@@ -1,6 +1,6 @@
 """Tests of the embedded demo (pipeline/demo/: tasks.py, build.py) and of pipeline/generation.py.
 
-The demo is built once (about 3.5 minutes on 2 CPU cores) where the README's first command builds it (the
+The demo is built once (143 s measured on 2 CPU cores) where the README's first command builds it (the
 merge-anneal cache, or $MERGE_ANNEAL_TEST_CACHE) and reused afterwards; the tests that need it are marked
 `slow`.
 """

@@ -96,7 +96,7 @@ def test_a_malformed_preference_line_is_named(cli, tiny, tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     message = " ".join(result.stderr.split("merge-anneal: error:")[-1].split())
     assert "line 7 is not a JSON object" in message and "prefs.jsonl" in message and "Traceback" not in message
-    assert manifest.load(run_dir)["stages"]["anneal"]["status"] == "failed"
+    assert not (run_dir / "manifest.json").exists() and not (run_dir / "merge").exists()  # before the merge
 
 
 def test_resume_skips_a_checkpoint_cut_short_while_saving(tmp_path):
