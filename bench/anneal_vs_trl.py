@@ -8,8 +8,9 @@ merged into the weights). Each measurement is its own process; variants alternat
 
     python bench/anneal_vs_trl.py --quick              # < 10 minutes on 2 CPU cores
     python bench/anneal_vs_trl.py --json bench.json    # writes rss_ratio / time_ratio for the ~100M case
-    python bench/anneal_vs_trl.py --sizes real         # real-length pairs: padding share and real tokens/s
+    python bench/anneal_vs_trl.py --sizes real --quick # real-length pairs: padding share and real tokens/s
     python bench/anneal_vs_trl.py --sizes 100m --switches --repeats 2  # each anneal.perf switch off, against on
+    python bench/anneal_vs_trl.py --sizes real --profile  # where the stage's time goes: torch.profiler, 8 steps
 
 Variants: `anneal` (one run of the stage, reference log-probs computed: what an independent run spends),
 `trl` (plain TRL), the two with LoRA, and `sweep4`: a 4-point merge sweep as Hydra's basic launcher runs it,
@@ -17,14 +18,18 @@ the anneal stage on four merged models (linear, four weights) one after another 
 reference log-prob cache (the first job computes it). Ratios are medians over repetitions of each
 repetition's own ratio; the sweep ratio is the sweep's anneal time over four times an independent run's.
 
-Case `real`: the ~100M model on pairs whose prompt, chosen and rejected lengths are those of a real preference
-data set (REAL_PAIR_TOKENS: the source is named there), one character per token. TRL pads every batch to its
-longest row, so the case reports, for every variant, the share of computed token positions that were padding
-(training forwards; reference forwards) and real tokens per second: the non-padding tokens trained on over the
-whole anneal's wall time (reference pass included); and, from the first repetition, held-out preference accuracy
-on 24 more pairs of the same lengths, paired against `anneal-padded`: the stage with packing off
-(anneal.perf.pack_rows=false). (Length-grouped batches, `anneal-grouped`, are left out: transformers'
-LengthGroupedSampler sorts within groups of min(pairs / (4 x batch), 50) batches, none at this case's size.)
+Case `real`: a run's shape at a size 2 CPU cores train in minutes. A 14.2M Llama (the 10m case's dimensions)
+under bf16 autocast, as a real run on a GPU, on 256 training pairs (REAL_TRAIN_PAIRS) with 10 % of all pairs held
+out (28), whose prompt, chosen and rejected lengths are drawn from a real preference data set's (REAL_PAIR_TOKENS:
+the source is named there; one character per token), at TRL's max_length 1024. TRL pads every batch to its longest
+row, so the case reports, for every variant, the share of computed token positions that were padding (training
+forwards; reference forwards), real tokens per second (the non-padding tokens trained on over the whole anneal's
+wall time, reference pass included) against plain TRL, and the training loop alone against plain TRL's (which
+holds its reference forwards), each the median and min-max over the repetitions; and, from the first repetition,
+held-out preference accuracy on 64 more pairs of the same lengths, paired against the stage (`anneal`, its
+defaults: packing and length-grouped batches). Variants: `anneal-random` (TRL's random batches, packing on),
+`anneal-padded` (anneal.perf.pack_rows=false; not with --quick). --quick: two repetitions, `anneal-random` once,
+about 14 minutes on 2 cores.
 """
 
 import argparse
@@ -72,12 +77,12 @@ SIZES = {
         prompt_chars=100,
         completion_chars=30,
     ),
-    "real": dict(
-        hidden_size=768,
-        num_hidden_layers=10,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        intermediate_size=3072,
+    "real": dict(  # the 10m model's dimensions: 256 pairs of up to 2 x 1024 tokens in minutes on 2 cores
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+        intermediate_size=1536,
         max_length=1024,
     ),  # TRL's default max_length
 }
@@ -87,7 +92,8 @@ SIZES = {
 # 3075df156a6520392aecf5e30bf888b621c0959c; a sample of real UltraFeedback- and Capybara-style DPO pairs). Quantiles
 # p10 / p50 / p90 / max: prompt 14 / 145 / 576 / 768, chosen 5 / 232 / 676 / 884, rejected 57 / 240 / 645 / 818.
 # Records longer than a chunk could not be measured, so the real tail is heavier than this: padding is understated.
-REAL_CHECK_PAIRS = 24  # held out for the check of the trained models (case `real`)
+REAL_CHECK_PAIRS = 64  # beside the run, for the check of the trained models (case `real`)
+REAL_TRAIN_PAIRS = 256  # case `real`: a run's proportions, 256 training pairs and 10 % of all pairs held out
 REAL_PAIR_TOKENS = (
     (28, 422, 137),
     (572, 232, 231),
@@ -123,36 +129,45 @@ def main() -> None:
         action="store_true",
         help="the stage with each anneal.perf switch off in turn, against all on (no plain TRL)",
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="one run of the stage (8 steps) under torch.profiler: where time goes"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--case", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--heldout", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker == "profile":
+        profile_worker(args.case)
+        return
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args.case, args.heldout)))
         return
 
-    repeats = args.repeats or (3 if args.quick else 5)
     work = Path(tempfile.mkdtemp(prefix="anneal-bench-"))
     peaks = matmul_peaks()
     print(f"matmul peak on this machine: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
     report = {}
     try:
         for size in args.sizes.split(","):
-            steps, batch = {"100m": (8, 4), "real": (2 if args.quick else 4, 8)}.get(
+            steps, batch = {"100m": (8, 4), "real": (REAL_TRAIN_PAIRS // 8, 8)}.get(
                 size, (60 if args.quick else 250, 16)
             )
             variants = {
                 "100m": ["anneal", "trl", "sweep4", "anneal-lora", "trl-lora"],
-                "real": ["anneal", "anneal-padded", "trl"],
+                "real": ["anneal", "trl", "anneal-random"] + ([] if args.quick else ["anneal-padded"]),
             }.get(size, ["anneal", "trl"] + ([] if args.quick else ["sweep4"]))
             if args.switches:
                 variants = switch_variants()
+            repeats = args.repeats or (5 if not args.quick else 2 if size == "real" else 3)
             case = prepare(size, work / size, steps, batch, sweep="sweep4" in variants)
+            if args.profile:
+                subprocess.run([sys.executable, __file__, "--worker", "profile", "--case", str(case)], check=True)
+                continue
             runs = {v: [] for v in variants}
             for r in range(repeats):
                 for v in variants[r % len(variants) :] + variants[: r % len(variants)]:  # alternate the order
-                    if v == "sweep4" and args.quick and r > 0:
-                        continue  # --quick times the sweep (four anneals) once
+                    if v in ("sweep4", "anneal-random") and args.quick and r > 0:
+                        continue  # --quick times the sweep (four anneals) and TRL's random order once
                     runs[v].append(run_worker(v, case, heldout=size == "real" and r == 0))
                     last = runs[v][-1]
                     if args.runs_log:  # every measurement as it lands, so a stopped run keeps what it measured
@@ -182,7 +197,8 @@ def prepare(size: str, case_dir: Path, steps: int, batch: int, sweep: bool = Tru
 
     case_dir.mkdir(parents=True)
     cache = Path(os.environ.get("MERGE_ANNEAL_CACHE", "~/.cache/merge-anneal")).expanduser()
-    n_train, n_heldout = steps * batch, batch
+    n_train = steps * batch
+    n_heldout = round(n_train / 9) if size == "real" else batch  # real: 10 % of all pairs
     if size == "demo":
         root = demo.ensure_demo(cache)
         base, parents = root / "base", [root / "add", root / "reverse"]
@@ -230,6 +246,8 @@ def prepare(size: str, case_dir: Path, steps: int, batch: int, sweep: bool = Tru
         "anneal.trainer.activation_checkpointing=false",
         # plain TRL has no merge check (the merged model and the parents scored before the anneal): timed apart
         "pipeline.merge_check.texts=0",
+        # real: bf16 autocast, as a real run on a GPU (`auto` leaves it off below 30M parameters on a CPU)
+        *(["anneal.trainer.bf16=true"] if size == "real" else []),
     ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, "pipeline.stages=[merge]"])
@@ -367,10 +385,10 @@ def worker(variant: str, case: Path, heldout: bool = False) -> dict:
         overrides.append(f"anneal.perf.{switch}={'null' if switch == 'reference_pass_tokens' else 'false'}")
     if variant.startswith("anneal"):
         overrides.append("pipeline.cache=false")  # the reference pass is part of the measured work
-    if variant in ("anneal-padded", "anneal-grouped"):  # without packing; grouped: length-grouped batches instead
+    if variant == "anneal-padded":  # without packing (the reference pass then also meets its pairs in order)
         overrides.append("anneal.perf.pack_rows=false")
-    if variant == "anneal-grouped":
-        overrides.append("anneal.trainer.train_sampling_strategy=group_by_length")
+    if variant == "anneal-random":  # packing, and TRL's random batches instead of the default length-grouped ones
+        overrides.append("anneal.trainer.train_sampling_strategy=random")
     if variant == "sweep4":  # a cache of its own, empty: the sweep's first job computes the reference pass
         overrides = [o for o in overrides if not o.startswith("pipeline.cache_dir=")]
         overrides.append(f"pipeline.cache_dir={tempfile.mkdtemp(prefix='sweep-cache-', dir=case)}")
@@ -411,6 +429,7 @@ def worker(variant: str, case: Path, heldout: bool = False) -> dict:
     return {
         "wall_s": wall,
         "train_s": train_s,
+        "loop_s": final["train_runtime"],  # the training loop alone (plain TRL's: with its reference forwards)
         "tokens": tokens,
         "bf16": bf16,
         "peak_rss_mb": peak,
@@ -419,6 +438,59 @@ def worker(variant: str, case: Path, heldout: bool = False) -> dict:
         "heldout_correct": correct,
         **counters,
     }
+
+
+# torch operators by kind, for --profile (self CPU time, in the order tried)
+OP_KINDS = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_weight_int"),
+    "attention": ("attention", "aten::_scaled_dot_product", "aten::_flash", "aten::_efficient"),
+    "optimizer": ("Optimizer.step", "aten::_foreach", "adamw", "aten::lerp", "aten::addcdiv", "aten::addcmul"),
+    "casts and copies": ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::cat"),
+    "log-softmax and loss": ("log_softmax", "aten::gather", "aten::logsumexp", "nll"),
+}
+
+
+def profile_worker(case: Path) -> None:
+    """The stage once (the case's data and settings, 8 training steps) under torch.profiler; prints self CPU time
+    by kind of operator and the top operators."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, str(REPO))
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from hydra import compose, initialize_config_dir
+
+    from pipeline import CONF_DIR, manifest
+    from stages import anneal
+
+    spec = json.loads((case / "case.json").read_text())
+    overrides = [o for o in spec["overrides"] if not o.startswith("anneal.trainer.max_steps=")]
+    overrides += ["anneal.trainer.max_steps=8", "pipeline.cache=false", "pipeline.stages=[anneal]"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    run_dir = Path(tempfile.mkdtemp(prefix="profile-", dir=case))
+    manifest.save(run_dir, manifest.load(case / "merged-run"))
+    import trl  # noqa: F401
+
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        phases = anneal.run(cfg, run_dir).seconds_by_phase
+    wall = time.perf_counter() - started
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    kinds = collections.Counter()
+    for e in events:
+        kind = next((k for k, names in OP_KINDS.items() if any(n in e.key for n in names)), "other")
+        kinds[kind] += e.self_cpu_time_total
+    print(f"\nprofile: the stage, 8 steps, {wall:.1f} s wall under the profiler; phases {phases}")
+    print("self CPU time by kind of operator (both threads' work, summed):")
+    for kind, us in kinds.most_common():
+        print(f"  {kind:22s} {us / 1e6:8.2f} s  {us / total:6.1%}")
+    print("top operators by self CPU time:")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]:
+        seconds = e.self_cpu_time_total / 1e6
+        print(f"  {e.key[:60]:60s} {seconds:8.2f} s  {e.self_cpu_time_total / total:6.1%}  x{e.count}")
 
 
 def heldout_correct(model_dir: Path, pairs: Path, max_length: int) -> list[int]:
@@ -684,22 +756,29 @@ def summarize(size: str, runs: dict, peaks: dict, case: Path) -> dict:
             "reference": round(1 - (total("real", "reference") or trained) / total("computed", "no_grad"), 3),
         }
         out.setdefault("real_tokens_per_s", {})[v] = round(statistics.median(rate(v, i) for i in range(len(rs))), 1)
-    if runs.get("anneal-padded") and runs["anneal-padded"][0]["heldout_correct"] is not None:
-        from pipeline import metrics  # paired over the same held-out pairs: packing and grouping against no change
+    if runs["anneal"][0].get("heldout_correct") is not None:
+        from pipeline import metrics  # paired over the same check pairs: each variant against the stage's default
 
         correct = {v: rs[0]["heldout_correct"] for v, rs in runs.items()}
         out["heldout_preference_accuracy"] = {v: round(sum(c) / len(c), 3) for v, c in correct.items()}
-        out["heldout_vs_padded"] = {
-            v: metrics.paired_bootstrap(correct[v], correct["anneal-padded"], 1000, 0)
-            for v in correct
-            if v != "anneal-padded"
+        out["heldout_vs_anneal"] = {
+            v: metrics.paired_bootstrap(correct[v], correct["anneal"], 1000, 0) for v in correct if v != "anneal"
         }
-    if "anneal-padded" in wall:
+    if "padding_share" in out:
+        reps = range(len(wall["trl"]))
         for v in [v for v in runs if v.startswith("anneal-") or v == "anneal"]:
-            out.setdefault("real_tokens_per_s_ratio", {})[v] = paired(lambda i, v=v: rate(v, i) / rate("trl", i))
-            out.setdefault("rss_ratio_vs_padded", {})[v] = round(
-                med[v]["peak_rss_mb"] / med["anneal-padded"]["peak_rss_mb"], 3
-            )
+            paired_reps = range(min(len(runs[v]), len(runs["trl"])))
+            ratios = [rate(v, i) / rate("trl", i) for i in paired_reps]
+            loops = [runs["trl"][i]["loop_s"] / runs[v][i]["loop_s"] for i in paired_reps]
+            out.setdefault("real_tokens_per_s_ratio", {})[v] = round(statistics.median(ratios), 3)
+            out.setdefault("real_tokens_per_s_ratio_range", {})[v] = [round(min(ratios), 3), round(max(ratios), 3)]
+            out.setdefault("training_loop_speedup", {})[v] = round(statistics.median(loops), 3)
+            out.setdefault("training_loop_speedup_range", {})[v] = [round(min(loops), 3), round(max(loops), 3)]
+            if "anneal-padded" in runs:
+                out.setdefault("rss_ratio_vs_padded", {})[v] = round(
+                    med[v]["peak_rss_mb"] / med["anneal-padded"]["peak_rss_mb"], 3
+                )
+        out["repetitions"] = {v: len(rs) for v, rs in runs.items()} | {"paired_with_trl": len(reps)}
     if "sweep4" in wall:
         sweeps = range(len(wall["sweep4"]))
         out["sweep4_ratio"] = round(statistics.median(wall["sweep4"][i] / (4 * wall["anneal"][i]) for i in sweeps), 3)
@@ -732,17 +811,22 @@ def summarize(size: str, runs: dict, peaks: dict, case: Path) -> dict:
                 f"real tokens/s {out['real_tokens_per_s'][v]}"
             )
     if "real_tokens_per_s_ratio" in out:
+        span = lambda key, v: "{:.2f}-{:.2f}".format(*out[key + "_range"][v])
+        print(f"against plain TRL, paired per repetition (median, min-max over {out['repetitions']}):")
+        for v, ratio in out["real_tokens_per_s_ratio"].items():
+            print(
+                f"  {v:14s} whole stage real tokens/s {ratio:.2f}x ({span('real_tokens_per_s_ratio', v)})   training "
+                f"loop alone {out['training_loop_speedup'][v]:.2f}x ({span('training_loop_speedup', v)})"
+            )
+        if "rss_ratio_vs_padded" in out:
+            print(f"peak RSS, ratio to the stage without packing: {out['rss_ratio_vs_padded']}")
+    if "heldout_vs_anneal" in out:
         print(
-            f"real tokens/s, ratio to plain TRL: {out['real_tokens_per_s_ratio']}; peak RSS, ratio to the stage "
-            f"without packing: {out['rss_ratio_vs_padded']}"
-        )
-    if "heldout_vs_padded" in out:
-        print(
-            f"held-out preference accuracy {out['heldout_preference_accuracy']}; minus anneal-padded's, paired "
-            f"[95%]: "
+            f"held-out preference accuracy on {len(runs['anneal'][0]['heldout_correct'])} check pairs "
+            f"{out['heldout_preference_accuracy']}; minus the stage's (anneal), paired [95%]: "
             + "; ".join(
                 f"{v} {d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
-                for v, d in out["heldout_vs_padded"].items()
+                for v, d in out["heldout_vs_anneal"].items()
             )
         )
     if "lora_rss_ratio" in out:

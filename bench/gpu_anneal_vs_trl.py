@@ -36,6 +36,13 @@ plain TRL; targets: time <= 1.0x, peak device memory <= 0.8x.
     python bench/gpu_anneal_vs_trl.py --json gpu-bench.json  # also write the results
     python bench/gpu_anneal_vs_trl.py --smoke                # CPU check: tiny model, 2 steps, 1 repeat, fp32
     python bench/gpu_anneal_vs_trl.py --smoke --processes 2  # the same through two gloo CPU processes per side
+    python bench/gpu_anneal_vs_trl.py --real                 # the real case (bench/gpu.sh): below
+    python bench/gpu_anneal_vs_trl.py --real --smoke         # its CPU check
+
+`--real`: the CPU benchmark's real case at a 1B model's size: 256 training pairs (REAL_TRAIN_PAIRS) whose prompt,
+chosen and rejected lengths are drawn from a real preference set's (bench/anneal_vs_trl.py: REAL_PAIR_TOKENS),
+10 % of all pairs held out, TRL's max_length 1024, full fine-tuning; also the share of computed positions that
+were padding (training forwards; reference forwards) and real tokens/s, as the CPU table prints them.
 """
 
 import argparse
@@ -55,7 +62,14 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path[:0] = [str(REPO), str(BENCH)]  # the pipeline, and the CPU benchmark beside this file
-from anneal_vs_trl import make_parents, matmul_peaks, synthetic_pairs  # noqa: E402
+from anneal_vs_trl import (  # noqa: E402
+    REAL_TRAIN_PAIRS,
+    count_padding,
+    make_parents,
+    matmul_peaks,
+    real_length_pairs,
+    synthetic_pairs,
+)
 
 DIMS = {
     "1b": dict(
@@ -88,6 +102,7 @@ def main() -> None:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--modes", default="full,lora", help="full fine-tuning, LoRA, or both")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--real", action="store_true", help="real-length pairs, 256 of them, max_length 1024")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--rank", help=argparse.SUPPRESS)
     parser.add_argument("--case", type=Path, help=argparse.SUPPRESS)
@@ -112,8 +127,11 @@ def main() -> None:
     processes = available if args.processes == "all" else int(args.processes)
     if processes < 1 or (cuda and processes > available):
         raise SystemExit(f"gpu_anneal_vs_trl.py: --processes {processes}, but this machine has {available} GPU(s)")
+    if args.real:
+        args.steps, args.max_length = REAL_TRAIN_PAIRS // args.batch, 1024
     if args.smoke:
-        args.repeats, args.steps, args.batch, args.max_length = 1, 2, 2, 64
+        args.repeats, args.steps, args.batch = 1, 2, 2
+        args.max_length = 1024 if args.real else 64
     if cuda:
         peak, device = cuda_matmul_peak() * processes, f"{torch.cuda.get_device_name()} x{processes}"
     else:
@@ -141,7 +159,7 @@ def main() -> None:
                 )
         n_params = json.loads((case / "case.json").read_text())["n_params"]
         settings = {
-            k: getattr(args, k) for k in ("steps", "batch", "max_length", "repeats", "activation_checkpointing")
+            k: getattr(args, k) for k in ("steps", "batch", "max_length", "repeats", "activation_checkpointing", "real")
         }
         report = summarize(runs, n_params, peak, device, settings | {"processes": processes, "smoke": args.smoke})
     finally:
@@ -172,9 +190,13 @@ def prepare(work: Path, dims: dict, args, processes: int, cuda: bool) -> Path:
         config = json.loads((folder / "config.json").read_text())
         config["max_position_embeddings"] = max(256, args.max_length)
         (folder / "config.json").write_text(json.dumps(config, indent=2))
-    n_train, n_heldout = args.steps * args.batch * processes, args.batch
-    completion_chars = args.max_length // 5
-    rows = synthetic_pairs(n_train + n_heldout, args.max_length - completion_chars - 4, completion_chars)
+    n_train = args.steps * args.batch * processes
+    if args.real:  # a run's proportions: 10 % of all pairs held out
+        n_heldout = max(1, round(n_train / 9))
+        rows = real_length_pairs(n_train + n_heldout)
+    else:
+        n_heldout, completion_chars = args.batch, args.max_length // 5
+        rows = synthetic_pairs(n_train + n_heldout, args.max_length - completion_chars - 4, completion_chars)
     (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:n_train]))
     (work / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[n_train:]))
     overrides = [
@@ -215,6 +237,7 @@ def prepare(work: Path, dims: dict, args, processes: int, cuda: bool) -> Path:
         "n_params": n_params,
         "processes": processes,
         "cpu": not cuda,
+        "real": args.real,
     }
     (work / "case.json").write_text(json.dumps(spec))
     return work
@@ -280,6 +303,7 @@ def worker(variant: str, case: Path) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"{variant}-", dir=case))
     manifest.save(run_dir, manifest.load(case / "merged-run"))
     cuda, processes = torch.cuda.is_available(), spec["processes"]
+    padding = count_padding() if spec["real"] and processes == 1 else None  # this process's forwards
     if cuda and processes == 1:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -330,6 +354,7 @@ def worker(variant: str, case: Path) -> dict:
         "train_s": final["train_runtime"] + reference_s,
         "tokens": steps[-1]["num_tokens"],
         "own_memory": own,
+        "positions": json.loads(json.dumps(padding)) if padding else None,
     }
 
 
@@ -447,9 +472,16 @@ def summarize(runs: dict, n_params: int, peak: float, device: str, settings: dic
             f"{mode:5s} stage / plain TRL: time {verdict(time_ratio, 'time')}   "
             f"peak device memory {verdict(memory_ratio, 'memory')}"
         )
+    padding = padding_shares(runs)
+    for v, share in padding.items():
+        print(
+            f"  {v:12s} padding share of computed positions: training {share['train']:.1%}   reference "
+            f"{share['reference']:.1%}   real tokens/s {med[v]['tokens_per_s']:.0f}"
+        )
     return {
         "device": device,
         "n_params": n_params,
+        "padding_share": padding,
         "peak_flops": peak,
         "settings": settings,
         "targets": TARGETS,
@@ -457,6 +489,22 @@ def summarize(runs: dict, n_params: int, peak: float, device: str, settings: dic
         "medians": med,
         "runs": runs,
     }
+
+
+def padding_shares(runs: dict) -> dict:
+    """--real: per variant, the share of computed positions that were padding, training forwards (with gradients)
+    against TRL's real training tokens, reference forwards (without) against the real tokens they scored."""
+    shares = {}
+    for v, rs in runs.items():
+        if not rs[0].get("positions"):
+            continue
+        total = lambda kind, key, rs=rs: sum(r["positions"][kind][key] for r in rs)
+        trained = sum(r["tokens"] for r in rs)
+        shares[v] = {
+            "train": 1 - trained / total("computed", "grad"),
+            "reference": 1 - (total("real", "reference") or trained) / total("computed", "no_grad"),
+        }
+    return shares
 
 
 if __name__ == "__main__":

@@ -9,9 +9,15 @@ Position ids restart at every sequence, and transformers builds the block-causal
 before it; the per-token outputs go back to the padded layout. TRL then reads the same numbers, up to float
 rounding, that it would have computed with the padding.
 
-The first packed batch of a model class (and attention implementation) in a process is also computed unpacked,
-once, without gradients: where the two disagree (a model whose attention ignores packed position ids), packing
-stays off for it, with a warning.
+The first packed batch of a model class (and attention implementation) in a process has its rows that were packed
+beside another computed unpacked too, once, without gradients (at most a batch, whatever the data): where the two
+disagree (a model whose attention ignores packed position ids), packing stays off for it, with a warning.
+
+The reference pass (stages/anneal/trainers.py: ScoringTrainer) also meets its pairs shortest first, so a batch holds
+pairs of about one length and packs with about the padding of training's batches (a batch in the given order pads
+to its one long pair); the stored log-probs go back to the pairs' order. Shortest first, because several processes
+even out their last batch with the first pairs again: short ones, which never widen the last (longest) batch, so
+every rank scores the batches one process would and the store is the same.
 """
 
 import contextlib
@@ -36,6 +42,19 @@ def plan(lengths: list[int], capacity: int) -> list[list[int]]:
             bins.append([row])
             free.append(capacity - lengths[row])
     return bins
+
+
+def shortest_first(lengths: list[int]) -> list[int]:
+    """Row indices by length, shortest first (ties in their given order): batches of rows of about one length."""
+    return sorted(range(len(lengths)), key=lambda i: lengths[i])
+
+
+def inverse(order: list[int]) -> list[int]:
+    """The permutation that puts rows taken in `order` back where they were."""
+    back = [0] * len(order)
+    for position, row in enumerate(order):
+        back[row] = position
+    return back
 
 
 def layout(lengths: list[int], capacity: int):
@@ -118,7 +137,7 @@ class PackedForward:
             self.tally(rows, rows, width)
             return self.forward(*args, **kwargs)
         out = self.forward_packed(kwargs, placed, rows, width)
-        if self.kind not in CHECKED and not self.check(out, kwargs):
+        if self.kind not in CHECKED and not self.check(out, kwargs, shared_rows(placed[0]), lengths):
             self.tally(rows, rows, width)
             return self.forward(*args, **kwargs)
         self.tally(rows, len(placed[0]), width)
@@ -151,14 +170,24 @@ class PackedForward:
                 out[name] = unpack(value, moves, rows, width - 1)
         return out
 
-    def check(self, out, kwargs: dict) -> bool:
-        """The first packed batch of this model class, computed padded too (no gradients): whether they agree.
-        Where they do not, packing stays off for the class, with a warning."""
+    def check(self, out, kwargs: dict, rows: list[int], lengths) -> bool:
+        """The first packed batch of this model class: its rows that share a packed row with another (`rows`, the
+        only ones packing could get wrong) computed padded too, without gradients, at their own width; whether the
+        two agree. Its cost is at most one batch's, however large the data. Where they disagree, packing stays off
+        for the class, with a warning."""
         import torch
 
+        width = int(lengths[rows].max())
+        batch, index = kwargs["input_ids"].shape, torch.tensor(rows, device=lengths.device)
+        alone = {  # the bin's rows, trimmed to their longest (right padding: only padding is cut)
+            key: value.index_select(0, index)[:, :width]
+            if torch.is_tensor(value) and value.dim() == 2 and tuple(value.shape) == tuple(batch)
+            else value
+            for key, value in kwargs.items()
+        }
         with torch.no_grad():
-            padded = self.forward(**kwargs).log_probs.sum(dim=1)
-        ours = out.log_probs.detach().sum(dim=1)
+            padded = self.forward(**alone).log_probs.sum(dim=1)
+        ours = out.log_probs.detach().index_select(0, index).sum(dim=1)
         CHECKED[self.kind] = torch.allclose(ours.float(), padded.float(), rtol=1e-2, atol=1e-2)
         if not CHECKED[self.kind]:
             self.counts["off"] = True
@@ -174,6 +203,11 @@ class PackedForward:
         self.counts["positions"] += rows * width
         self.counts["packed_rows"] += computed_rows
         self.counts["packed_positions"] += computed_rows * width
+
+
+def shared_rows(bins: list[list[int]]) -> list[int]:
+    """The rows packed beside another one (bins of two or more rows), in order."""
+    return sorted(row for rows in bins if len(rows) > 1 for row in rows)
 
 
 def unpack(value, moves, rows: int, width: int):

@@ -7,7 +7,8 @@ functions): `python -m pipeline --help` and the settings checks stay cheap.
   option for log-probs computed elsewhere); lengths for length-grouped batches.
 - `StoppingCPOTrainer`, `StoppingORPOTrainer`: TRL's reference-free trainers (trl.experimental, TRL 1.16).
 - each of them stops at the step whose loss is not finite (`StopsWhenNotFinite`);
-- `ScoringTrainer`: TRL's own precompute as the reference pass (stages/anneal/reference.py), packed where asked;
+- `ScoringTrainer`: TRL's own precompute as the reference pass (stages/anneal/reference_pass.py), packed where
+  asked, its pairs then met shortest first;
 - `JsonlLogger`: every training log as one JSON line, from the main process;
 - `TrainingProgress`: the console's one training bar (steps, ETA, the last loss, reward accuracy and margin) in
   place of transformers' bar and its printed log dicts, and each log as one line in the run's log file.
@@ -105,8 +106,14 @@ class ScoringTrainer(DPOTrainer):
                 f"to {'train on' if split == 'train' else 'evaluate'}. Fix: raise anneal.trainer.max_length "
                 "(e.g. 1024 or 2048 for chat models), or shorten the prompts."
             )
-        with packing.packed(self.model, self.pack):
+        if not self.pack:
             return super()._precompute_ref_logps(dataset, name, batch_size)
+        # packed, the pass also meets its pairs shortest first (packing.py says why): each batch holds pairs of
+        # about one length, so its rows pack with little padding left; the result goes back to the order given
+        order = packing.shortest_first(preferences.padded_lengths(dataset, self.args.max_length))
+        with packing.packed(self.model, True):
+            scored = super()._precompute_ref_logps(dataset.select(order).flatten_indices(), name, batch_size)
+        return scored.select(packing.inverse(order)).flatten_indices()
 
 
 class JsonlLogger(TrainerCallback):

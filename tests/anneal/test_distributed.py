@@ -18,8 +18,15 @@ TWO_CPU_PROCESSES = ["distributed=ddp", "distributed.use_cpu=true", "distributed
 
 @pytest.fixture
 def compose_cfg(make_cfg, tiny):
+    # TRL's random order: one permutation of the pairs, whatever the per-device batch, so one process and two see the
+    # same global batches (length-grouped batches, the default, are grouped per device batch)
     return lambda *overrides: make_cfg(
-        "+merge=slerp", "pipeline.stages=[merge,anneal]", "pipeline.cache=false", *tiny.overrides, *overrides
+        "+merge=slerp",
+        "pipeline.stages=[merge,anneal]",
+        "pipeline.cache=false",
+        "anneal.trainer.train_sampling_strategy=random",
+        *tiny.overrides,
+        *overrides,
     )
 
 

@@ -36,6 +36,14 @@ def batch(rows: int, width: int, vocab: int, seed: int):
     return ids * mask, mask, labels
 
 
+def test_the_reference_pass_order_and_the_rows_the_check_recomputes():
+    order = packing.shortest_first([3, 9, 1, 9, 5])
+    assert order == [2, 0, 4, 1, 3]  # shortest first, ties in their given order
+    back = packing.inverse(order)
+    assert [order[i] for i in back] == [0, 1, 2, 3, 4]  # taken in `order`, put back where they were
+    assert packing.shared_rows([[0], [2, 1], [5], [4, 3, 6]]) == [1, 2, 3, 4, 6]  # rows packed beside another
+
+
 def test_packed_log_probs_and_gradients_equal_the_padded_computation(tiny):
     model = AutoModelForCausalLM.from_pretrained(tiny["add"], dtype=torch.float32)
     add_fused_lm_head(model)
