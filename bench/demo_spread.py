@@ -48,8 +48,6 @@ def figures(metrics: dict) -> dict[str, float | str]:
     for model in ("merged", "annealed"):
         out[f"{model} worst retention"] = metrics["models"][model]["retention"]["worst"]
         out[f"{model} held-out preference accuracy"] = metrics["models"][model]["preference_accuracy"]
-    for model, reward in metrics["win_rate"]["mean_reward"].items():
-        out[f"{model} mean reward"] = reward
     for opponent, row in metrics["win_rate"]["vs"].items():
         out[f"annealed vs {opponent}: win rate"] = row["win_rate"]
         out[f"annealed vs {opponent}: length-controlled"] = row["length_controlled"]
