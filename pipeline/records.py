@@ -191,6 +191,7 @@ class AnnealRecord(StageRecord):
     saved_for_backward: dict = {}  # what LeanSavedTensors stored leaner, over training
     reference_batch_size: int | None = None
     resumed_from: str | None = None  # the checkpoint training resumed from
+    extrapolation: dict | None = optional()  # anneal.extrapolate: every alpha's validation accuracy, the one kept
     final_log: dict = {}  # the trainer's last log line
     seconds_by_phase: dict[str, float] = {}
 
@@ -284,6 +285,7 @@ class EvalReport(BaseModel):
     win_rate: dict[str, Any] | None = None  # reward, vs: opponent -> win rates, reward_accuracy, ...
     contamination: dict[str, Any] = {}
     verdict: dict[str, Any] = {}  # capabilities, answers, ship, sentence
+    extrapolation: dict[str, Any] | None = None  # anneal.extrapolate: alphas (validation accuracy), chosen, pairs
 
     @property
     def annealed_vs_merged(self) -> dict[str, Any]:

@@ -65,14 +65,30 @@ def run(cfg: DictConfig, run_dir: Path) -> records.AnnealRecord:
     merge = records.load(run_dir, records.MergeRecord)
     references = refs.choose(anneal, merge)
     pairs, dropped, routes = load_pairs(anneal, data, references)
-    checked = None
-    if not launch.launched():  # the gate, once, in the pipeline's own process
-        check = MergeCheck.of(cfg.pipeline.merge_check, "pipeline.merge_check")
-        checked = gate.perplexity_gate(check, pairs["heldout"], merge, anneal.trainer, int(cfg.eval.batch_size))
-        if launch.wanted(cfg.distributed):
-            return launch.run(cfg, run_dir, len(pairs["train"])).model_copy(update={"merge_check": checked})
-    record = anneal_here(cfg, Path(run_dir), anneal, merge, references, (pairs, dropped, routes))
-    return record.model_copy(update={"merge_check": checked})
+    validation = pairs.pop("validation", None)
+    if launch.launched():  # one rank of a distributed anneal
+        return anneal_here(cfg, Path(run_dir), anneal, merge, references, (pairs, dropped, routes))
+    check = MergeCheck.of(cfg.pipeline.merge_check, "pipeline.merge_check")  # the gate, once, in this process
+    checked = gate.perplexity_gate(check, pairs["heldout"], merge, anneal.trainer, int(cfg.eval.batch_size))
+    if launch.wanted(cfg.distributed):
+        record = launch.run(cfg, run_dir, len(pairs["train"]))
+    else:
+        record = anneal_here(cfg, Path(run_dir), anneal, merge, references, (pairs, dropped, routes))
+    record = record.model_copy(update={"merge_check": checked})
+    if validation is None:
+        return record
+    from stages.anneal import extrapolate
+
+    chosen = extrapolate.extrapolate(
+        anneal.extrapolate,
+        Path(merge.outputs.model),
+        Path(record.outputs.model),
+        validation,
+        Path(run_dir) / "anneal",
+        anneal.trainer,
+        int(cfg.eval.batch_size),
+    )
+    return record.model_copy(update={"extrapolation": chosen})
 
 
 def anneal_here(
@@ -164,6 +180,10 @@ def load_pairs(anneal: AnnealSettings, data: DataSettings, references: refs.Refe
     (checked before any model is loaded)."""
     routed = references.parents and anneal.reference_combine == "route"
     pairs, dropped = preferences.load_preferences(data, keep=(anneal.reference_route,) if routed else ())
+    if anneal.extrapolate:  # extrapolation's validation pairs, carved by prompt from training before it starts
+        pairs["train"], pairs["validation"] = preferences.split_by_prompt(
+            pairs["train"], anneal.extrapolate_validation, seed=int(anneal.trainer.get("seed", 42))
+        )
     routes = refs.route_of(pairs, anneal.reference_route, list(references.sources)) if routed else None
     return pairs, dropped, routes
 

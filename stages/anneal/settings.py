@@ -7,7 +7,7 @@ BitsAndBytesConfig.
 
 from typing import Any, Literal
 
-from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from pipeline.settings import Settings
 
@@ -47,6 +47,8 @@ class AnnealSettings(Settings):
     perf: PerfSwitches
     memory_check: bool
     trainer: dict[str, Any]
+    extrapolate: list[PositiveFloat] | None = None
+    extrapolate_validation: float = Field(0.05, gt=0, lt=0.5)
 
     @property
     def mode(self) -> str:

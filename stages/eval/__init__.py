@@ -246,6 +246,7 @@ def summarize(
         "bootstrap": {"resamples": settings.bootstrap_resamples, "seed": settings.seed, "confidence": 0.95},
         "generation": health,
         "scoring_seconds": round(seconds, 3),
+        "extrapolation": anneal.extrapolation,
         "benchmarks": summary.benchmarks_section(bench),
         "win_rate": judged,
         "contamination": audit(inputs, per_item),

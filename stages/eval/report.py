@@ -104,6 +104,7 @@ def report_markdown(report: dict, shown: list[str], samples: dict) -> str:
         f"DPO beta {report['beta']}; 95% percentile bootstrap intervals, {report['bootstrap']['resamples']} "
         f"resamples, seed {report['bootstrap']['seed']}. DPO reference: {reference['anneal']}{parents}; "
         f"kl_to_reference is measured against {reference['kl_to']}.",
+        *extrapolation_line(report.get("extrapolation")),
         *metrics_section(report["models"]),
         *benchmarks_section(report.get("benchmarks"), report["models"]),
         *retention_section(report["models"]),
@@ -115,6 +116,19 @@ def report_markdown(report: dict, shown: list[str], samples: dict) -> str:
         *samples_section(shown, samples),
     ]
     return "\n".join(lines) + "\n"
+
+
+def extrapolation_line(extrapolation: dict | None) -> list[str]:
+    """anneal.extrapolate: which alpha became the annealed model, chosen on the validation pairs."""
+    if not extrapolation:
+        return []
+    tried = ", ".join(f"{alpha} {accuracy:.3f}" for alpha, accuracy in extrapolation["alphas"].items())
+    return [
+        "",
+        f"The annealed model is extrapolated, merged + {extrapolation['chosen']:g} x (annealed - merged): the alpha "
+        f"with the best preference accuracy on {extrapolation['validation_pairs']} validation pairs carved from the "
+        f"training pairs (alpha: accuracy {tried}; 1 is the model as trained).",
+    ]
 
 
 def interval(value: float, ci, fmt: str = ".3f") -> str:

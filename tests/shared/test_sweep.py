@@ -245,6 +245,7 @@ def test_presets_compose(make_cfg):
             ("anneal_ablation", "+anneal_variant"),
             ("search", "merge.parameters.t"),
             ("data_size", "data.train_pairs"),
+            ("anchored_losses", "anneal.trainer.loss_type"),
         ):
             cfg = compose("config", overrides=[f"+sweep={preset}"], return_hydra_config=True)
             assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and key in cfg.hydra.sweeper.params, preset
