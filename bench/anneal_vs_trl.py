@@ -495,26 +495,10 @@ def profile_worker(case: Path) -> None:
 
 def heldout_correct(model_dir: Path, pairs: Path, max_length: int) -> list[int]:
     """Per held-out pair, 1 where the model gives its chosen answer the higher log-prob (eval's scoring)."""
-    import torch
-
     from pipeline import scoring
 
-    tokenizer, model = scoring.load_tokenizer(model_dir), scoring.load_model(model_dir)
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
-    with torch.no_grad():
-        logps = {
-            answer: scoring.score(
-                model,
-                [
-                    scoring.tokenize_completion(tokenizer, r["prompt"], r[answer], max_length, "keep_start")
-                    for r in rows
-                ],
-                batch_size=8,
-                pad_id=tokenizer.pad_token_id,
-            )["logps"]
-            for answer in ("chosen", "rejected")
-        }
-    return (logps["chosen"] > logps["rejected"]).int().tolist()
+    return scoring.chosen_preferred(model_dir, rows, max_length, "keep_start", batch_size=8).int().tolist()
 
 
 def sweep_worker(cfg, case: Path, run_dir: Path) -> dict:

@@ -5,9 +5,11 @@ not metrics files:
 - `load_model`, `load_tokenizer`: the one loader (bf16 spread over the CUDA GPUs where there are any, float32 on
   the CPU);
 - `tokenize_completion` (TRL's DPO tokenisation: the completion after the shared prefix of prompt and
-  prompt + completion, EOS for plain text, truncated as TRL truncates), `tokenize_text` (a corpus text);
+  prompt + completion, EOS for plain text, truncated as TRL truncates), `tokenize_pairs` (every pair's chosen and
+  rejected answer so), `tokenize_text` (a corpus text);
 - `score`: batched no-grad forwards over right-padded sequences, per sequence the summed and mean log-prob of its
-  masked tokens, their count, and the mean per-token KL to a reference;
+  masked tokens, their count, and the mean per-token KL to a reference; `chosen_preferred`: per pair, whether a
+  model gives its chosen answer the higher summed log-prob;
 - generation: `generate` (greedy or seeded sampling), `greedy_answers`, `health`, from `pipeline.generation` (its
   own module because the demo's build uses it too, and the demo's cache key reads none of it).
 
@@ -79,6 +81,14 @@ def tokenize_completion(tokenizer, prompt, completion, max_length, truncation_mo
     return full_ids, mask
 
 
+def tokenize_pairs(tokenizer, rows, max_length, truncation_mode: str) -> dict[str, list]:
+    """`{"chosen": [...], "rejected": [...]}`: each pair's answers tokenised as `tokenize_completion` does."""
+    return {
+        answer: [tokenize_completion(tokenizer, r["prompt"], r[answer], max_length, truncation_mode) for r in rows]
+        for answer in ("chosen", "rejected")
+    }
+
+
 def tokenize_text(tokenizer, text: str, max_length):
     """A corpus text: every token after the first counts (the first has no context to be predicted from)."""
     ids = tokenizer(text=text)["input_ids"][:max_length]
@@ -100,6 +110,22 @@ def batches(sequences, batch_size: int, pad_id: int):
             attention[row, : len(seq)] = 1
             loss_mask[row, : len(seq)] = torch.tensor(mask, dtype=torch.float32)
         yield ids, attention, loss_mask
+
+
+def chosen_preferred(model_dir, rows, max_length, truncation_mode: str, batch_size: int):
+    """Per pair of `rows` (prompt, chosen, rejected), whether the model at `model_dir` gives the chosen answer the
+    higher summed log-prob (a bool tensor); the model is freed before this returns."""
+    import torch
+
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
+    pad_id = tokenizer.pad_token_id or 0
+    with torch.no_grad():
+        logps = {
+            answer: score(model, sequences, batch_size, pad_id)["logps"]
+            for answer, sequences in tokenize_pairs(tokenizer, rows, max_length, truncation_mode).items()
+        }
+    del model
+    return logps["chosen"] > logps["rejected"]
 
 
 def score(model, sequences, batch_size: int, pad_id: int, reference=None) -> dict:

@@ -48,8 +48,7 @@ def check(cfg: DictConfig) -> None:
     data = DataSettings.of(cfg.data, "data")
     preferences.check_sources(data)
     if data.source != "demo":  # read and column-checked now, so a bad file costs seconds, not a merge
-        route = anneal.reference == "parents" and anneal.reference_combine == "route"
-        preferences.load_preferences(data, keep=(anneal.reference_route,) if route else ())
+        preferences.load_preferences(data, keep=route_column(anneal))
     precision = perf.decide_precision(anneal, 0)  # what TRL validates does not depend on the model's size
     training.method_config(anneal, training.dpo_config(anneal, Path("checkpoints"), precision), precision)
     training.lora_config(anneal)
@@ -178,14 +177,19 @@ def dropped_text(dropped: dict) -> str:
 def load_pairs(anneal: AnnealSettings, data: DataSettings, references: refs.References):
     """The preference pairs, the counts of rows dropped, and under `reference_combine=route` each pair's parent
     (checked before any model is loaded)."""
-    routed = references.parents and anneal.reference_combine == "route"
-    pairs, dropped = preferences.load_preferences(data, keep=(anneal.reference_route,) if routed else ())
+    pairs, dropped = preferences.load_preferences(data, keep=route_column(anneal))
     if anneal.extrapolate:  # extrapolation's validation pairs, carved by prompt from training before it starts
         pairs["train"], pairs["validation"] = preferences.split_by_prompt(
             pairs["train"], anneal.extrapolate_validation, seed=int(anneal.trainer.get("seed", 42))
         )
-    routes = refs.route_of(pairs, anneal.reference_route, list(references.sources)) if routed else None
+    routes = refs.route_of(pairs, anneal.reference_route, list(references.sources)) if route_column(anneal) else None
     return pairs, dropped, routes
+
+
+def route_column(anneal: AnnealSettings) -> tuple[str, ...]:
+    """The data column that names each pair's parent under `reference=parents, reference_combine=route`; else none."""
+    routed = str(anneal.reference) == "parents" and anneal.reference_combine == "route"
+    return (anneal.reference_route,) if routed else ()
 
 
 def check_vocabularies(tokenizer, merged_dir: Path, references: refs.References) -> None:

@@ -31,17 +31,7 @@ def choose(scores: dict[float, float]) -> float:
 
 def validation_accuracy(model_dir: Path, pairs, max_length: int, truncation: str, batch_size: int) -> float:
     """Share of `pairs` whose chosen answer the model at `model_dir` gives the higher summed log-prob."""
-    import torch
-
-    tokenizer, model = scoring.load_tokenizer(model_dir), scoring.load_model(model_dir)
-    tokenized = {
-        answer: [scoring.tokenize_completion(tokenizer, r["prompt"], r[answer], max_length, truncation) for r in pairs]
-        for answer in ("chosen", "rejected")
-    }
-    with torch.no_grad():
-        logps = {a: scoring.score(model, s, batch_size, tokenizer.pad_token_id)["logps"] for a, s in tokenized.items()}
-    del model
-    return float((logps["chosen"] > logps["rejected"]).float().mean())
+    return float(scoring.chosen_preferred(model_dir, pairs, max_length, truncation, batch_size).float().mean())
 
 
 def build(merged_dir: Path, annealed_dir: Path, alpha: float, out: Path) -> Path:

@@ -113,7 +113,7 @@ class ScoringTrainer(DPOTrainer):
         order = packing.shortest_first(preferences.padded_lengths(dataset, self.args.max_length))
         with packing.packed(self.model, True):
             scored = super()._precompute_ref_logps(dataset.select(order).flatten_indices(), name, batch_size)
-        return scored.select(packing.inverse(order)).flatten_indices()
+        return scored.select(packing.inverse(order))
 
 
 class JsonlLogger(TrainerCallback):

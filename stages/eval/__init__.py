@@ -92,12 +92,7 @@ def load(run_dir: Path, settings: EvalSettings) -> Inputs:
     store = preferences.read_store(Path(anneal.outputs.reference_logps))
     heldout, tokenizer = store["heldout"], scoring.load_tokenizer(merged_dir)
     max_length, truncation = anneal.trainer.max_length, scoring.truncation_mode(anneal.trainer.truncation_mode)
-    tokenized = {
-        answer: [
-            scoring.tokenize_completion(tokenizer, r["prompt"], r[answer], max_length, truncation) for r in heldout
-        ]
-        for answer in ("chosen", "rejected")
-    }
+    tokenized = scoring.tokenize_pairs(tokenizer, heldout, max_length, truncation)
     corpus_path = text_corpus(settings.text_corpus, anneal.config.data.heldout_text)
     texts = [scoring.tokenize_text(tokenizer, t, max_length) for t in read_texts(corpus_path)] if corpus_path else None
     raw = {scoring.prompt_text(tokenizer, p): p for p in heldout["prompt"]}
