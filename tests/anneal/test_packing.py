@@ -91,6 +91,17 @@ def test_a_model_that_ignores_packed_positions_is_computed_padded(tiny, caplog, 
     assert later["off"] and later["packed_rows"] == later["rows"]
 
 
+def test_the_check_tells_bf16_rounding_from_attention_across_sequences():
+    # Rows as SmolLM2-135M gave them under bf16 autocast: 25 predicted tokens summing to -20.0 packed; the padded
+    # shape rounds to -20.52 (a fraction of a nat in all), where attention across the packed sequences is off by
+    # whole nats a token (-35.7). A fixed 1e-2 on the sums took the first for the second.
+    packed = torch.zeros(2, 30)
+    packed[:, :25] = -20.0 / 25
+    assert packing.difference_per_token(packed, torch.tensor([-20.52, -20.0])) <= packing.PER_TOKEN_TOLERANCE
+    assert packing.difference_per_token(packed, torch.tensor([-20.0, -35.7])) > packing.PER_TOKEN_TOLERANCE
+    assert not torch.allclose(packed.sum(dim=1), torch.tensor([-20.52, -20.0]), rtol=1e-2, atol=1e-2)  # the old rule
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_calls_it_cannot_pack_pass_through(tiny, enabled):
     model = AutoModelForCausalLM.from_pretrained(tiny["add"], dtype=torch.float32)
