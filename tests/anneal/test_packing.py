@@ -92,14 +92,19 @@ def test_a_model_that_ignores_packed_positions_is_computed_padded(tiny, caplog, 
 
 
 def test_the_check_tells_bf16_rounding_from_attention_across_sequences():
-    # Rows as SmolLM2-135M gave them under bf16 autocast: 25 predicted tokens summing to -20.0 packed; the padded
-    # shape rounds to -20.52 (a fraction of a nat in all), where attention across the packed sequences is off by
-    # whole nats a token (-35.7). A fixed 1e-2 on the sums took the first for the second.
-    packed = torch.zeros(2, 30)
+    # Rows of 25 predicted tokens summing to -20.0 packed. Under bf16 autocast SmolLM2-135M's padded shape rounded
+    # rows up to 0.050 nats a token away, either way; attention across the packed sequences moved a row by at least
+    # 0.29 a token there, 0.0018 on an untrained model in float32. A fixed 1e-2 on each sum took the first for the
+    # second.
+    packed = torch.zeros(4, 30)
     packed[:, :25] = -20.0 / 25
-    assert packing.difference_per_token(packed, torch.tensor([-20.52, -20.0])) <= packing.PER_TOKEN_TOLERANCE
-    assert packing.difference_per_token(packed, torch.tensor([-20.0, -35.7])) > packing.PER_TOKEN_TOLERANCE
-    assert not torch.allclose(packed.sum(dim=1), torch.tensor([-20.52, -20.0]), rtol=1e-2, atol=1e-2)  # the old rule
+    rounded = torch.tensor([-20.52, -18.75, -20.0, -20.3])  # 0.021, 0.050, 0, 0.012 nats a token
+    assert packing.difference_per_token(packed, rounded) <= packing.PER_TOKEN_TOLERANCE["bf16"]
+    across = torch.tensor([-20.0, -27.3, -20.0, -20.0])  # one row 0.29 a token off
+    assert packing.difference_per_token(packed, across) > packing.PER_TOKEN_TOLERANCE["bf16"]
+    untrained = torch.tensor([-20.0, -20.045, -20.0, -20.0])  # 0.0018 a token: an untrained model, float32
+    assert packing.difference_per_token(packed, untrained) > packing.PER_TOKEN_TOLERANCE["float32"]
+    assert not torch.allclose(packed.sum(dim=1), rounded, rtol=1e-2, atol=1e-2)  # the old rule
 
 
 @pytest.mark.parametrize("enabled", [True, False])
