@@ -205,21 +205,27 @@ def run(root: Path, losses: list[str], steps: int | None, learning_rate: float |
 
 
 def table(sweep: Path) -> str:
-    """One row per job: the recipe, worst retention, each task, held-out preference accuracy and perplexity (95 %
-    intervals), the extrapolation alpha chosen on validation pairs and the verdict, with the merged model's first."""
+    """One row per job: the recipe, worst retention, each task, held-out preference accuracy, perplexity and the share
+    of sampled answers that end (95 % intervals), the extrapolation alpha chosen on validation pairs and the verdict,
+    with the merged model's first."""
     fmt = lambda value, ci: f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
-    rows = ["| recipe | worst retention | pydoc_match | pydoc_fluency | pref. acc. | perplexity | alpha | verdict |"]
-    rows.append("|---|---|---|---|---|---|---|---|")
+    head = ["recipe", "worst retention", "pydoc_match", "pydoc_fluency", "pref. acc.", "perplexity", "ends with EOS"]
+    head += ["alpha", "verdict"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for job in sorted(sweep.glob("[0-9]*/eval/metrics.json"), key=lambda p: int(p.parent.parent.name)):
         metrics = json.loads(job.read_text())
         overrides = (job.parent.parent / ".hydra" / "overrides.yaml").read_text()
         recipe = re.search(r"loss_type=(\[[^]]*\])", overrides).group(1)
+        weights = re.search(r"loss_weights=(\[[^]]*\])", overrides)
+        recipe += f" {weights.group(1)}" if weights else ""
         names = ("merged", "annealed") if job.parent.parent.name == "0" else ("annealed",)
         for name in names:
             m, ci = metrics["models"][name], metrics["models"][name]["ci95"]
             cells = [fmt(m["retention"]["worst"], ci["retention"]["worst"])]
             cells += [fmt(m["benchmarks"][t], ci["benchmarks"][t]) for t in ("pydoc_match", "pydoc_fluency")]
             cells += [fmt(m["preference_accuracy"], ci["preference_accuracy"]), f"{m['perplexity']:.1f}"]
+            health = metrics["generation"]["models"][name]
+            cells += [fmt(health["ends_with_eos"], health["ci95"]["ends_with_eos"])]
             chosen = (metrics.get("extrapolation") or {}).get("chosen", "-") if name == "annealed" else "-"
             verdict = metrics["verdict"]["capabilities"] if name == "annealed" else "-"
             rows.append(

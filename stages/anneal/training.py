@@ -50,6 +50,7 @@ def dpo_config(anneal: AnnealSettings, output_dir: Path, precision: perf.Precisi
     owned = sorted(set(fields) & OWNED_FIELDS)
     if owned:
         raise UserError(f"anneal.trainer.{owned[0]} is set by merge-anneal. Fix: remove it.")
+    check_loss_weights(fields.get("loss_type"), fields.get("loss_weights"))
     try:
         args = DPOConfig(output_dir=str(output_dir), precompute_ref_log_probs=True, **fields)
     except (TypeError, ValueError) as err:
@@ -64,6 +65,18 @@ def dpo_config(anneal: AnnealSettings, output_dir: Path, precision: perf.Precisi
             args.per_device_train_batch_size, args.max_length, tokens
         )
     return args
+
+
+def check_loss_weights(loss_type, loss_weights) -> None:
+    """One weight per loss type, or none: the default's [1.0, 0.2] stays behind when only loss_type is changed."""
+    loss_type = [loss_type] if isinstance(loss_type, str) else list(loss_type or [])
+    if loss_weights is not None and len(loss_weights) != len(loss_type):
+        raise UserError(
+            f"anneal.trainer.loss_weights has {len(loss_weights)} weights ({list(loss_weights)}) for "
+            f"{len(loss_type)} loss type(s) ({loss_type}). Fix: one weight per loss type, or "
+            "anneal.trainer.loss_weights=null (1 each); the default weights [1.0, 0.2] belong to the default "
+            "loss_type [sigmoid, sft]."
+        )
 
 
 def check_values(args) -> None:

@@ -280,8 +280,7 @@ def test_every_loss_type_trains(loss, make_short_cfg, tmp_path):
     """DPO's loss types, and TRL's reference-free trainers (anneal.method): simpo is CPO's, orpo its own."""
     if loss.startswith("["):
         overrides = [f"anneal.trainer.loss_type={loss}"]
-        if "," in loss:
-            overrides.append("anneal.trainer.loss_weights=[1.0,0.5]")
+        overrides.append("anneal.trainer.loss_weights=[1.0,0.5]" if "," in loss else "anneal.trainer.loss_weights=null")
     else:  # orpo: through release, whose card names the method
         overrides = [f"+anneal_variant={loss}", *(["pipeline.stages=[merge,anneal,eval,release]"] * (loss == "orpo"))]
     entry = run_pipeline(make_short_cfg("+merge=slerp", *overrides), tmp_path)["stages"]
@@ -517,7 +516,8 @@ def test_a_split_emptied_by_the_limit_is_refused_with_its_count_and_the_fix(fmt,
     [
         (["anneal.trainer.beta=0"], "beta must be positive"),
         (["anneal.trainer.learning_rate=-1e-5"], "learning_rate must be positive"),
-        (["anneal.trainer.loss_type=[sigmoidd]"], "Unknown DPO loss type"),
+        (["anneal.trainer.loss_type=[sigmoidd]", "anneal.trainer.loss_weights=null"], "Unknown DPO loss type"),
+        (["anneal.trainer.loss_type=[nca_pair]"], "loss_weights has 2 weights ([1.0, 0.2]) for 1 loss type"),
         (["+anneal.trainer.max_prompt_length=10"], "DPOConfig rejected"),
         (["+anneal.trainer.output_dir=/tmp/x"], "set by merge-anneal"),
         (["anneal.method=kto"], "anneal.method: Input should be 'dpo', 'cpo' or 'orpo' (got 'kto')"),

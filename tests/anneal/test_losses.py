@@ -20,6 +20,7 @@ def test_the_preset_sweeps_the_anchored_losses_against_both_references():
     }
     assert PRESET.hydra.sweeper.params["anneal.reference"] == "auto,parents"
     assert PRESET.anneal.reference_combine == "max" and PRESET.anneal.trainer.label_smoothing > 0  # exo_pair's epsilon
+    assert PRESET.anneal.trainer.loss_weights is None  # each loss alone, not the default's two weights
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -30,6 +31,7 @@ def test_each_loss_trains_through_the_stage(cli, tiny, tmp_path, loss):
         *tiny.overrides,
         "pipeline.stages=[merge,anneal]",
         f"anneal.trainer.loss_type=[{loss}]",
+        "anneal.trainer.loss_weights=null",
         "+anneal.trainer.label_smoothing=0.001",
         *reference,
     )

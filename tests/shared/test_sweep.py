@@ -269,6 +269,9 @@ def test_presets_compose(make_cfg):
         assert plain.reference == with_sft.reference == "parents" and plain.reference_combine == how
         assert plain.trainer.loss_type == ["sigmoid"] and with_sft.trainer.loss_type == ["sigmoid", "sft"]
     assert make_cfg("+merge=slerp", "+anneal_variant=dpo_sft").anneal.trainer.loss_weights == [1.0, 1.0]
+    assert make_cfg("+merge=slerp").anneal.trainer.loss_type == ["sigmoid", "sft"]  # the default recipe: DPO + SFT
+    for variant in ("reference_parent0", "reference_parent1", "reference_merged"):  # the preference loss alone
+        assert make_cfg("+merge=slerp", f"+anneal_variant={variant}").anneal.trainer.loss_type == ["sigmoid"]
     for variant, method in (("simpo", "cpo"), ("cpo", "cpo"), ("orpo", "orpo")):  # TRL's reference-free trainers
         assert make_cfg("+merge=slerp", f"+anneal_variant={variant}").anneal.method == method
 
