@@ -13,12 +13,15 @@ parent's skills: `pydoc_match` (which of four summaries belongs to the function)
 summary against the same words with a loop).
 
     python bench/real_check.py prepare            # checkpoint, pairs, tasks, merge YAML under --root
-    python bench/real_check.py run                # the sweep: TRL's default loss against the candidates
-    python bench/real_check.py run --steps 60 --losses "[sigmoid]" "[sigmoid,sft]"
+    python bench/real_check.py run                # the sweep: TRL's sigmoid against DPO + SFT
+    python bench/real_check.py run 'anneal.extrapolate=[1.0]' 'anneal.trainer.loss_weights=[1.0,0.2]' \
+        --losses "[sigmoid,sft]"                  # the default recipe, as trained
+    python bench/real_check.py table              # the table of the last sweep
 
-`run` is one `python -m pipeline -m` sweep over `anneal.trainer.loss_type` at TRL's other defaults (learning
-rate 1e-6 unless --learning-rate, beta 0.1, batch 8), with extrapolation chosen on validation pairs; its
-summary.md is the table.
+`run` is one `python -m pipeline -m` sweep over `anneal.trainer.loss_type` (loss_weights null: 1 each, unless
+given) at TRL's other defaults (learning rate 1e-6 unless --learning-rate, beta 0.1, batch 8), with extrapolation
+chosen on validation pairs (alphas 1, 1.25, 1.5); it prints the table (the sweep's summary.md has the paired
+comparisons). The figures and what they say: docs/ablations.md, "A real checkpoint".
 """
 
 from __future__ import annotations
@@ -187,7 +190,8 @@ def run(root: Path, losses: list[str], steps: int | None, learning_rate: float |
         f"eval.benchmarks.include_path={root / 'tasks'}", "eval.benchmarks.tasks=[pydoc_match,pydoc_fluency]",
         "eval.benchmarks.items=null", "eval.win_rate.reward=null", "anneal.extrapolate=[1.0,1.25,1.5]",
         "anneal.trainer.max_length=256", "anneal.trainer.save_strategy=no",
-        f"anneal.trainer.loss_type=choice({','.join(losses)})", "pipeline.compare_jobs=all",
+        f"anneal.trainer.loss_type=choice({','.join(losses)})", "anneal.trainer.loss_weights=null",
+        "pipeline.compare_jobs=all",
         "pipeline.objective.metric=annealed.retention.worst", "pipeline.objective.direction=maximize",
         "pipeline.objective.tie_break=annealed.preference_accuracy",
         f"hydra.sweep.dir={root / 'sweep'}",
@@ -238,7 +242,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["prepare", "run", "table"])
     parser.add_argument("--root", type=Path, default=Path("outputs/real_check"))
-    parser.add_argument("--losses", nargs="+", default=["[sigmoid]", "[sigmoid,sft]", "[nca_pair]"])
+    parser.add_argument("--losses", nargs="+", default=["[sigmoid]", "[sigmoid,sft]"], help="last: it takes the rest")
     parser.add_argument("--steps", type=int, default=None, help="anneal.trainer.max_steps (default: one epoch)")
     parser.add_argument("--learning-rate", type=float, default=None, help="default: TRL's 1e-6")
     args, extra = parser.parse_known_args()

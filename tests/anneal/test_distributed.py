@@ -19,12 +19,16 @@ TWO_CPU_PROCESSES = ["distributed=ddp", "distributed.use_cpu=true", "distributed
 @pytest.fixture
 def compose_cfg(make_cfg, tiny):
     # TRL's random order: one permutation of the pairs, whatever the per-device batch, so one process and two see the
-    # same global batches (length-grouped batches, the default, are grouped per device batch)
+    # same global batches (length-grouped batches, the default, are grouped per device batch). The sigmoid loss alone:
+    # it is a mean over pairs; the default's SFT term is a mean over each process's tokens, which two processes of
+    # unequal token counts average differently from one (TRL's per-device loss)
     return lambda *overrides: make_cfg(
         "+merge=slerp",
         "pipeline.stages=[merge,anneal]",
         "pipeline.cache=false",
         "anneal.trainer.train_sampling_strategy=random",
+        "anneal.trainer.loss_type=[sigmoid]",
+        "anneal.trainer.loss_weights=null",
         *tiny.overrides,
         *overrides,
     )

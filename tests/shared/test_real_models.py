@@ -16,8 +16,7 @@ from stages.anneal import perf, weights
 from stages.anneal.settings import AnnealSettings
 
 # The fields dpo.yaml keeps at TRL's DPOConfig defaults (the others carry a comment saying why not).
-TRL_DEFAULTS = (
-    "loss_type",
+TRL_DEFAULTS = (  # all but the loss (README, "Which annealing recipe"): DPO + 0.2 SFT, not TRL's sigmoid alone
     "beta",
     "learning_rate",
     "lr_scheduler_type",
@@ -42,6 +41,7 @@ def test_anyones_data_gets_trls_defaults_and_the_demo_its_own_recipe(make_cfg, t
             if not (anneal == "lora" and name == "learning_rate"):  # LoRA's step: lora.yaml says why
                 assert real[name] == getattr(trl, name), name
         assert real.num_train_epochs == 1 and real.learning_rate == (1e-6 if anneal == "dpo" else 5e-6)
+        assert (real.loss_type, real.loss_weights) == (["sigmoid", "sft"], [1.0, 0.2]) and trl.loss_type == ["sigmoid"]
     real_eval = make_cfg("+merge=slerp", "data=custom", "data.path=prefs.jsonl").eval
     assert (real_eval.batch_size, real_eval.max_new_tokens) == (8, 128)  # a chat model's answers, long sequences
     demo_eval = make_cfg("+merge=slerp").eval
