@@ -12,6 +12,7 @@ first sentence, the rejected one another function's (a wrong fact) or the chosen
 parent's skills: `pydoc_match` (which of four summaries belongs to the function) and `pydoc_fluency` (the real
 summary against the same words with a loop).
 
+    pip install "gguf>=0.19,<0.20"                # transformers reads the GGUF file with it (0.19.0 tested)
     python bench/real_check.py prepare            # checkpoint, pairs, tasks, merge YAML under --root
     python bench/real_check.py run                # the sweep: TRL's sigmoid against DPO + SFT
     python bench/real_check.py run 'anneal.extrapolate=[1.0]' 'anneal.trainer.loss_weights=[1.0,0.2]' \
