@@ -63,12 +63,9 @@ def extrapolate(alphas, merged_dir: Path, annealed_dir: Path, validation, stage_
     """Try every alpha, keep the best at `annealed_dir`; returns the record (every alpha's validation accuracy,
     the chosen one, the validation pairs). `trainer`: anneal.trainer, whose max_length and truncation_mode the
     scoring follows."""
-    from trl import DPOConfig
-
     work = stage_dir / "extrapolated"
     shutil.rmtree(work, ignore_errors=True)
-    truncation = scoring.truncation_mode(trainer.get("truncation_mode"))
-    max_length = trainer.get("max_length", DPOConfig.__dataclass_fields__["max_length"].default)
+    truncation, max_length = scoring.truncation_mode(trainer.get("truncation_mode")), trainer["max_length"]
     scores, folders = {}, {}
     for alpha in candidates(alphas):
         folder = annealed_dir if alpha == 1.0 else build(merged_dir, annealed_dir, alpha, work / f"alpha-{alpha:g}")
