@@ -15,8 +15,8 @@ summary against the same words with a loop).
     pip install "gguf>=0.19,<0.20"                # transformers reads the GGUF file with it (0.19.0 tested)
     python bench/real_check.py prepare            # checkpoint, pairs, tasks, merge YAML under --root
     python bench/real_check.py run                # the sweep: TRL's sigmoid against DPO + SFT
-    python bench/real_check.py run 'anneal.extrapolate=[1.0]' 'anneal.trainer.loss_weights=[1.0,0.2]' \
-        --losses "[sigmoid,sft]"                  # the default recipe, as trained
+    python bench/real_check.py run --loss "[sigmoid,sft]" 'anneal.extrapolate=[1.0]' \
+        'anneal.trainer.loss_weights=[1.0,0.2]'   # the default recipe, as trained
     python bench/real_check.py table              # the table of the last sweep
 
 `run` is one `python -m pipeline -m` sweep over `anneal.trainer.loss_type` (loss_weights null: 1 each, unless
@@ -183,7 +183,7 @@ def prepare(root: Path) -> None:
     print(json.dumps(facts, indent=1))
 
 
-def run(root: Path, losses: list[str], steps: int | None, learning_rate: float | None, extra: list[str]) -> None:
+def run(root: Path, sweep: Path, losses: list[str], steps: int | None, learning_rate: float | None, extra: list[str]):
     cmd = [
         sys.executable, "-m", "pipeline", "-m", "+merge=custom", f"merge.config_file={root / 'dus.yml'}",
         "data=custom", f"data.path={root / 'data' / 'train.jsonl'}",
@@ -195,7 +195,7 @@ def run(root: Path, losses: list[str], steps: int | None, learning_rate: float |
         "pipeline.compare_jobs=all",
         "pipeline.objective.metric=annealed.retention.worst", "pipeline.objective.direction=maximize",
         "pipeline.objective.tie_break=annealed.preference_accuracy",
-        f"hydra.sweep.dir={root / 'sweep'}",
+        f"hydra.sweep.dir={sweep}",
     ]  # fmt: skip
     if steps:
         cmd.append(f"anneal.trainer.max_steps={steps}")
@@ -203,9 +203,6 @@ def run(root: Path, losses: list[str], steps: int | None, learning_rate: float |
         cmd.append(f"anneal.trainer.learning_rate={learning_rate}")
     print(" ".join(cmd[1:] + extra), flush=True)
     subprocess.run(cmd + extra, check=True)
-    sweep = Path(
-        next((e.split("=", 1)[1] for e in reversed(extra) if e.startswith("hydra.sweep.dir=")), root / "sweep")
-    )
     print(table(sweep))
 
 
@@ -217,12 +214,13 @@ def table(sweep: Path) -> str:
     head = ["recipe", "worst retention", "pydoc_match", "pydoc_fluency", "pref. acc.", "perplexity", "ends with EOS"]
     head += ["alpha", "verdict"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    from pipeline import manifest
+
     for job in sorted(sweep.glob("[0-9]*/eval/metrics.json"), key=lambda p: int(p.parent.parent.name)):
         metrics = json.loads(job.read_text())
-        overrides = (job.parent.parent / ".hydra" / "overrides.yaml").read_text()
-        recipe = re.search(r"loss_type=(\[[^]]*\])", overrides).group(1)
-        weights = re.search(r"loss_weights=(\[[^]]*\])", overrides)
-        recipe += f" {weights.group(1)}" if weights else ""
+        trainer = manifest.load(job.parent.parent)["stages"]["anneal"]["config"]["anneal"]["trainer"]
+        weights = f" {trainer['loss_weights']}" if trainer["loss_weights"] else ""
+        recipe = f"[{', '.join(trainer['loss_type'])}]{weights}"
         names = ("merged", "annealed") if job.parent.parent.name == "0" else ("annealed",)
         for name in names:
             m, ci = metrics["models"][name], metrics["models"][name]["ci95"]
@@ -243,17 +241,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["prepare", "run", "table"])
     parser.add_argument("--root", type=Path, default=Path("outputs/real_check"))
-    parser.add_argument("--losses", nargs="+", default=["[sigmoid]", "[sigmoid,sft]"], help="last: it takes the rest")
+    parser.add_argument("--sweep", type=Path, default=None, help="the sweep's folder (default: <root>/sweep)")
+    parser.add_argument("--loss", action="append", help='a loss_type to sweep, repeated (default: "[sigmoid]" and '
+                        '"[sigmoid,sft]")')  # fmt: skip
     parser.add_argument("--steps", type=int, default=None, help="anneal.trainer.max_steps (default: one epoch)")
     parser.add_argument("--learning-rate", type=float, default=None, help="default: TRL's 1e-6")
     args, extra = parser.parse_known_args()
     root = args.root.resolve()
+    sweep = (args.sweep or root / "sweep").resolve()
     if args.what == "prepare":
         prepare(root)
     elif args.what == "table":
-        print(table(root / "sweep"))
+        print(table(sweep))
     else:
-        run(root, args.losses, args.steps, args.learning_rate, extra)
+        run(root, sweep, args.loss or ["[sigmoid]", "[sigmoid,sft]"], args.steps, args.learning_rate, extra)
 
 
 if __name__ == "__main__":
